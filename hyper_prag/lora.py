@@ -1,0 +1,335 @@
+"""The LoRA contract: one tensor-dict type, made by both encoders, stored, combined and injected.
+
+For every target module m (``gate_proj``, ``up_proj``, ``down_proj``) and every adapted layer l,
+the frozen weight W (d_out, d_in) of that linear is used as::
+
+    W' = W + ΔW,   ΔW = (alpha / r) · B[m][l] @ A[m][l]
+
+    x (…, d_in) ──► W ─────────────────────────► + ──► y (…, d_out)
+                └─► A[m][l] (r, d_in) ─► B[m][l] (d_out, r) ─► · alpha/r ─┘
+
+Shapes (the one convention, as in text-to-lora)::
+
+    A[m]: (L, r, d_in)        B[m]: (L, d_out, r)          # one LoRA
+    A[m]: (N, L, r, d_in)     B[m]: (N, L, d_out, r)       # a batch of N LoRAs (one per sample)
+
+where L = ``len(spec.layers)`` and row i of the L axis belongs to layer ``spec.layers[i]``.
+A :class:`LoraSpec` carries rank, alpha, target modules, layers and the identity of the base model
+the LoRA was made for (see :func:`hyper_prag.model.model_identity`).
+
+Files are safetensors (never pickle): tensors ``A.<module>`` / ``B.<module>`` plus the spec as JSON
+metadata. PEFT's key names appear only in :func:`export_peft` / :func:`import_peft`, so any document
+LoRA loads with ``peft.PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from hyper_prag.errors import HyperPragError
+
+FORMAT_VERSION = "hyper-prag-lora/1"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What a LoRA is: its rank, scaling, where it goes, and which base model it belongs to."""
+
+    rank: int = 2  # r (paper: 2)
+    alpha: float = 32.0  # scaling numerator; ΔW = alpha / r · B @ A (paper: 32)
+    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")  # FFN linears (paper §3.2)
+    layers: tuple[int, ...] = ()  # decoder layers adapted; () only before binding to a model
+    base_model: str = ""  # identity of the base model (hyper_prag.model.model_identity)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoraSpec":
+        data = json.loads(text)
+        return cls(
+            rank=int(data["rank"]), alpha=float(data["alpha"]), target_modules=tuple(data["target_modules"]),
+            layers=tuple(int(layer) for layer in data["layers"]), base_model=str(data["base_model"]),
+        )
+
+    def for_model(self, base) -> "LoraSpec":
+        """Returns this spec bound to a :class:`~hyper_prag.model.BaseModel` (all layers if none given)."""
+        layers = self.layers or tuple(range(base.num_layers))
+        return replace(self, layers=layers, base_model=base.identity)
+
+
+@dataclass
+class Lora:
+    """One LoRA (or a batch of N LoRAs) as plain tensors, following the module docstring's shapes."""
+
+    spec: LoraSpec
+    A: dict[str, Tensor]  # module -> (L, r, d_in) or (N, L, r, d_in)
+    B: dict[str, Tensor]  # module -> (L, d_out, r) or (N, L, d_out, r)
+
+    @property
+    def batch_size(self) -> int | None:
+        """N for a batch of LoRAs, ``None`` for a single LoRA."""
+        first = self.A[self.spec.target_modules[0]]
+        return first.shape[0] if first.dim() == 4 else None
+
+    def delta(self, module: str) -> Tensor:
+        """Returns ΔW of one module for every layer: (L, d_out, d_in), or (N, L, d_out, d_in)."""
+        return self.spec.scaling * (self.B[module] @ self.A[module])  # (…, L, d_out, r) @ (…, L, r, d_in)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Lora":
+        """Returns a copy of the tensors on ``device`` / in ``dtype``."""
+        return Lora(
+            self.spec,
+            {m: t.to(device=device, dtype=dtype) for m, t in self.A.items()},
+            {m: t.to(device=device, dtype=dtype) for m, t in self.B.items()},
+        )
+
+    def detach(self) -> "Lora":
+        return Lora(self.spec, {m: t.detach() for m, t in self.A.items()}, {m: t.detach() for m, t in self.B.items()})
+
+    def unbind(self) -> list["Lora"]:
+        """Splits a batch of N LoRAs into N single LoRAs (views, no copy)."""
+        if self.batch_size is None:
+            raise HyperPragError("unbind() needs a batch of LoRAs (tensors with a leading N axis).")
+        return [
+            Lora(self.spec, {m: t[i] for m, t in self.A.items()}, {m: t[i] for m, t in self.B.items()})
+            for i in range(self.batch_size)
+        ]
+
+    def num_bytes(self) -> int:
+        """Bytes of tensor data."""
+        return sum(t.numel() * t.element_size() for t in (*self.A.values(), *self.B.values()))
+
+    def validate(self, dims: dict[str, tuple[int, int]] | None = None, source: str = "LoRA") -> None:
+        """Checks the tensors against the shape contract, raising :class:`HyperPragError` if they differ.
+
+        Args:
+            dims: optional ``module -> (d_in, d_out)`` of the base model, to also check widths.
+            source: where the LoRA came from, for the error message.
+        """
+        spec, L = self.spec, len(self.spec.layers)
+        for m in spec.target_modules:
+            if m not in self.A or m not in self.B:
+                raise HyperPragError(f"{source}: module '{m}' of the spec has no A/B tensors; re-encode the document.")
+            a, b = self.A[m], self.B[m]
+            lead = a.shape[:-3]
+            ok = (
+                a.dim() in (3, 4) and b.dim() == a.dim() and b.shape[:-3] == lead
+                and a.shape[-3] == L and b.shape[-3] == L and a.shape[-2] == spec.rank and b.shape[-1] == spec.rank
+            )
+            if dims is not None and ok:
+                d_in, d_out = dims[m]
+                ok = a.shape[-1] == d_in and b.shape[-2] == d_out
+            if not ok:
+                want = f"A (L={L}, r={spec.rank}, d_in), B (L={L}, d_out, r={spec.rank})"
+                if dims is not None:
+                    want = f"A ({L}, {spec.rank}, {dims[m][0]}), B ({L}, {dims[m][1]}, {spec.rank})"
+                raise HyperPragError(
+                    f"{source}: wrong shapes for '{m}': A {tuple(a.shape)}, B {tuple(b.shape)}; expected {want}. "
+                    "The file does not match its spec or this base model; re-encode the document."
+                )
+
+
+def check_base_model(lora: Lora, identity: str, source: str = "LoRA") -> None:
+    """Raises :class:`HyperPragError` unless ``lora`` was made for the base model ``identity``."""
+    if lora.spec.base_model != identity:
+        raise HyperPragError(
+            f"{source} was made for base model '{lora.spec.base_model}' but the loaded base model is "
+            f"'{identity}'. A LoRA only works with the exact model it was trained for: re-encode the "
+            "documents with this base model (hyper-prag encode), or load the model the LoRA was made for."
+        )
+
+
+def zeros(spec: LoraSpec, dims: dict[str, tuple[int, int]], batch: int | None = None,
+          dtype: torch.dtype = torch.float32) -> Lora:
+    """Returns a LoRA whose A and B are all zeros (ΔW = 0), e.g. to be filled by an encoder.
+
+    Args:
+        spec: a bound spec (layers set).
+        dims: ``module -> (d_in, d_out)``.
+        batch: N for a batch of LoRAs, ``None`` for one.
+        dtype: tensor dtype.
+    """
+    lead = (batch,) if batch is not None else ()
+    L, r = len(spec.layers), spec.rank
+    A = {m: torch.zeros(*lead, L, r, dims[m][0], dtype=dtype) for m in spec.target_modules}
+    B = {m: torch.zeros(*lead, L, dims[m][1], r, dtype=dtype) for m in spec.target_modules}
+    return Lora(spec, A, B)
+
+
+def init_lora(spec: LoraSpec, dims: dict[str, tuple[int, int]], batch: int | None = None,
+              generator: torch.Generator | None = None) -> Lora:
+    """Returns the standard LoRA initialisation: A ~ Kaiming-uniform(a=√5) as in PEFT, B = 0 (so ΔW = 0).
+
+    Args:
+        spec: a bound spec.
+        dims: ``module -> (d_in, d_out)``.
+        batch: N for a batch of LoRAs, ``None`` for one.
+        generator: RNG for reproducible initialisation.
+    """
+    lora = zeros(spec, dims, batch)
+    for m, a in lora.A.items():
+        bound = 1.0 / (dims[m][0] ** 0.5)  # kaiming_uniform_(a=sqrt(5)) on (r, d_in) gives U(-1/sqrt(d_in), +)
+        a.uniform_(-bound, bound, generator=generator)
+    return lora
+
+
+def save_lora(lora: Lora, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Writes one LoRA to a safetensors file atomically (temp file, then rename).
+
+    Args:
+        lora: a single (unbatched) LoRA.
+        path: target ``.safetensors`` file.
+        dtype: optional storage dtype (e.g. ``torch.bfloat16``); default keeps the tensors' dtype.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if lora.batch_size is not None:
+        raise HyperPragError("save_lora() takes one LoRA; unbind() a batch and save each.")
+    tensors = {f"A.{m}": t for m, t in lora.A.items()} | {f"B.{m}": t for m, t in lora.B.items()}
+    tensors = {k: t.detach().to("cpu", dtype=dtype or t.dtype).contiguous() for k, t in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".lora-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": FORMAT_VERSION, "spec": lora.spec.to_json()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_lora(path: str | Path, dtype: torch.dtype | None = torch.float32) -> Lora:
+    """Reads a LoRA written by :func:`save_lora`, checking it against the shape contract.
+
+    Args:
+        path: a ``.safetensors`` LoRA file.
+        dtype: dtype of the returned tensors (``None`` keeps the stored dtype).
+
+    Returns:
+        The :class:`Lora`.
+
+    Raises:
+        HyperPragError: missing, truncated or corrupted file, or tensors that contradict the spec.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HyperPragError(f"LoRA file {path} does not exist.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise HyperPragError(f"LoRA file {path} is truncated or corrupted ({err}); delete it and re-encode.") from err
+    if metadata.get("format") != FORMAT_VERSION or "spec" not in metadata:
+        raise HyperPragError(f"{path} is not a hyper-prag LoRA file (format {metadata.get('format')!r}); "
+                             "for a PEFT adapter folder use import_peft().")
+    spec = LoraSpec.from_json(metadata["spec"])
+    A = {k[2:]: v.to(dtype or v.dtype) for k, v in tensors.items() if k.startswith("A.")}
+    B = {k[2:]: v.to(dtype or v.dtype) for k, v in tensors.items() if k.startswith("B.")}
+    lora = Lora(spec, A, B)
+    lora.validate(source=f"LoRA file {path}")
+    return lora
+
+
+def _peft_key(layer: int, module: str, which: str) -> str:
+    return f"base_model.model.model.layers.{layer}.mlp.{module}.lora_{which}.weight"
+
+
+def export_peft(lora: Lora, folder: str | Path, base_model_name_or_path: str = "") -> Path:
+    """Writes a LoRA as a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    PEFT computes ΔW = lora_alpha / r · lora_B @ lora_A with lora_A (r, d_in), lora_B (d_out, r):
+    exactly our convention, so the tensors are copied per layer unchanged.
+
+    Args:
+        lora: a single LoRA.
+        folder: output folder (created).
+        base_model_name_or_path: recorded in the config for PEFT users.
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = lora.spec
+    tensors = {}
+    for m in spec.target_modules:
+        for i, layer in enumerate(spec.layers):
+            tensors[_peft_key(layer, m, "A")] = lora.A[m][i].detach().float().cpu().contiguous()  # (r, d_in)
+            tensors[_peft_key(layer, m, "B")] = lora.B[m][i].detach().float().cpu().contiguous()  # (d_out, r)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
+        "target_modules": list(spec.target_modules), "layers_to_transform": list(spec.layers),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+    }
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt", "hyper_prag_spec": spec.to_json()})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def import_peft(folder: str | Path, base_model: str) -> Lora:
+    """Reads a PEFT LoRA adapter folder on a Llama-style model's FFN into our contract.
+
+    Args:
+        folder: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        base_model: identity of the base model the adapter was trained on (PEFT does not record it).
+
+    Returns:
+        The :class:`Lora`.
+    """
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise HyperPragError(f"{folder} is not a readable PEFT adapter folder ({err}).") from err
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise HyperPragError(f"{folder}: rsLoRA/DoRA adapters are not plain LoRAs and cannot be imported.")
+    targets = config["target_modules"]
+    targets = tuple(targets) if isinstance(targets, list) else (targets,)
+    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in tensors if ".layers." in k})
+    spec = LoraSpec(rank=int(config["r"]), alpha=float(config["lora_alpha"]), target_modules=targets,
+                    layers=tuple(layers), base_model=base_model)
+    try:
+        A = {m: torch.stack([tensors[_peft_key(l, m, "A")] for l in layers]) for m in targets}  # (L, r, d_in)
+        B = {m: torch.stack([tensors[_peft_key(l, m, "B")] for l in layers]) for m in targets}  # (L, d_out, r)
+    except (KeyError, RuntimeError) as err:
+        raise HyperPragError(f"{folder}: adapter tensors do not cover every FFN target module in every layer ({err}).") from err
+    lora = Lora(spec, A, B)
+    lora.validate(source=f"PEFT adapter {folder}")
+    return lora
+
+
+def stack(loras: list[Lora]) -> Lora:
+    """Stacks N single LoRAs with one spec into a batch: A (N, L, r, d_in), B (N, L, d_out, r)."""
+    if not loras:
+        raise HyperPragError("stack() needs at least one LoRA.")
+    spec = loras[0].spec
+    for other in loras[1:]:
+        if other.spec != spec:
+            raise HyperPragError(f"cannot stack LoRAs with different specs: {spec} vs {other.spec}.")
+    return Lora(
+        spec,
+        {m: torch.stack([lora.A[m] for lora in loras]) for m in spec.target_modules},
+        {m: torch.stack([lora.B[m] for lora in loras]) for m in spec.target_modules},
+    )
