@@ -1,0 +1,347 @@
+"""Corpus records (documents, questions, per-document QA) and their load/save on disk.
+
+A corpus is a folder::
+
+    corpus.json                        {"name": ...}                       (optional; default: folder name)
+    documents.jsonl | .parquet         {"id", "title", "text", "split"}    (split optional, default "test")
+    questions.jsonl | .parquet         {"id", "question", "answers": [...], "type", "doc_ids": [...], "split"}
+    doc_qa.jsonl | .parquet            {"doc_id", "question", "answer"}    (optional augmentation pairs)
+
+Any user corpus in that form works. :func:`load_corpus` validates every record and raises
+:class:`HyperPragError` naming the file and the 1-based line (JSONL) or row (Parquet) of the first
+problem: missing or mistyped field, empty text, duplicate id, a question's unknown ``doc_ids``, empty
+answers, non-UTF-8 bytes, a malformed JSON line. Nothing is silently dropped (blank JSONL lines
+carry no record and are skipped). JSONL is parsed line by line with :mod:`json` so errors carry line
+numbers; Parquet is read and written through ``datasets``. :func:`save_corpus` writes into a
+temporary folder and renames each file into place, and round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from hyper_prag.errors import HyperPragError
+
+CorpusFormat = Literal["jsonl", "parquet"]
+_FORMATS: tuple[str, ...] = ("jsonl", "parquet")
+_PARTS: tuple[str, ...] = ("documents", "questions", "doc_qa")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One retrievable passage."""
+
+    id: str  # unique within a corpus
+    title: str
+    text: str  # non-empty after strip()
+    split: str = "test"  # "train" | "val" | "test" (user corpora: anything)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One evaluation question with its accepted answers and supporting documents."""
+
+    id: str
+    question: str
+    answers: tuple[str, ...]  # all accepted aliases, first = canonical; non-empty
+    type: str  # e.g. "lookup" | "compare" | "bridge" | "inference"
+    doc_ids: tuple[str, ...]  # supporting document ids (must exist in the corpus)
+    split: str = "test"
+
+    def __post_init__(self) -> None:
+        # Lists from callers become tuples so records stay hashable and compare equal after a round trip.
+        object.__setattr__(self, "answers", tuple(self.answers))
+        object.__setattr__(self, "doc_ids", tuple(self.doc_ids))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Documents, questions about them, and optional per-document (question, answer) pairs."""
+
+    name: str
+    documents: tuple[Document, ...]
+    questions: tuple[Question, ...] = ()
+    doc_qa: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "documents", tuple(self.documents))
+        object.__setattr__(self, "questions", tuple(self.questions))
+        # Empty entries are dropped: a doc with no pairs and a missing doc are the same on disk.
+        object.__setattr__(self, "doc_qa", {k: tuple((str(q), str(a)) for q, a in v)
+                                            for k, v in self.doc_qa.items() if len(v)})
+        index: dict[str, Document] = {}
+        for doc in self.documents:
+            if doc.id in index:
+                raise HyperPragError(f"corpus {self.name!r}: duplicate document id {doc.id!r}; give every document a unique id")
+            index[doc.id] = doc
+        object.__setattr__(self, "_index", index)
+        seen: set[str] = set()
+        for q in self.questions:
+            if q.id in seen:
+                raise HyperPragError(f"corpus {self.name!r}: duplicate question id {q.id!r}; give every question a unique id")
+            seen.add(q.id)
+            for doc_id in q.doc_ids:
+                if doc_id not in index:
+                    raise HyperPragError(f"corpus {self.name!r}: question {q.id!r} cites unknown document {doc_id!r}; "
+                                         "add the document or fix doc_ids")
+        for doc_id in self.doc_qa:
+            if doc_id not in index:
+                raise HyperPragError(f"corpus {self.name!r}: doc_qa names unknown document {doc_id!r}")
+
+    def document(self, doc_id: str) -> Document:
+        """Returns the document with id ``doc_id`` (O(1)); HyperPragError if unknown."""
+        try:
+            return self._index[doc_id]  # type: ignore[attr-defined]
+        except KeyError:
+            raise HyperPragError(f"corpus {self.name!r} has no document {doc_id!r}") from None
+
+    def split(self, name: str) -> Corpus:
+        """Returns the documents of split ``name``, the questions of that split and their doc_qa.
+
+        Raises HyperPragError if a question of the split cites a document of another split.
+        """
+        docs = tuple(d for d in self.documents if d.split == name)
+        ids = {d.id for d in docs}
+        questions = tuple(q for q in self.questions if q.split == name)
+        for q in questions:
+            for doc_id in q.doc_ids:
+                if doc_id not in ids:
+                    raise HyperPragError(f"corpus {self.name!r}: question {q.id!r} of split {name!r} cites document "
+                                         f"{doc_id!r} of split {self.document(doc_id).split!r}; put them in one split")
+        doc_qa = {k: v for k, v in self.doc_qa.items() if k in ids}
+        return Corpus(name=self.name, documents=docs, questions=questions, doc_qa=doc_qa)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 hex over the documents' (id, title, text), sorted by id (splits and questions excluded)."""
+        h = hashlib.sha256()
+        for doc in sorted(self.documents, key=lambda d: d.id):
+            h.update(json.dumps([doc.id, doc.title, doc.text], ensure_ascii=False).encode("utf-8"))
+            h.update(b"\n")
+        return h.hexdigest()
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.fingerprint, self.questions))
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def _find(folder: Path, part: str) -> Path | None:
+    found = [folder / f"{part}.{fmt}" for fmt in _FORMATS if (folder / f"{part}.{fmt}").is_file()]
+    if len(found) > 1:
+        raise HyperPragError(f"{folder}: both {found[0].name} and {found[1].name} exist; keep one of them")
+    return found[0] if found else None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yields (1-based line number, object) for each non-blank line, validating UTF-8 and JSON."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise HyperPragError(f"{path}, line {line_no}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                     "re-encode the file as UTF-8") from None
+            if line_no == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HyperPragError(f"{path}, line {line_no}: malformed JSON ({e.msg}, column {e.colno}); "
+                                     "write one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise HyperPragError(f"{path}, line {line_no}: expected a JSON object, got {type(obj).__name__}")
+            yield line_no, obj
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yields (1-based row number, row) of a Parquet file read through ``datasets``."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+        rows = datasets.Dataset(table).to_list()
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise HyperPragError(f"{path}, row 1: cannot read Parquet ({e}); rewrite the file with save_corpus") from None
+    for row_no, row in enumerate(rows, start=1):
+        yield row_no, {k: v for k, v in row.items() if v is not None}
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    return _jsonl_rows(path) if path.suffix == ".jsonl" else _parquet_rows(path)
+
+
+def _where(path: Path, n: int) -> str:
+    return f"{path}, {'line' if path.suffix == '.jsonl' else 'row'} {n}"
+
+
+def _string(row: dict[str, Any], key: str, path: Path, n: int, *, default: str | None = None,
+            non_empty: bool = False) -> str:
+    if key not in row:
+        if default is not None:
+            return default
+        raise HyperPragError(f"{_where(path, n)}: missing field {key!r}; every record needs it")
+    value = row[key]
+    if not isinstance(value, str):
+        raise HyperPragError(f"{_where(path, n)}: field {key!r} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HyperPragError(f"{_where(path, n)}: field {key!r} holds characters that are not valid UTF-8 "
+                             "(lone surrogates); fix the text") from None
+    if non_empty and not value.strip():
+        raise HyperPragError(f"{_where(path, n)}: field {key!r} is empty; remove the record or give it content")
+    return value
+
+
+def _strings(row: dict[str, Any], key: str, path: Path, n: int) -> tuple[str, ...]:
+    if key not in row:
+        raise HyperPragError(f"{_where(path, n)}: missing field {key!r}; every record needs it")
+    value = row[key]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise HyperPragError(f"{_where(path, n)}: field {key!r} must be a non-empty list of strings")
+    out = []
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise HyperPragError(f"{_where(path, n)}: field {key!r} holds {item!r}; every entry must be a non-empty string")
+        _string({key: item}, key, path, n)
+        out.append(item)
+    return tuple(out)
+
+
+def load_corpus(path: str | Path) -> Corpus:
+    """Loads and validates a corpus folder (format: module docstring).
+
+    Args:
+        path: the corpus folder.
+    Returns:
+        The corpus; HyperPragError naming file and line on any invalid record.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise HyperPragError(f"{folder}: no such corpus folder; make one with save_corpus or `hyper-prag make-benchmark`")
+    doc_path = _find(folder, "documents")
+    if doc_path is None:
+        raise HyperPragError(f"{folder}: no documents.jsonl or documents.parquet; a corpus needs its documents")
+    name = folder.name
+    meta = folder / "corpus.json"
+    if meta.is_file():
+        try:
+            name = json.loads(meta.read_bytes().decode("utf-8"))["name"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise HyperPragError(f"{meta}, line 1: expected {{\"name\": ...}} in UTF-8 JSON ({e})") from None
+
+    documents: list[Document] = []
+    doc_line: dict[str, int] = {}
+    for n, row in _rows(doc_path):
+        doc_id = _string(row, "id", doc_path, n, non_empty=True)
+        if doc_id in doc_line:
+            raise HyperPragError(f"{_where(doc_path, n)}: duplicate document id {doc_id!r} "
+                                 f"(first at {doc_line[doc_id]}); give every document a unique id")
+        doc_line[doc_id] = n
+        documents.append(Document(id=doc_id, title=_string(row, "title", doc_path, n),
+                                  text=_string(row, "text", doc_path, n, non_empty=True),
+                                  split=_string(row, "split", doc_path, n, default="test", non_empty=True)))
+
+    questions: list[Question] = []
+    q_path = _find(folder, "questions")
+    if q_path is not None:
+        q_line: dict[str, int] = {}
+        for n, row in _rows(q_path):
+            q_id = _string(row, "id", q_path, n, non_empty=True)
+            if q_id in q_line:
+                raise HyperPragError(f"{_where(q_path, n)}: duplicate question id {q_id!r} (first at {q_line[q_id]})")
+            q_line[q_id] = n
+            doc_ids = _strings(row, "doc_ids", q_path, n)
+            for doc_id in doc_ids:
+                if doc_id not in doc_line:
+                    raise HyperPragError(f"{_where(q_path, n)}: doc_ids names {doc_id!r}, which is not in "
+                                         f"{doc_path.name}; add the document or fix the question")
+            questions.append(Question(id=q_id, question=_string(row, "question", q_path, n, non_empty=True),
+                                      answers=_strings(row, "answers", q_path, n),
+                                      type=_string(row, "type", q_path, n, non_empty=True), doc_ids=doc_ids,
+                                      split=_string(row, "split", q_path, n, default="test", non_empty=True)))
+
+    doc_qa: dict[str, list[tuple[str, str]]] = {}
+    qa_path = _find(folder, "doc_qa")
+    if qa_path is not None:
+        for n, row in _rows(qa_path):
+            doc_id = _string(row, "doc_id", qa_path, n, non_empty=True)
+            if doc_id not in doc_line:
+                raise HyperPragError(f"{_where(qa_path, n)}: doc_id {doc_id!r} is not in {doc_path.name}")
+            doc_qa.setdefault(doc_id, []).append((_string(row, "question", qa_path, n, non_empty=True),
+                                                  _string(row, "answer", qa_path, n, non_empty=True)))
+    return Corpus(name=name, documents=tuple(documents), questions=tuple(questions),
+                  doc_qa={k: tuple(v) for k, v in doc_qa.items()})
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def _records(corpus: Corpus) -> dict[str, list[dict[str, Any]]]:
+    return {
+        "documents": [{"id": d.id, "title": d.title, "text": d.text, "split": d.split} for d in corpus.documents],
+        "questions": [{"id": q.id, "question": q.question, "answers": list(q.answers), "type": q.type,
+                       "doc_ids": list(q.doc_ids), "split": q.split} for q in corpus.questions],
+        "doc_qa": [{"doc_id": doc_id, "question": qq, "answer": a}
+                   for doc_id, pairs in corpus.doc_qa.items() for qq, a in pairs],
+    }
+
+
+def save_corpus(corpus: Corpus, path: str | Path, format: CorpusFormat = "jsonl") -> Path:
+    """Writes ``corpus`` as a folder (format: module docstring), atomically per file.
+
+    Files are written into a temporary folder beside ``path`` and renamed into place; files of the
+    other format (or parts the corpus lacks) left from an earlier save are removed.
+
+    Args:
+        corpus: what to write.
+        path: the corpus folder (created if missing).
+        format: "jsonl" (one JSON object per line, UTF-8) or "parquet" (through ``datasets``).
+    Returns:
+        The corpus folder.
+    """
+    if format not in _FORMATS:
+        raise HyperPragError(f"unknown corpus format {format!r}; use one of {_FORMATS}")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        written: list[str] = []
+        for part, rows in _records(corpus).items():
+            if not rows and part != "documents":
+                continue
+            target = tmp / f"{part}.{format}"
+            if format == "jsonl":
+                with open(target, "w", encoding="utf-8", newline="\n") as f:
+                    for row in rows:
+                        f.write(json.dumps(row, ensure_ascii=False))
+                        f.write("\n")
+            else:
+                import datasets
+
+                datasets.Dataset.from_list(rows).to_parquet(str(target))
+            written.append(target.name)
+        (tmp / "corpus.json").write_text(json.dumps({"name": corpus.name}, ensure_ascii=False) + "\n", encoding="utf-8")
+        written.append("corpus.json")
+        for name in written:
+            os.replace(tmp / name, folder / name)
+        for part in _PARTS:
+            for fmt in _FORMATS:
+                stale = folder / f"{part}.{fmt}"
+                if stale.name not in written and stale.exists():
+                    stale.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
