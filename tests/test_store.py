@@ -1,98 +1,222 @@
+"""LoraStore: exact/rounded round trips, cache hits, base-model refusal, corruption, half writes, concurrency.
+
+Spawned writer processes import this module, so it imports only torch and the store (LoRAs come from
+the ``make_lora`` fixture, the model from ``tiny``), keeping each child start to a few seconds.
+"""
+
 import multiprocessing as mp
 
 import pytest
 import torch
 
 from hyper_prag.errors import HyperPragError
-from hyper_prag.lora import LoraSpec
-from hyper_prag.model import tiny_base_model
-from hyper_prag.store import LoraStore, store_key
-from tests.conftest import random_lora
+from hyper_prag.lora import Lora, LoraSpec, init_lora
+from hyper_prag.store import LoraStore, quantize_int8, store_key
 
 
-def test_round_trip_fp32_exact_and_bf16_rounded(tiny, tmp_path):
-    lora = random_lora(tiny, seed=0)
-    for dtype, tol in (("float32", 0.0), ("bfloat16", 1e-2)):
+def assert_close(back: Lora, lora: Lora, atol: float, rtol: float) -> None:
+    assert back.spec == lora.spec
+    for m in lora.spec.target_modules:
+        assert back.A[m].dtype == torch.float32
+        assert torch.allclose(back.A[m], lora.A[m], atol=atol, rtol=rtol)
+        assert torch.allclose(back.B[m], lora.B[m], atol=atol, rtol=rtol)
+
+
+def test_round_trip_fp32_exact_and_bf16_rounded(tiny, tmp_path, make_lora):
+    lora = make_lora(tiny, seed=0)
+    for dtype, rtol in (("float32", 0.0), ("bfloat16", 2**-8)):
         store = LoraStore(tmp_path / dtype, dtype=dtype)
         store.put("k1", lora, {"doc_id": "d1"})
-        back = LoraStore(tmp_path / dtype).get("k1", base_model=tiny.identity)
-        assert back.spec == lora.spec
-        for m in lora.spec.target_modules:
-            assert torch.allclose(back.A[m], lora.A[m], atol=tol, rtol=tol)
-            assert torch.allclose(back.B[m], lora.B[m], atol=tol, rtol=tol)
+        back = LoraStore(tmp_path / dtype).get("k1", base_model=tiny.identity)  # a fresh reader
+        assert_close(back, lora, atol=0.0, rtol=rtol)
         assert store.meta("k1") == {"doc_id": "d1"}
+    bf16 = LoraStore(tmp_path / "bfloat16").get("k1")
+    assert not torch.equal(bf16.A["up_proj"], lora.A["up_proj"])  # bf16 really rounds
+
+
+def test_int8_round_trip_within_half_a_step(tiny, tmp_path, make_lora):
+    lora = make_lora(tiny, seed=3)
+    store = LoraStore(tmp_path, dtype="int8")
+    store.put("k", lora)
+    zero = init_lora(lora.spec, {m: tiny.module_dims(m) for m in lora.spec.target_modules})  # B = 0
+    store.put("zero", zero)
+    back = LoraStore(tmp_path).get("k")
+    for m in lora.spec.target_modules:
+        step_a = lora.A[m].abs().amax(-1, keepdim=True) / 127  # (L, r, 1): one scale per row of A
+        step_b = lora.B[m].abs().amax(-2, keepdim=True) / 127  # (L, 1, r): one scale per column of B
+        assert ((back.A[m] - lora.A[m]).abs() <= step_a / 2 + 1e-7).all()
+        assert ((back.B[m] - lora.B[m]).abs() <= step_b / 2 + 1e-7).all()
+    assert all((b == 0).all() for b in store.get("zero").B.values())
+    fp32 = LoraStore(tmp_path / "fp32", dtype="float32")
+    fp32.put("k", lora)
+    assert store.stats()["bytes_per_document"] < 0.3 * fp32.stats()["bytes_per_document"] * 2  # 2 entries vs 1
+
+
+def test_quantize_int8_scales():
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]])
+    q, scale = quantize_int8(x, dim=-1)
+    assert q.dtype == torch.int8 and scale.shape == (2, 1)
+    assert q[0].tolist() == [64, -127, 32] and (q[1] == 0).all()
+    assert torch.allclose(q.float() * scale, x, atol=2 / 254)
 
 
 def test_key_changes_with_every_input(tiny):
     spec = LoraSpec().for_model(tiny)
     base = store_key("text", tiny.identity, spec, {"n_qa": 3}, {"lr": 3e-4})
     assert base == store_key("text", tiny.identity, spec, {"n_qa": 3}, {"lr": 3e-4})
+    assert base == store_key("text", tiny.identity, spec, {"n_qa": 3}, {"lr": 3e-4}.copy())
+    assert len(base) == 64 and int(base, 16) >= 0
     variants = [
         store_key("text!", tiny.identity, spec, {"n_qa": 3}, {"lr": 3e-4}),
         store_key("text", "other-model", spec, {"n_qa": 3}, {"lr": 3e-4}),
         store_key("text", tiny.identity, LoraSpec(rank=4).for_model(tiny), {"n_qa": 3}, {"lr": 3e-4}),
+        store_key("text", tiny.identity, LoraSpec(alpha=16.0).for_model(tiny), {"n_qa": 3}, {"lr": 3e-4}),
         store_key("text", tiny.identity, spec, {"n_qa": 4}, {"lr": 3e-4}),
         store_key("text", tiny.identity, spec, {"n_qa": 3}, {"lr": 1e-4}),
     ]
-    assert len({base, *variants}) == 6
+    assert len({base, *variants}) == 7
 
 
-def test_cache_hit_and_missing(tiny, tmp_path):
+def test_cache_hit_missing_and_stats(tiny, tmp_path, make_lora):
     store = LoraStore(tmp_path)
-    store.put_many([("a", random_lora(tiny, 0), {}), ("b", random_lora(tiny, 1), {})])
+    store.put_many([("a", make_lora(tiny, 0), {}), ("b", make_lora(tiny, 1), {})])
     assert "a" in store and "c" not in store
     assert store.missing(["a", "c", "b", "d"]) == ["c", "d"]
-    store.put_many([("a", random_lora(tiny, 2), {})])  # already stored: no new shard
-    assert store.stats()["shards"] == 1
+    store.put_many([("a", make_lora(tiny, 2), {})])  # already stored: no new shard, not re-written
     stats = store.stats()
-    assert stats["documents"] == 2 and stats["bytes_per_document"] == stats["bytes"] / 2
+    assert stats["shards"] == 1 and stats["documents"] == 2
+    assert stats["bytes_per_document"] == stats["bytes"] / 2
+    lora_bytes = make_lora(tiny, 0).num_bytes() // 2  # float32 -> bfloat16
+    assert lora_bytes < stats["bytes_per_document"] < 1.2 * lora_bytes  # little overhead beyond the tensors
+    assert torch.allclose(store.get("a").B["up_proj"], make_lora(tiny, 0).B["up_proj"], rtol=2**-8)
 
 
-def test_lora_of_other_base_model_is_refused(tiny, tmp_path):
+def test_writes_of_another_instance_are_seen(tiny, tmp_path, make_lora):
+    reader = LoraStore(tmp_path)
+    assert "a" not in reader
+    LoraStore(tmp_path).put("a", make_lora(tiny, 0))
+    assert "a" in reader and reader.missing(["a"]) == []
+
+
+def test_entries_with_different_specs_and_get_many(tiny, tmp_path, make_lora):
+    store = LoraStore(tmp_path, dtype="float32")
+    r2, r4 = make_lora(tiny, 0), make_lora(tiny, 1, rank=4, alpha=8.0)
+    store.put_many([("r2", r2, {}), ("r4", r4, {})])
+    got = LoraStore(tmp_path).get_many(["r4", "r2", "r4"], base_model=tiny.identity)
+    assert [g.spec for g in got] == [r4.spec, r2.spec, r4.spec]
+    assert torch.equal(got[0].A["down_proj"], r4.A["down_proj"])
+
+
+def test_lora_of_other_base_model_is_refused(tiny, tmp_path, make_lora):
+    from hyper_prag.model import tiny_base_model
+
+    other = tiny_base_model(seed=1)
+    assert other.identity != tiny.identity
     store = LoraStore(tmp_path)
-    store.put("x", random_lora(tiny_base_model(seed=1), 0))
+    store.put("x", make_lora(other, 0))
     with pytest.raises(HyperPragError, match="made for base model"):
         store.get("x", base_model=tiny.identity)
+    with pytest.raises(HyperPragError, match="made for base model"):
+        store.get_many(["x"], base_model=tiny.identity)
+    assert store.get("x", base_model=other.identity).spec.base_model == other.identity
 
 
-def test_corrupted_shard_is_detected(tiny, tmp_path):
+def test_unknown_key_and_non_finite_lora_are_refused(tiny, tmp_path, make_lora):
     store = LoraStore(tmp_path)
-    store.put_many([("a", random_lora(tiny, 0), {})])
-    shard = next((tmp_path / "shards").glob("*.safetensors"))
+    with pytest.raises(HyperPragError, match="not in the store"):
+        store.get("nope")
+    bad = make_lora(tiny, 0)
+    bad.B["up_proj"][0, 0, 0] = float("nan")
+    with pytest.raises(HyperPragError, match="NaN"):
+        store.put_many([("ok", make_lora(tiny, 1), {}), ("bad", bad, {})])
+    assert store.missing(["ok", "bad"]) == ["ok", "bad"]  # all or nothing
+    with pytest.raises(HyperPragError, match="dtype"):
+        LoraStore(tmp_path, dtype="float16")
+
+
+def _one_shard(store: LoraStore):
+    shards = list(store.shards.glob("*.safetensors"))
+    assert len(shards) == 1
+    return shards[0]
+
+
+def test_flipped_bytes_are_found_by_verify(tiny, tmp_path, make_lora):
+    store = LoraStore(tmp_path)
+    store.put_many([("a", make_lora(tiny, 0), {}), ("b", make_lora(tiny, 1), {})])
+    store.verify()
+    shard = _one_shard(store)
     data = bytearray(shard.read_bytes())
-    data[-10] ^= 0xFF
+    data[-10] ^= 0xFF  # inside the tensor data: the file still parses
     shard.write_bytes(bytes(data))
-    with pytest.raises(HyperPragError, match="corrupted"):
+    with pytest.raises(HyperPragError, match=f"{shard.stem}.*re-run encode"):
         LoraStore(tmp_path).verify()
-    shard.write_bytes(bytes(data[:40]))  # truncated
-    with pytest.raises(HyperPragError, match="truncated or corrupted"):
-        LoraStore(tmp_path).get("a")
 
 
-def test_half_written_shard_is_ignored_and_collected(tiny, tmp_path):
+def test_truncated_or_unparseable_shard_is_found_by_get(tiny, tmp_path, make_lora):
     store = LoraStore(tmp_path)
-    store.put("a", random_lora(tiny, 0))
+    store.put_many([("a", make_lora(tiny, 0), {})])
+    shard = _one_shard(store)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(HyperPragError, match=f"{shard.stem}.*truncated or corrupted.*delete it"):
+        LoraStore(tmp_path).get("a")
+    with pytest.raises(HyperPragError, match=shard.stem):
+        LoraStore(tmp_path).verify()
+    garbled = bytearray(data)
+    garbled[8:24] = b"\xff" * 16  # inside the JSON header: same size, no longer parses
+    shard.write_bytes(bytes(garbled))
+    reader = LoraStore(tmp_path)
+    with pytest.raises(HyperPragError, match=f"{shard.stem}.*truncated or corrupted"):
+        reader.get("a")
+    shard.unlink()  # what the message says to do; then encode finds the document missing and re-encodes it
+    shard.with_suffix(".json").unlink()
+    assert reader.missing(["a"]) == ["a"]
+    reader.put("a", make_lora(tiny, 0))
+    assert torch.allclose(LoraStore(tmp_path).get("a").A["up_proj"], make_lora(tiny, 0).A["up_proj"], rtol=2**-8)
+
+
+def test_half_written_shard_is_ignored_and_collected(tiny, tmp_path, make_lora):
+    store = LoraStore(tmp_path)
+    store.put("a", make_lora(tiny, 0))
     shards = tmp_path / "shards"
     (shards / "deadbeef.safetensors").write_bytes(b"partial")  # died before its sidecar
-    (shards / ".x.safetensors.123.tmp").write_bytes(b"partial")
+    (shards / ".x.safetensors.123.tmp").write_bytes(b"partial")  # died before the rename
+    (shards / ".y.json.456.tmp").write_bytes(b'{"format"')
     fresh = LoraStore(tmp_path)
-    assert fresh.keys() == ["a"]
+    assert fresh.keys() == ["a"] and fresh.stats()["shards"] == 1
     fresh.verify()
-    assert fresh.gc() == 2
+    assert fresh.gc() == 0  # too young: could be a live writer's
+    assert fresh.gc(min_age_seconds=0) == 3
+    assert sorted(p.suffix for p in shards.iterdir()) == [".json", ".safetensors"]
     assert fresh.get("a") is not None
 
 
-def _writer(root: str, worker: int) -> None:
-    base = tiny_base_model(seed=0)
-    store = LoraStore(root)
-    for i in range(3):
-        store.put_many([(f"w{worker}-{i}-{j}", random_lora(base, 100 * worker + 10 * i + j), {"w": worker})
-                        for j in range(2)])
+N_ROUNDS = 10  # put_many calls per writer (plus one racing on a shared key each round)
+
+
+def _spawned_lora(identity: str, seed: int) -> Lora:
+    """A random LoRA with the tiny model's shapes, built without loading the model (fast in a child)."""
+    spec = LoraSpec(layers=(0, 1), base_model=identity)
+    gen = torch.Generator().manual_seed(seed)
+    dims = {"gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
+    A = {m: torch.randn(2, spec.rank, dims[m][0], generator=gen) for m in spec.target_modules}
+    B = {m: torch.randn(2, dims[m][1], spec.rank, generator=gen) for m in spec.target_modules}
+    return Lora(spec, A, B)
+
+
+def _writer(root: str, identity: str, worker: int, start) -> None:
+    store = LoraStore(root, dtype="float32")
+    start.wait(60)  # all writers write at the same time, not one after another as they finish importing
+    for i in range(N_ROUNDS):
+        store.put_many([(f"w{worker}-{i}-{j}", _spawned_lora(identity, 100 * worker + 10 * i + j), {"w": worker})
+                        for j in range(3)])
+        store.put_many([(f"shared-{i}", _spawned_lora(identity, i), {"w": worker})])  # racing on one key
 
 
 def test_concurrent_writers_do_not_corrupt(tiny, tmp_path):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w)) for w in range(3)]
+    start = ctx.Barrier(3)
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), tiny.identity, w, start)) for w in range(3)]
     for p in procs:
         p.start()
     for p in procs:
@@ -100,8 +224,11 @@ def test_concurrent_writers_do_not_corrupt(tiny, tmp_path):
         assert p.exitcode == 0
     store = LoraStore(tmp_path)
     store.verify()
-    assert len(store) == 18
+    assert len(store) == 3 * N_ROUNDS * 3 + N_ROUNDS
+    assert store.stats()["shards"] >= 3 * N_ROUNDS + N_ROUNDS  # every put_many wrote its own shard
     for w in range(3):
-        lora = store.get(f"w{w}-2-1", base_model=tiny.identity)
-        expected = random_lora(tiny, 100 * w + 21)
-        assert torch.allclose(lora.B["up_proj"], expected.B["up_proj"], atol=1e-2)
+        for i in range(N_ROUNDS):
+            for j in range(3):
+                got = store.get(f"w{w}-{i}-{j}", base_model=tiny.identity)
+                assert torch.equal(got.B["up_proj"], _spawned_lora(tiny.identity, 100 * w + 10 * i + j).B["up_proj"])
+    assert torch.equal(store.get("shared-4").A["gate_proj"], _spawned_lora(tiny.identity, 4).A["gate_proj"])
