@@ -1,0 +1,502 @@
+"""Per-document parametric encoding (paper §3.2, the f_φ of P-RAG): one LoRA per document.
+
+For document d_i with augmented set {(d_i^k, q_i^j, a_i^j)} the paper trains a LoRA ΔW_i on the FFN
+(gate/up/down, all layers; rank 2, alpha 32, lr 3e-4, 1–2 epochs) with the causal-LM loss on the
+sequences ``[d_i^k ⊕ q_i^j ⊕ a_i^j]``. The paper does this one document at a time. Here a whole
+*chunk* of N documents trains at once: a **LoRA bank** (A: (N, L, r, d_in), B: (N, L, d_out, r),
+``nn.Parameter`` s) is applied with ``inject.injected(mode="batched")`` so sample n uses LoRA n::
+
+    step t:  [seq_t(doc 0); seq_t(doc 1); …]  ──► LLM + bank  ──► loss_n (mean over doc n's tokens)
+             total = Σ_n loss_n  ──► backward ──► one AdamW step over the whole bank
+
+Why this equals training each document alone (exact up to float rounding; tested ≤ 1e-4):
+
+* d total / d bank[n] = d loss_n / d bank[n]: sample n touches only LoRA n, and the per-document
+  losses are *summed* (not averaged over the batch), so each slice sees exactly its own gradient.
+* AdamW is elementwise (weight decay, moments, bias correction), so a slice of the stacked
+  parameter is updated exactly as a separate parameter with that gradient would be.
+* Documents have different numbers of sequences. Each document's schedule is laid out
+  epoch-major (all of epoch 1, then all of epoch 2, …) and starts at global step 0, so document n
+  is active at steps 0 … S_n − 1 and never again. Its AdamW step count therefore equals its own
+  count at every active step (bias correction matches), and its LoRA is **read out right after
+  its last step**. A finished document leaves the batch (no compute); its bank rows still get a
+  zero gradient and AdamW would keep moving them by momentum, but that copy is never used.
+  (Masking a document *in the middle* of its schedule would not be exact: AdamW moves a
+  parameter with zero gradient and advances its step count. This is why the Lightning trainer
+  runs ``max_epochs=1`` over a schedule that already contains every epoch.)
+* Dynamic padding: each step is right-padded to its own longest sequence; padded positions are
+  masked in attention and carry no loss, and logits are computed only at positions with a label.
+
+The step code (:meth:`PerDocLoraModule.training_step` + :meth:`PerDocLoraModule.on_train_batch_end`)
+is shared by the Lightning ``Trainer`` runner and the plain loop runner (:func:`fit_steps`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from hyper_prag.errors import HyperPragError
+from hyper_prag.inject import injected
+from hyper_prag.lora import Lora, LoraSpec, init_lora, stack
+from hyper_prag.model import BaseModel
+from hyper_prag.prompts import training_sequence
+
+if TYPE_CHECKING:
+    from hyper_prag.augment import AugmentedDocument
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label of a position that carries no loss (HF convention)
+Runner = Literal["lightning", "loop"]
+
+
+@dataclass(frozen=True)
+class PerDocConfig:
+    """Settings of per-document LoRA training (paper §3.2 defaults); all of them enter the store key."""
+
+    lr: float = 3e-4  # AdamW learning rate (paper: 3e-4)
+    epochs: int = 1  # passes over each document's augmented set (paper: 1–2)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    loss_on: Literal["all", "answer"] = "all"  # paper: causal-LM loss over the whole d ⊕ q ⊕ a
+    init: Literal["random", "warmup"] = "random"  # paper Table 2: warm-up initialisation is better
+    max_length: int = 3000  # tokens per sequence; longer ones keep their last max_length tokens
+    seed: int = 0  # random init: each document's A is drawn from a generator seeded by (seed, its text)
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenSequence:
+    """One tokenized training sequence ``d ⊕ q ⊕ a`` with its labels (IGNORE where no loss)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+@dataclass
+class StepBatch:
+    """What one step of the bank trains: the t-th sequence of every still-active document."""
+
+    rows: Tensor  # (n,) bank rows (documents) trained at this step
+    input_ids: Tensor  # (n, T) right-padded to this step's longest sequence
+    attention_mask: Tensor  # (n, T) 1 = real token
+    labels: Tensor  # (n, T) IGNORE at padding (and at the prefix for loss_on="answer")
+    finished: Tensor  # (f,) bank rows whose last step this is: read them out after the optimizer step
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def tokenize_sequence(base: BaseModel, prefix: str, target: str, loss_on: Literal["all", "answer"],
+                      max_length: int) -> TokenSequence:
+    """Tokenizes ``prefix ⊕ target`` (prefix and target separately, so the answer span is exact).
+
+    Args:
+        base: the model whose tokenizer is used.
+        prefix: document (or rewrite) plus the closed-book question prompt.
+        target: the answer plus end-of-turn token.
+        loss_on: ``"all"`` (paper) or ``"answer"`` (prefix positions get no loss).
+        max_length: the sequence keeps its last ``max_length`` tokens (the question and answer survive).
+
+    Returns:
+        The :class:`TokenSequence`.
+    """
+    tok = base.tokenizer
+    p = tok(prefix, add_special_tokens=False)["input_ids"]
+    a = tok(target, add_special_tokens=False)["input_ids"]
+    ids = (p + a)[-max_length:]
+    labels = ([IGNORE] * len(p) if loss_on == "answer" else list(p)) + list(a)
+    return TokenSequence(tuple(ids), tuple(labels[-max_length:]))
+
+
+def document_sequences(base: BaseModel, aug: "AugmentedDocument", config: PerDocConfig) -> list[TokenSequence]:
+    """Tokenized training sequences of one augmented document, in ``augment.training_pairs`` order.
+
+    Args:
+        base: the base model (tokenizer and chat template).
+        aug: the augmented document.
+        config: trainer settings (``loss_on``, ``max_length``).
+
+    Returns:
+        One :class:`TokenSequence` per (d_i^k, q_i^j, a_i^j).
+    """
+    from hyper_prag.augment import training_pairs
+
+    pairs = training_pairs(aug)
+    if not pairs:
+        raise HyperPragError(f"document {aug.doc_id!r} has no augmented (question, answer) pairs to train on; "
+                             "augment it with n_qa >= 1 (or give the corpus doc_qa pairs for source='template').")
+    return [tokenize_sequence(base, *training_sequence(base, d, q, a), config.loss_on, config.max_length)
+            for d, q, a in pairs]
+
+
+def step_schedule(sequences: Sequence[Sequence[TokenSequence]], epochs: int, pad_id: int) -> list[StepBatch]:
+    """Lays out the training steps of a bank: step t holds the t-th sequence of every document that has one.
+
+    Each document's own sequence list is repeated ``epochs`` times (epoch-major), so document n is
+    active at steps 0 … epochs·len(sequences[n]) − 1: a contiguous prefix (see the module docstring).
+
+    Args:
+        sequences: per document, its tokenized sequences.
+        epochs: passes over each document's sequences.
+        pad_id: token id used for right padding.
+
+    Returns:
+        One :class:`StepBatch` per step, padded to that step's longest sequence.
+    """
+    per_doc = [list(seqs) * epochs for seqs in sequences]
+    if any(not seqs for seqs in per_doc):
+        raise HyperPragError("every document needs at least one training sequence (and epochs >= 1).")
+    steps = []
+    for t in range(max(len(seqs) for seqs in per_doc)):
+        rows = [n for n, seqs in enumerate(per_doc) if t < len(seqs)]
+        batch = [per_doc[n][t] for n in rows]
+        T = max(len(s.input_ids) for s in batch)
+        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (n, T)
+        labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)  # (n, T)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)  # (n, T)
+        for i, s in enumerate(batch):
+            ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
+            labels[i, : len(s.labels)] = torch.tensor(s.labels)
+            mask[i, : len(s.input_ids)] = 1
+        finished = [n for n in rows if t == len(per_doc[n]) - 1]
+        steps.append(StepBatch(torch.tensor(rows), ids, mask, labels, torch.tensor(finished, dtype=torch.long)))
+    return steps
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+
+def per_document_loss(base: BaseModel, bank: Lora, batch: StepBatch) -> Tensor:
+    """Causal-LM loss of each sample under its own LoRA, each a mean over that sample's labelled tokens.
+
+    Args:
+        base: the frozen base model.
+        bank: a batch of n LoRAs, one per row of ``batch`` (differentiable).
+        batch: the step's tokens.
+
+    Returns:
+        ``(n,)`` per-document losses; their sum is what the bank minimises.
+    """
+    with injected(base, bank, mode="batched"):
+        hidden = base.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  use_cache=False).last_hidden_state  # (n, T, H)
+    targets = batch.labels[:, 1:]  # (n, T-1): token t+1 is predicted at position t
+    labelled = targets != IGNORE  # (n, T-1)
+    logits = base.model.lm_head(hidden[:, :-1][labelled])  # (K, V): only positions with a label
+    nll = F.cross_entropy(logits.float(), targets[labelled], reduction="none")  # (K,)
+    owner = torch.arange(len(targets), device=nll.device)[:, None].expand_as(targets)[labelled]  # (K,)
+    total = torch.zeros(len(targets), device=nll.device, dtype=nll.dtype).index_add(0, owner, nll)  # (n,)
+    return total / labelled.sum(1).clamp(min=1)  # (n,)
+
+
+# ------------------------------------------------------------------------------------------- the bank
+
+
+class PerDocLoraModule(pl.LightningModule):
+    """The LoRA bank of one chunk of documents as a LightningModule: the bank is its only parameters.
+
+    The frozen base model is held as a plain attribute (not a sub-module), so Lightning neither
+    trains, moves nor switches it to train mode. :meth:`result` returns every document's LoRA as read
+    out right after its own last step.
+    """
+
+    def __init__(self, base: BaseModel, initial: Lora, lr: float = 3e-4, weight_decay: float = 0.0,
+                 metrics_logger=None, step_offset: int = 0) -> None:
+        """
+        Args:
+            base: the frozen base model.
+            initial: the N starting LoRAs (batched).
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            metrics_logger: a Lightning logger for per-step losses (shared by all chunks of a run).
+            step_offset: global step of this bank's first step in that logger (chunks continue the count).
+        """
+        super().__init__()
+        self.metrics_logger, self.step_offset = metrics_logger, step_offset
+        if initial.batch_size is None:
+            raise HyperPragError("PerDocLoraModule needs a batch of initial LoRAs (one per document); stack() them.")
+        self.base = base
+        self.spec = initial.spec
+        self.lr, self.weight_decay = lr, weight_decay
+        self.save_hyperparameters("lr", "weight_decay", "step_offset")
+        device, dtype = base.device, next(base.model.parameters()).dtype
+        self.A = nn.ParameterDict({m: nn.Parameter(a.detach().to(device, dtype).clone()) for m, a in initial.A.items()})
+        self.B = nn.ParameterDict({m: nn.Parameter(b.detach().to(device, dtype).clone()) for m, b in initial.B.items()})
+        start = initial.detach()
+        self._final = Lora(self.spec, {m: t.to("cpu", torch.float32).clone() for m, t in start.A.items()},
+                           {m: t.to("cpu", torch.float32).clone() for m, t in start.B.items()})  # filled as docs finish
+        self.losses: list[Tensor] = []  # (n,) per-document losses of each step, detached, for logs and tests
+
+    def bank(self, rows: Tensor | None = None) -> Lora:
+        """The bank as a (differentiable) batched :class:`Lora`, or only ``rows`` of it."""
+        if rows is None or len(rows) == self.A[self.spec.target_modules[0]].shape[0]:
+            return Lora(self.spec, dict(self.A), dict(self.B))
+        return Lora(self.spec, {m: a[rows] for m, a in self.A.items()}, {m: b[rows] for m, b in self.B.items()})
+
+    def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor:
+        """One step of every active document: the sum of their per-document losses."""
+        per_doc = per_document_loss(self.base, self.bank(batch.rows), batch)  # (n,)
+        self.losses.append(per_doc.detach().cpu())
+        loss = per_doc.sum()
+        if self._trainer is not None:
+            self.log("loss", loss.detach() / len(per_doc), prog_bar=True, logger=False, batch_size=len(per_doc))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: StepBatch, batch_idx: int) -> None:
+        """Reads out the LoRAs of documents whose last step this was (after the optimizer step)."""
+        if self.metrics_logger:
+            per_doc = self.losses[-1]
+            self.metrics_logger.log_metrics({"encode/loss": per_doc.mean().item(), "encode/docs_in_step": len(per_doc)},
+                                            step=self.step_offset + batch_idx)
+        for m in self.spec.target_modules:
+            self._final.A[m][batch.finished.cpu()] = self.A[m].detach()[batch.finished].float().cpu()
+            self._final.B[m][batch.finished.cpu()] = self.B[m].detach()[batch.finished].float().cpu()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # No gradient clipping: a global norm over the bank would couple documents.
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def result(self) -> Lora:
+        """Every document's trained LoRA, batched: A (N, L, r, d_in), B (N, L, d_out, r), float32 on CPU."""
+        return self._final
+
+
+class StepDataModule(pl.LightningDataModule):
+    """Yields the precomputed :class:`StepBatch` es of one bank, in order (one batch per step)."""
+
+    def __init__(self, steps: list[StepBatch]) -> None:
+        super().__init__()
+        self.steps = steps
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.steps, batch_size=None, shuffle=False, collate_fn=lambda step: step)
+
+
+def _to(batch: StepBatch, device: torch.device) -> StepBatch:
+    return StepBatch(*(getattr(batch, f).to(device) for f in ("rows", "input_ids", "attention_mask", "labels", "finished")))
+
+
+def fit_steps(module: PerDocLoraModule, steps: list[StepBatch]) -> None:
+    """Runs the bank's steps without a Lightning Trainer: the same calls, in the order Lightning makes them.
+
+    Args:
+        module: the bank.
+        steps: its schedule (:func:`step_schedule`).
+    """
+    module.to(module.base.device)
+    optimizer = module.configure_optimizers()
+    for t, batch in enumerate(steps):
+        batch = _to(batch, module.base.device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = module.training_step(batch, t)
+        loss.backward()
+        optimizer.step()
+        module.on_train_batch_end(loss, batch, t)
+
+
+def fit_lightning(module: PerDocLoraModule, steps: list[StepBatch], progress: bool = True,
+                  callbacks: Sequence[pl.Callback] = ()) -> None:
+    """Runs the bank's steps with ``lightning.Trainer`` (one epoch over a schedule that holds all epochs).
+
+    The Trainer gets ``logger=False``: one Trainer runs per chunk and would restart its step count at 0,
+    so the module logs its losses itself to the run's shared logger, at global steps.
+
+    Args:
+        module: the bank.
+        steps: its schedule.
+        progress: show Lightning's progress bar.
+        callbacks: extra Lightning callbacks.
+    """
+    accelerator = "gpu" if module.base.device.type == "cuda" else "cpu"
+    with _quiet_lightning():
+        trainer = pl.Trainer(
+            max_epochs=1, logger=False, enable_checkpointing=False, devices=1, accelerator=accelerator,
+            enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+            callbacks=list(callbacks), log_every_n_steps=1,
+        )
+        trainer.fit(module, datamodule=StepDataModule(steps))
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silences Lightning's per-Trainer INFO banners (one Trainer runs per chunk), restoring the levels after."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch.utilities.rank_zero",
+                                                     "lightning.pytorch.accelerators.cuda")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------- public API
+
+
+def document_seed(seed: int, text: str) -> int:
+    """The init seed of one document: a function of (seed, text) only, so a LoRA does not depend on its chunk."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{text}".encode()).digest()[:8], "little")
+
+
+def initial_loras(texts: Sequence[str], spec: LoraSpec, dims: dict[str, tuple[int, int]], config: PerDocConfig,
+                  warmup: Lora | None = None) -> Lora:
+    """The starting LoRA of every document, batched (N, …).
+
+    Args:
+        texts: the documents' texts (seed the random init).
+        spec: the bound LoRA spec.
+        dims: ``module -> (d_in, d_out)``.
+        config: ``init="random"``: A Kaiming-uniform, B = 0 (lora.init_lora); ``"warmup"``: a copy of ``warmup``.
+        warmup: the warm-up LoRA (required for ``init="warmup"``).
+
+    Returns:
+        A batch of N LoRAs.
+    """
+    if config.init == "warmup":
+        if warmup is None:
+            raise HyperPragError("init='warmup' needs a warm-up LoRA: train one with train_warmup_lora() on "
+                                 "held-out documents (or use init='random').")
+        if warmup.spec != spec:
+            raise HyperPragError(f"the warm-up LoRA's spec {warmup.spec} differs from the encoder's {spec}; retrain it.")
+        return stack([warmup.detach().to("cpu", torch.float32)] * len(texts))
+    gens = [torch.Generator().manual_seed(document_seed(config.seed, t)) for t in texts]
+    return stack([init_lora(spec, dims, generator=g) for g in gens])
+
+
+def train_bank(base: BaseModel, sequences: Sequence[Sequence[TokenSequence]], initial: Lora, config: PerDocConfig,
+               runner: Runner = "loop", logger=None, step_offset: int = 0, progress: bool = False,
+               callbacks: Sequence[pl.Callback] = ()) -> tuple[Lora, list[Tensor]]:
+    """Trains one LoRA per document, all documents in one bank (see the module docstring).
+
+    Args:
+        base: the frozen base model.
+        sequences: per document, its tokenized training sequences.
+        initial: the N starting LoRAs (:func:`initial_loras`).
+        config: trainer settings.
+        runner: ``"lightning"`` (``lightning.Trainer``) or ``"loop"`` (same step code, no Trainer overhead).
+        logger: Lightning logger for per-step losses (either runner).
+        step_offset: global step of the first step in that logger.
+        progress: Lightning progress bar.
+        callbacks: extra Lightning callbacks.
+
+    Returns:
+        ``(loras, losses)``: the N trained LoRAs batched (float32, CPU) and each step's (n,) per-document losses.
+    """
+    if initial.batch_size != len(sequences):
+        raise HyperPragError(f"{len(sequences)} documents but {initial.batch_size} initial LoRAs.")
+    steps = step_schedule(sequences, config.epochs, base.tokenizer.pad_token_id)
+    module = PerDocLoraModule(base, initial, lr=config.lr, weight_decay=config.weight_decay,
+                              metrics_logger=logger, step_offset=step_offset)
+    if runner == "lightning":
+        fit_lightning(module, steps, progress=progress, callbacks=callbacks)
+    else:
+        fit_steps(module, steps)
+    return module.result(), module.losses
+
+
+def train_warmup_lora(base: BaseModel, spec: LoraSpec, held_out: Sequence["AugmentedDocument"],
+                      config: PerDocConfig = PerDocConfig(), max_steps: int | None = 64) -> Lora:
+    """Trains the warm-up LoRA (paper Table 2): one LoRA briefly on the augmented data of held-out documents.
+
+    Every document of the corpus then starts from a copy of it (``PerDocConfig(init="warmup")``).
+
+    Args:
+        base: the frozen base model.
+        spec: the bound LoRA spec.
+        held_out: augmented documents that will *not* be encoded (e.g. the train split).
+        config: lr, weight decay, loss and seed (its ``init`` is ignored: the warm-up starts at random).
+        max_steps: at most this many sequences (one per step, round-robin over documents); ``None``: all.
+
+    Returns:
+        One LoRA.
+    """
+    if not held_out:
+        raise HyperPragError("train_warmup_lora() needs held-out augmented documents (e.g. the train split).")
+    per_doc = [document_sequences(base, aug, config) for aug in held_out]
+    stream = [seqs[j] for j in range(max(map(len, per_doc))) for seqs in per_doc if j < len(seqs)]  # round-robin
+    stream = stream[:max_steps] if max_steps else stream
+    dims = {m: base.module_dims(m) for m in spec.target_modules}
+    initial = initial_loras([f"warmup:{len(held_out)}"], spec, dims, replace(config, init="random"))
+    loras, _ = train_bank(base, [stream], initial, replace(config, epochs=1))
+    return loras.unbind()[0]
+
+
+class PerDocEncoder:
+    """The paper's per-document encoder f_φ, batched: ``encode`` trains one LoRA per augmented document.
+
+    Implements the ``Encoder`` protocol of :mod:`hyper_prag.encode`.
+    """
+
+    name = "per-doc"
+    uses_augmentation = True
+
+    def __init__(self, base: BaseModel, spec: LoraSpec = LoraSpec(), config: PerDocConfig = PerDocConfig(),
+                 warmup: Lora | None = None, runner: Runner = "loop", logger=None, progress: bool = False,
+                 callbacks: Sequence[pl.Callback] = ()) -> None:
+        """
+        Args:
+            base: the frozen base model.
+            spec: LoRA rank/alpha/targets (bound to ``base`` here).
+            config: trainer settings.
+            warmup: the warm-up LoRA for ``config.init="warmup"``.
+            runner: ``"lightning"`` or ``"loop"`` (identical step code).
+            logger: Lightning logger for per-step losses (global steps across chunks).
+            progress: Lightning progress bar per chunk.
+            callbacks: extra Lightning callbacks.
+        """
+        self.base, self.spec, self.config = base, spec.for_model(base), config
+        self.warmup, self.runner, self.logger, self.progress, self.callbacks = warmup, runner, logger, progress, callbacks
+        if config.init == "warmup" and warmup is None:
+            raise HyperPragError("init='warmup' needs a warm-up LoRA (train_warmup_lora), or use init='random'.")
+        self.last_losses: list[Tensor] = []
+        self.steps_done = 0  # global step count across encode() calls, for the logger
+
+    def settings(self) -> dict:
+        """Encoder identity and trainer settings (enter the store key). The warm-up LoRA enters by content hash."""
+        settings = {"name": self.name, **self.config.settings()}
+        if self.config.init == "warmup":
+            digest = hashlib.sha256()
+            for m in self.spec.target_modules:
+                digest.update(self.warmup.A[m].detach().float().cpu().numpy().tobytes())
+                digest.update(self.warmup.B[m].detach().float().cpu().numpy().tobytes())
+            settings["warmup_sha256"] = digest.hexdigest()
+        return settings
+
+    def encode(self, documents: Sequence["AugmentedDocument"]) -> list[Lora]:
+        """Trains one LoRA per augmented document, all in one bank.
+
+        Args:
+            documents: augmented documents (one chunk).
+
+        Returns:
+            One LoRA per document (float32, CPU), in order.
+        """
+        if not documents:
+            return []
+        start = time.perf_counter()
+        sequences = [document_sequences(self.base, aug, self.config) for aug in documents]
+        dims = {m: self.base.module_dims(m) for m in self.spec.target_modules}
+        initial = initial_loras([aug.text for aug in documents], self.spec, dims, self.config, self.warmup)
+        loras, self.last_losses = train_bank(self.base, sequences, initial, self.config, runner=self.runner,
+                                             logger=self.logger, step_offset=self.steps_done, progress=self.progress,
+                                             callbacks=self.callbacks)
+        self.steps_done += len(self.last_losses)
+        log.debug("trained %d LoRAs in %.1f s", len(documents), time.perf_counter() - start)
+        return [lora.detach() for lora in loras.unbind()]
+
