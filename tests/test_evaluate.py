@@ -1,0 +1,163 @@
+"""Scoring, bootstrap intervals, the harness and its output files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from hyper_prag.corpus import Corpus, Document, Question, save_corpus
+from hyper_prag.evaluate import (Results, add_evaluate_arguments, bootstrap_ci, evaluate, normalize_answer,
+                                 run_evaluate, score)
+from hyper_prag.pipeline import STAGES, Answer, Pipeline
+from hyper_prag.retrieve import BM25Retriever
+from tests.test_pipeline import QUESTIONS, TEXTS, DictSource  # noqa: F401  (the shared hand-made corpus)
+from tests.conftest import random_lora
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+@pytest.mark.parametrize("text, expected", [
+    ("The Vostra Hills.", "vostra hills"),
+    ("15,140", "15140"),
+    ("1,000,000 people", "1000000 people"),
+    ("pi is 3.14!", "pi is 3.14"),
+    ("an apple, a pear and the plum", "apple pear and plum"),
+    ("  Jean-Luc   O'Brien ", "jeanluc obrien"),
+    ("«Tellin»", "tellin"),
+    ("then there", "then there"),  # articles are whole words only
+    ("1990-1995", "1990 1995"),
+])
+def test_normalize_answer(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_number_with_thousands_separator_matches_both_spellings():
+    for prediction in ("15,140", "15140", "About 15,140 people."):
+        s = score(prediction, ("15,140",))
+        assert s["accuracy"] == 1.0
+    assert score("15140", ("15,140",))["em"] == 1.0
+    assert score("15,140", ("15140",))["em"] == 1.0
+    assert score("15", ("15,140",))["em"] == 0.0  # the PRAG reference code would cut "15,140" to "15"
+    assert score("3,4", ("34",))["em"] == 0.0  # a list "3,4" is not a number with a separator
+
+
+def test_score_takes_the_best_alias():
+    s = score("Vostra", ("the Vostra hills", "Vostra"))
+    assert s == {"em": 1.0, "f1": 1.0, "accuracy": 1.0}
+    s = score("in the hills of Vostra", ("the Vostra hills",))
+    assert s["em"] == 0.0 and s["accuracy"] == 0.0
+    assert s["f1"] == pytest.approx(2 * (2 / 4) * (2 / 2) / (2 / 4 + 2 / 2))  # pred: in hills of vostra
+    assert score("It was Mira Castell.", ("Mira Castell",)) == {"em": 0.0, "f1": pytest.approx(2 * 0.5 * 1 / 1.5),
+                                                                "accuracy": 1.0}
+    assert score("Castellan", ("Castell",))["accuracy"] == 0.0  # whole words only
+    assert score("", ("blue",)) == {"em": 0.0, "f1": 0.0, "accuracy": 0.0}
+
+
+def test_bootstrap_ci_contains_mean_and_is_deterministic():
+    values = [1, 0, 1, 1, 0, 0.5, 1, 0, 1, 1] * 3
+    mean, low, high = bootstrap_ci(values, n_resamples=1000, seed=3)
+    assert mean == pytest.approx(sum(values) / len(values))
+    assert low < mean < high and 0 <= low and high <= 1
+    assert bootstrap_ci(values, 1000, seed=3) == (mean, low, high)
+    continuous = [(i * 0.37) % 1 for i in range(30)]  # distinct values: another seed moves the bounds
+    assert bootstrap_ci(continuous, 1000, seed=4) != bootstrap_ci(continuous, 1000, seed=3)
+    wide = bootstrap_ci(values[:6], 1000, seed=3)
+    assert wide[2] - wide[1] > high - low  # fewer questions, wider interval
+    assert bootstrap_ci([1.0] * 5) == (1.0, 1.0, 1.0)
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+# ----------------------------------------------------------------------------------------------- harness
+
+class Oracle:
+    """A method that answers a fixed text per question (the gold answer, or a wrong one)."""
+
+    def __init__(self, name: str, answers: dict[str, str]) -> None:
+        self.name, self.answers = name, answers
+
+    def answer(self, questions):
+        return [Answer(q, self.answers[q], timing={s: 0.01 for s in STAGES}) for q in questions]
+
+
+def test_evaluate_scores_per_type_and_total():
+    gold = Oracle("gold", {q.question: q.answers[0] for q in QUESTIONS})
+    half = Oracle("half", {q.question: (q.answers[0] if q.type == "lookup" else "no idea") for q in QUESTIONS})
+    results = evaluate([gold, half], QUESTIONS, costs={"gold": {"encode_seconds_per_doc": 2.5, "bytes_per_doc": 100}},
+                       progress=False, chunk=2)
+    assert results.types == ["bridge", "inference", "lookup"]
+    g, h = results.method("gold"), results.method("half")
+    assert g.scores["total"]["f1"]["mean"] == 1.0 and g.scores["total"]["em"]["n"] == 5
+    assert h.scores["lookup"]["em"]["mean"] == 1.0 and h.scores["bridge"]["f1"]["mean"] == 0.0
+    assert h.scores["total"]["em"]["mean"] == pytest.approx(3 / 5)
+    assert g.latency["median"]["total"] == pytest.approx(0.04)
+    assert (g.encode_seconds_per_doc, g.bytes_per_doc) == (2.5, 100) and h.encode_seconds_per_doc is None
+    assert len(g.predictions) == 5 and g.predictions[3]["prediction"] == "15,140"
+
+
+def test_results_files_are_written(tiny, tmp_path):
+    docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())
+    corpus = Corpus(name="tiny-eval", documents=docs, questions=tuple(QUESTIONS))
+    source = DictSource({d.id: random_lora(tiny, seed=i) for i, d in enumerate(docs)})
+    pipeline = Pipeline(tiny, BM25Retriever.build(corpus), corpus, k=2, max_new_tokens=4)
+    methods = [pipeline.method("closed-book"), pipeline.method("rag"), pipeline.method("prag", source)]
+    results = evaluate(methods, QUESTIONS[:3], costs={"prag": {"encode_seconds_per_doc": 1.0, "bytes_per_doc": 3e4}},
+                       n_resamples=200, progress=False)
+    paths = results.write(tmp_path / "out")
+    data = json.loads(paths["json"].read_text())
+    assert [m["name"] for m in data["methods"]] == ["closed-book", "rag", "prag"]
+    assert data["methods"][2]["predictions"][0]["lora_names"][0].startswith("dict:")
+    table = paths["markdown"].read_text().splitlines()
+    assert table[0].startswith("| method | F1 lookup | F1 total | EM |")
+    assert [line.split("|")[1].strip() for line in table[2:5]] == ["closed-book", "rag", "prag"]
+    assert "30,000" in table[4] and table[2].count("–") >= 2
+    for png in ("f1_png", "latency_png"):
+        assert paths[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[png].stat().st_size > 5000
+    assert isinstance(results, Results)
+
+
+def test_run_evaluate_end_to_end_from_a_corpus_folder(tiny, tmp_path, monkeypatch):
+    import hyper_prag.retrieve as retrieve
+
+    monkeypatch.setattr(retrieve, "cache_dir", lambda stage: tmp_path / stage)  # the index goes to tmp
+    docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())
+    folder = save_corpus(Corpus(name="tiny-eval", documents=docs, questions=tuple(QUESTIONS)), tmp_path / "corpus")
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    args = parser.parse_args(["--methods", "closed-book,rag", "--benchmark", str(folder), "--model", "tiny",
+                              "--limit", "3", "--max-new-tokens", "3", "--resamples", "100",
+                              "--out", str(tmp_path / "results")])
+    results = run_evaluate(args)
+    assert [m.name for m in results.methods] == ["closed-book", "rag"]
+    assert results.config["questions"] == 3 and results.config["k"] == 3
+    assert (tmp_path / "results" / "results.md").is_file() and (tmp_path / "results" / "latency.png").is_file()
+    with pytest.raises(Exception, match="unknown methods"):
+        run_evaluate(parser.parse_args(["--methods", "rag,nope", "--benchmark", str(folder), "--model", "tiny"]))
+
+
+def test_run_evaluate_encodes_missing_loras_then_reuses_them(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("hyper_prag.store")
+    pytest.importorskip("hyper_prag.augment")
+    import hyper_prag.retrieve as retrieve
+    from pathlib import Path
+
+    monkeypatch.setattr(retrieve, "cache_dir", lambda stage: tmp_path / stage)
+    docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())
+    qa = {i: ((f"What is {t}?", x.split(".")[0]),) for i, (t, x) in TEXTS.items()}
+    folder = save_corpus(Corpus(name="tiny-eval", documents=docs, questions=tuple(QUESTIONS), doc_qa=qa),
+                         tmp_path / "corpus")
+    config = Path(__file__).parents[1] / "configs" / "encode" / "tiny.yaml"
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    argv = ["--methods", "closed-book,da-rag,prag,prag-both", "--benchmark", str(folder), "--model", "tiny",
+            "--limit", "2", "--k", "2", "--max-new-tokens", "3", "--resamples", "50", "--store", str(tmp_path / "store"),
+            "--encode-config", str(config), "--out", str(tmp_path / "results")]
+    first = run_evaluate(parser.parse_args(argv))
+    prag = first.method("prag")
+    assert prag.encode_seconds_per_doc > 0 and prag.bytes_per_doc > 0
+    assert all(len(p["lora_names"]) == 2 for p in prag.predictions)
+    second = run_evaluate(parser.parse_args(argv))  # every LoRA is in the store now: nothing is encoded
+    assert second.method("prag").encode_seconds_per_doc is None
+    assert [p["prediction"] for p in second.method("prag").predictions] == [p["prediction"] for p in prag.predictions]

@@ -1,0 +1,249 @@
+"""The online path on the tiny model: every method end to end, model restored, batched == one by one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from hyper_prag.corpus import Corpus, Document, Question
+from hyper_prag.errors import HyperPragError
+from hyper_prag.lora import Lora
+from hyper_prag.pipeline import (METHOD_NAMES, STAGES, Answer, HypernetSource, Pipeline, StoreSource,
+                                 augmented_passage, peak_memory)
+from hyper_prag.retrieve import BM25Retriever
+from tests.conftest import random_lora
+
+TEXTS = {
+    "quell": ("Quellmar", "The river Quellmar rises in the Vostra hills and flows into the Tellin sea."),
+    "loom": ("Ardent Loom", "Ardent Loom was founded in 1873 by Mira Castell, a weaver from Tellin."),
+    "zorv": ("Zorvath", "Zorvath is a blue mineral found only in the caves of Tellin."),
+    "oren": ("Oren Vask", "Oren Vask described zorvath in 1911 and named it after his home village, Zorv."),
+    "pell": ("Pell", "Pell is a dog who lives with Mira Castell in the town of Brask."),
+    "brask": ("Brask", "Brask is a town of 15,140 people on the Quellmar river."),
+}
+QUESTIONS = [
+    Question("q1", "Where does the river Quellmar rise?", ("the Vostra hills", "Vostra"), "lookup", ("quell",)),
+    Question("q2", "Who founded Ardent Loom?", ("Mira Castell",), "lookup", ("loom",)),
+    Question("q3", "What colour is the mineral zorvath?", ("blue",), "lookup", ("zorv",)),
+    Question("q4", "How many people live in Brask?", ("15,140", "15140"), "inference", ("brask",)),
+    Question("q5", "In which year did Oren Vask describe zorvath?", ("1911",), "bridge", ("oren",)),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Corpus:
+    docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())
+    return Corpus(name="tiny-pipeline", documents=docs, questions=tuple(QUESTIONS))
+
+
+@pytest.fixture(scope="module")
+def retriever(corpus: Corpus) -> BM25Retriever:
+    return BM25Retriever.build(corpus)
+
+
+class DictSource:
+    """A LoraSource over a fixed table of per-document LoRAs (what a store holds, kept in memory)."""
+
+    name = "dict"
+
+    def __init__(self, table: dict[str, Lora]) -> None:
+        self.table = table
+
+    def loras(self, documents):
+        return [self.table[d.id] for d in documents]
+
+    def names(self, documents):
+        return [f"dict:{d.id}" for d in documents]
+
+
+@pytest.fixture(scope="module")
+def source(tiny, corpus) -> DictSource:
+    table = {}
+    for i, doc in enumerate(corpus.documents):
+        lora = random_lora(tiny, seed=100 + i)
+        for b in lora.B.values():
+            b.mul_(25.0)  # strong enough to change greedy answers, so equal answers below mean something
+        table[doc.id] = lora
+    return DictSource(table)
+
+
+@dataclass(frozen=True)
+class Aug:
+    """An augmented document (the fields DA-RAG reads)."""
+
+    doc_id: str
+    text: str
+    rewrites: tuple[str, ...]
+    qa: tuple[tuple[str, str], ...]
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return (self.text, *self.rewrites)
+
+
+def template_augment(docs):
+    return [Aug(d.id, d.text, (f"In short: {d.text}",), ((f"What is {d.title}?", d.text.split('.')[0]),)) for d in docs]
+
+
+@pytest.fixture
+def hypernet_source(tiny) -> HypernetSource:
+    from hyper_prag.hypernet import Hypernet, HypernetConfig
+
+    torch.manual_seed(0)
+    net = Hypernet.for_model(tiny, HypernetConfig(doc_dim=16, emb_dim=8, width=16, depth=1))
+    with torch.no_grad():
+        for head in net.head_B.values():  # a trained hypernet has non-zero B heads
+            head.weight.normal_(0.0, 0.05)
+    return HypernetSource(net, tiny)
+
+
+def make(tiny, corpus, retriever, **kwargs) -> Pipeline:
+    kwargs = {"k": 3, "max_new_tokens": 6, "augment": template_augment} | kwargs
+    return Pipeline(tiny, retriever, corpus, **kwargs)
+
+
+def snapshot(tiny) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in tiny.model.state_dict().items()}
+
+
+def assert_restored(tiny, before: dict[str, torch.Tensor]) -> None:
+    after = tiny.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for layer in range(tiny.num_layers):
+        for m in tiny.target_modules:
+            assert not tiny.ffn_linear(layer, m)._forward_hooks  # no side path left behind
+
+
+def questions() -> list[str]:
+    return [q.question for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_every_method_runs_end_to_end(tiny, corpus, retriever, source, hypernet_source, name):
+    pipeline = make(tiny, corpus, retriever, batch_size=2)
+    lora_source = hypernet_source if name.startswith("hypernet") else source
+    before = snapshot(tiny)
+    answers = pipeline.method(name, lora_source).answer(questions())
+    assert_restored(tiny, before)
+    assert [a.question for a in answers] == questions()
+    for a in answers:
+        assert isinstance(a, Answer) and isinstance(a.prediction, str)
+        assert set(a.timing) == set(STAGES) and all(t >= 0 for t in a.timing.values())
+        if name == "closed-book":
+            assert a.doc_ids == () and a.lora_names == () and a.retrievals == 0
+            continue
+        assert 1 <= len(a.doc_ids) <= 3 and a.retrievals == 1
+        if name.startswith(("prag", "hypernet")):
+            prefix = "hypernet:" if name.startswith("hypernet") else "dict:"
+            assert list(a.lora_names) == [f"{prefix}{d}" for d in a.doc_ids]
+            assert a.timing["apply"] > 0
+        else:
+            assert a.lora_names == ()
+    if name != "closed-book":
+        assert answers[1].doc_ids[0] == "loom"  # BM25 finds the supporting document
+
+
+def test_prompts_hold_what_each_method_puts_in_context(tiny, corpus, retriever, source, monkeypatch):
+    seen: list[str] = []
+    generate = tiny.generate
+
+    def recording(prompts, max_new_tokens=32, **kw):
+        seen.extend(prompts)
+        return generate(prompts, max_new_tokens, **kw)
+
+    monkeypatch.setattr(tiny, "generate", recording)
+    pipeline = make(tiny, corpus, retriever)
+    q = "Who founded Ardent Loom?"
+    for name in ("closed-book", "rag", "da-rag", "prag", "prag-both"):
+        seen.clear()
+        pipeline.method(name, source).answer([q])
+        prompt = seen[0]
+        assert q in prompt
+        assert (TEXTS["loom"][1] in prompt) == (name in ("rag", "da-rag", "prag-both"))
+        assert ("In short: " in prompt and "Q: What is Ardent Loom? A: " in prompt) == (name == "da-rag")
+
+
+def test_loras_change_the_answers(tiny, corpus, retriever, source):
+    pipeline = make(tiny, corpus, retriever)
+    closed = [a.prediction for a in pipeline.method("closed-book").answer(questions())]
+    prag = [a.prediction for a in pipeline.method("prag", source).answer(questions())]
+    assert closed != prag
+
+
+def test_batched_path_equals_one_by_one(tiny, corpus, retriever, source):
+    batched = make(tiny, corpus, retriever, batch_size=len(QUESTIONS))
+    single = make(tiny, corpus, retriever, batch_size=1, single_mode="side")
+    merged = make(tiny, corpus, retriever, batch_size=1, single_mode="merged")
+    for name in ("prag", "prag-both"):
+        a = batched.method(name, source).answer(questions())
+        b = single.method(name, source).answer(questions())
+        c = merged.method(name, source).answer(questions())
+        assert [x.prediction for x in a] == [x.prediction for x in b] == [x.prediction for x in c]
+        assert [x.doc_ids for x in a] == [x.doc_ids for x in b]
+        assert all(x.shared == len(QUESTIONS) for x in a) and all(x.shared == 1 for x in b)
+
+
+def test_mixed_ranks_fall_back_to_one_by_one(tiny, corpus, retriever, source):
+    table = dict(source.table)
+    table["loom"] = random_lora(tiny, seed=7, rank=4)  # questions retrieving it get a larger combined rank
+    mixed = DictSource(table)
+    batched = make(tiny, corpus, retriever, batch_size=len(QUESTIONS)).method("prag", mixed).answer(questions())
+    single = make(tiny, corpus, retriever, batch_size=1, single_mode="side").method("prag", mixed).answer(questions())
+    assert [x.prediction for x in batched] == [x.prediction for x in single]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_model_restored_when_generation_raises(tiny, corpus, retriever, source, monkeypatch, batch_size):
+    before = snapshot(tiny)
+
+    def broken(prompts, max_new_tokens=32, **kw):
+        # The LoRA is in force while generating: the weights (merged) or hooks (batched) differ now.
+        merged = any(not torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+        hooked = any(tiny.ffn_linear(0, m)._forward_hooks for m in tiny.target_modules)
+        assert merged or hooked
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(tiny, "generate", broken)
+    pipeline = make(tiny, corpus, retriever, batch_size=batch_size, single_mode="merged")
+    with pytest.raises(RuntimeError, match="generation failed"):
+        pipeline.method("prag", source).answer(questions()[:3])
+    assert_restored(tiny, before)
+
+
+def test_method_needs_its_source(tiny, corpus, retriever):
+    pipeline = make(tiny, corpus, retriever)
+    with pytest.raises(HyperPragError, match="LoRA store"):
+        pipeline.method("prag")
+    with pytest.raises(HyperPragError, match="hypernetwork"):
+        pipeline.method("hypernet-both")
+    with pytest.raises(HyperPragError, match="unknown method"):
+        pipeline.method("flare-ish")  # type: ignore[arg-type]
+    with pytest.raises(HyperPragError, match="augmented"):
+        make(tiny, corpus, retriever, augment=None).method("da-rag")
+
+
+def test_augmented_passage_lists_variants_then_qa():
+    aug = Aug("d", "Pell is a dog.", ("A dog named Pell.",), (("What is Pell?", "a dog"),))
+    assert augmented_passage(aug) == "Pell is a dog.\nA dog named Pell.\nQ: What is Pell? A: a dog"
+
+
+def test_store_source_reads_loras_by_key(tiny, corpus, source, tmp_path):
+    store_module = pytest.importorskip("hyper_prag.store")
+    store = store_module.LoraStore(tmp_path / "store", dtype="float32")
+    key_fn = lambda doc: f"key-{doc.id}"  # noqa: E731
+    docs = list(corpus.documents[:2])
+    store.put_many([(key_fn(d), source.table[d.id], {"doc_id": d.id}) for d in docs])
+    src = StoreSource(store, key_fn, tiny.identity)
+    got = src.loras(docs)
+    for doc, lora in zip(docs, got):
+        assert all(torch.equal(lora.A[m], source.table[doc.id].A[m]) for m in lora.spec.target_modules)
+    assert src.names(docs) == ["key-quell", "key-loom"]
+    with pytest.raises(HyperPragError, match="encode them first"):
+        src.loras(list(corpus.documents))
+
+
+def test_peak_memory_reports_rss():
+    mem = peak_memory("cpu")
+    assert mem["max_rss_mib"] > 10 and "cuda_max_allocated_mib" not in mem
