@@ -1,0 +1,195 @@
+"""Hypernetwork LoRAs vs per-document LoRAs vs closed-book, on fictional-benchmark TEST documents.
+
+    .venv/bin/python benchmarks/hypernet_vs_perdoc.py                     # SmolLM2, 30 test docs, shipped checkpoint
+    .venv/bin/python benchmarks/hypernet_vs_perdoc.py --no-per-doc        # hypernet and closed-book only
+    .venv/bin/python benchmarks/hypernet_vs_perdoc.py --docs 60 --out runs/hypernet_vs_perdoc.json
+
+Documents are chosen through their questions: test questions are drawn round-robin over the question
+types (seeded) and kept while the union of their supporting documents stays within ``--docs``; every
+test question whose supporting documents all lie in that set is then asked. (The hypernet never saw a
+test document: it trains on ``train`` and validates on ``val``.)
+
+Measured:
+* encoding cost per document: the hypernet (doc embedding + one forward, batched over all documents,
+  and one document at a time) vs per-document LoRA training (``PerDocEncoder``, template augmentation,
+  the paper's lr 3e-4, chunks of 4), and their ratio. Model load is not timed.
+* F1 / EM by question type: each question asked with ``prompts.question_prompt(base, q)`` (no
+  passages) and the LoRA of its supporting documents (``combine.combine(mode="sum")`` for
+  multi-document questions), greedy decoding; closed-book = the base model alone; control
+  ``hypernet_wrong_doc`` = each document given the hypernet LoRA of another document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from hyper_prag.combine import combine
+from hyper_prag.evaluate import score as score_answer
+from hyper_prag.inject import injected
+from hyper_prag.lora import Lora
+from hyper_prag.prompts import question_prompt
+
+DEFAULT_CHECKPOINT = Path(__file__).parents[1] / "hyper_prag" / "checkpoints" / "hypernet-smollm2.safetensors"
+
+def choose(corpus, n_docs: int, seed: int):
+    """Test questions (round-robin over types) whose supporting documents fit in ``n_docs`` test documents."""
+    test = corpus.split("test")
+    rng = random.Random(seed)
+    by_type = defaultdict(list)
+    for q in test.questions:
+        by_type[q.type].append(q)
+    for qs in by_type.values():
+        rng.shuffle(qs)
+    docs: list[str] = []
+    cursors = {t: 0 for t in by_type}
+    while len(docs) < n_docs and any(cursors[t] < len(by_type[t]) for t in by_type):
+        for t in sorted(by_type):
+            while cursors[t] < len(by_type[t]):
+                q = by_type[t][cursors[t]]
+                cursors[t] += 1
+                new = [d for d in q.doc_ids if d not in docs]
+                if len(docs) + len(new) <= n_docs:
+                    docs += new
+                    break
+    chosen = set(docs)
+    questions = [q for q in test.questions if set(q.doc_ids) <= chosen]
+    return [test.document(d) for d in docs], questions
+
+
+def pad_rank(lora: Lora, rank: int) -> Lora:
+    """The same ΔW at a larger rank (zero rows of A / columns of B), so LoRAs of different ranks stack."""
+    extra = rank - lora.spec.rank
+    if extra == 0:
+        return lora
+    A = {m: torch.cat([a, a.new_zeros(*a.shape[:-2], extra, a.shape[-1])], dim=-2) for m, a in lora.A.items()}
+    B = {m: torch.cat([b, b.new_zeros(*b.shape[:-1], extra)], dim=-1) for m, b in lora.B.items()}
+    return Lora(replace(lora.spec, rank=rank, alpha=lora.spec.scaling * rank), A, B)
+
+
+def answer(base, questions, loras_by_doc: dict[str, Lora] | None, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers; question i uses the summed LoRA of its documents (batched injection), or none."""
+    from hyper_prag.lora import stack
+
+    out = []
+    for i in range(0, len(questions), batch_size):
+        chunk = questions[i : i + batch_size]
+        prompts = [question_prompt(base, q.question) for q in chunk]
+        if loras_by_doc is None:
+            out += base.generate(prompts, max_new_tokens=max_new_tokens)
+            continue
+        combined = [combine([loras_by_doc[d] for d in q.doc_ids], mode="sum") for q in chunk]
+        rank = max(c.spec.rank for c in combined)
+        with injected(base, stack([pad_rank(c, rank) for c in combined]), mode="batched"):
+            out += base.generate(prompts, max_new_tokens=max_new_tokens)
+    return out
+
+
+def score(questions, predictions) -> dict:
+    """F1 / EM / accuracy (``evaluate.score``: max over answer aliases), overall and by question type."""
+    rows = defaultdict(list)
+    for q, p in zip(questions, predictions):
+        scored = score_answer(p, q.answers)
+        rows[q.type].append(scored)
+        rows["all"].append(scored)
+    return {t: {"n": len(v), **{k: sum(r[k] for r in v) / len(v) for k in ("f1", "em", "accuracy")}}
+            for t, v in sorted(rows.items())}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="hypernet checkpoint folder/.ckpt")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (must match the checkpoint)")
+    parser.add_argument("--docs", type=int, default=30, help="test documents")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-doc", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train per-document LoRAs (minutes on CPU)")
+    parser.add_argument("--per-doc-epochs", type=int, default=2, help="passes over each document's template QA")
+    parser.add_argument("--chunk-size", type=int, default=4, help="documents per per-doc LoRA bank")
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+
+    from hyper_prag.benchmark import load_or_make_default
+    from hyper_prag.hypernet import HypernetEncoder
+    from hyper_prag.model import load_base_model, tiny_base_model
+
+    base = tiny_base_model() if args.model == "tiny" else load_base_model(args.model)
+    corpus = load_or_make_default()
+    docs, questions = choose(corpus, args.docs, args.seed)
+    result: dict = {"command": "python benchmarks/hypernet_vs_perdoc.py " + " ".join(argv),
+                    "documents": len(docs), "questions": len(questions),
+                    "question_types": dict(Counter(q.type for q in questions)), "checkpoint": str(args.checkpoint)}
+
+    encoder = HypernetEncoder.from_checkpoint(args.checkpoint, base)
+    texts = [d.text for d in docs]
+    encoder.generate(texts[:2])  # warm-up (first-call allocations), not timed
+    start = time.perf_counter()
+    hyper = encoder.generate(texts)
+    batched_ms = (time.perf_counter() - start) * 1000 / len(docs)
+    one_ms = []
+    for text in texts[:5]:
+        start = time.perf_counter()
+        encoder.generate([text])
+        one_ms.append((time.perf_counter() - start) * 1000)
+    result["hypernet"] = {"ms_per_doc_batched": batched_ms, "ms_per_doc_single": sum(one_ms) / len(one_ms),
+                          "num_parameters": encoder.hypernet.num_parameters(), **encoder.settings()}
+    # Control: every document gets the hypernet LoRA of the *next* document. Its F1 is what the generated
+    # LoRAs give without their own document's knowledge (answer format, corpus-wide priors).
+    loras = {"hypernet": {d.id: lora for d, lora in zip(docs, hyper)},
+             "hypernet_wrong_doc": {d.id: lora for d, lora in zip(docs, hyper[1:] + hyper[:1])}}
+
+    if args.per_doc:
+        from hyper_prag.augment import AugmentConfig, augment_documents
+        from hyper_prag.encoders.per_doc import PerDocConfig, PerDocEncoder
+        from hyper_prag.lora import LoraSpec
+
+        augmented = augment_documents(docs, AugmentConfig(source="template"), base=base, corpus=corpus)
+        per_doc = PerDocEncoder(base, LoraSpec().for_model(base), PerDocConfig(epochs=args.per_doc_epochs), runner="loop")
+        order = sorted(range(len(docs)), key=lambda i: len(docs[i].text))  # chunk by length: little padding
+        trained: dict[str, Lora] = {}
+        start = time.perf_counter()
+        for c in range(0, len(order), args.chunk_size):
+            idx = order[c : c + args.chunk_size]
+            for i, lora in zip(idx, per_doc.encode([augmented[i] for i in idx])):
+                trained[docs[i].id] = lora
+        seconds = (time.perf_counter() - start) / len(docs)
+        result["per_doc"] = {"s_per_doc": seconds, "epochs": args.per_doc_epochs, "chunk_size": args.chunk_size,
+                             "augmentation": "template", **per_doc.settings()}
+        result["encode_cost_ratio_perdoc_over_hypernet"] = seconds * 1000 / batched_ms
+        loras["per_doc"] = trained
+
+    scores = {}
+    predictions = {}
+    for method, table in [("closed_book", None), *loras.items()]:
+        start = time.perf_counter()
+        preds = answer(base, questions, table, args.batch_size, args.max_new_tokens)
+        scores[method] = score(questions, preds)
+        scores[method]["all"]["answer_seconds"] = time.perf_counter() - start
+        predictions[method] = preds
+    result["scores"] = scores
+    result["examples"] = [{"question": q.question, "answers": list(q.answers), "type": q.type,
+                           **{m: p[i] for m, p in predictions.items()}} for i, q in enumerate(questions[:12])]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

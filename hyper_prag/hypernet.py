@@ -1,0 +1,465 @@
+"""The hypernetwork: a document → its LoRA in one forward pass (amortized parametric encoding).
+
+Beyond the paper (its f_φ trains one LoRA per document); anchored on DyPRAG's "parameter
+translator" and text-to-lora's hyper-modulator. For document d::
+
+    d ──► frozen base LLM, decoder layers ≤ max(embed_layers) ──► per-token final-norm
+      ──► mean over d's tokens, concatenated over embed_layers ──► doc_embedding e (E,)
+
+    for every adapted layer l and FFN module m:
+        [proj(LN(e)) ⊕ layer_emb[l] ⊕ module_emb[m]] ──► trunk (MLP) ──► h (width,)
+        A[m][l] = head_A[m](h) / √d_in     (r, d_in)
+        B[m][l] = head_B[m](h)             (d_out, r)      head_B zero-initialised: the first LoRA is ΔW = 0
+
+The output is a :class:`~hyper_prag.lora.Lora` batch (A: (N, L, r, d_in), B: (N, L, d_out, r)) with
+the same rank/alpha scaling as per-document LoRAs, bound to the base model's identity; nothing
+downstream knows which encoder made it. The base LLM is frozen; only the hypernet trains
+(:mod:`hyper_prag.hypernet_train`).
+
+Doc embeddings only need the base model up to the deepest chosen layer (early layers: cheap
+encoding), and are cached on disk by (base identity, layers, max tokens, sha256 of the text).
+
+Shipping: :func:`save_inference_checkpoint` writes ``hypernet.safetensors`` (weights + config as
+metadata) and ``config.json`` (config, LoRA spec, base identity) into a folder; :func:`load_hypernet`
+reads that folder, the safetensors file alone, or a Lightning ``.ckpt``, and refuses a checkpoint
+made for another base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from hyper_prag.errors import HyperPragError
+from hyper_prag.lora import Lora, LoraSpec
+from hyper_prag.model import BaseModel
+from hyper_prag.paths import cache_dir
+
+if TYPE_CHECKING:
+    from hyper_prag.augment import AugmentedDocument
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "hyper-prag-hypernet/1"
+WEIGHTS_FILE = "hypernet.safetensors"
+CONFIG_FILE = "config.json"
+# The shipped checkpoint for the default base model (SmolLM2-135M-Instruct), trained by configs/hypernet/smollm2.yaml.
+SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "hypernet-smollm2.safetensors"
+
+
+def default_embed_layers(num_layers: int) -> tuple[int, ...]:
+    """Decoder layers pooled into the doc embedding by default: those at 1/4 and 1/2 depth (30 → (7, 14)).
+
+    Early layers keep encoding cheap (the forward stops at the deepest one); mid layers already
+    carry the entity/attribute content the FFN LoRA must inject.
+    """
+    return tuple(sorted({max(0, round(num_layers * f) - 1) for f in (0.25, 0.5)}))
+
+
+@dataclass(frozen=True)
+class HypernetConfig:
+    """Architecture of a hypernet (all of it enters the checkpoint and the encoder's store key)."""
+
+    embed_layers: tuple[int, ...] = ()  # decoder layers mean-pooled into the doc embedding; (): default_embed_layers
+    max_doc_tokens: int = 512  # document tokens read (longer documents keep their first max_doc_tokens)
+    doc_dim: int = 256  # width of the projected doc embedding
+    emb_dim: int = 32  # width of the learned layer and module embeddings
+    width: int = 256  # trunk width
+    depth: int = 2  # trunk linear layers
+    rank: int = 2  # LoRA rank r (paper: 2)
+    alpha: float = 32.0  # LoRA alpha (paper: 32); ΔW = alpha / r · B A
+    dropout: float = 0.0  # trunk dropout (training only)
+
+    def for_model(self, base: BaseModel) -> "HypernetConfig":
+        """Returns this config with ``embed_layers`` filled in for ``base`` and checked."""
+        layers = tuple(self.embed_layers) or default_embed_layers(base.num_layers)
+        bad = [l for l in layers if not 0 <= l < base.num_layers]
+        if bad:
+            raise HyperPragError(f"embed_layers {bad} do not exist in {base.name} ({base.num_layers} layers); "
+                                 f"choose layers in 0..{base.num_layers - 1}.")
+        return HypernetConfig(**{**asdict(self), "embed_layers": tuple(sorted(set(layers)))})
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "embed_layers": list(self.embed_layers)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HypernetConfig":
+        return cls(**{**data, "embed_layers": tuple(data.get("embed_layers", ()))})
+
+
+# ------------------------------------------------------------------------------------------ doc embedding
+
+
+def text_hash(text: str) -> str:
+    """sha256 of a document's text (the embedding cache key)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@torch.no_grad()
+def doc_embeddings(base: BaseModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int = 512,
+                   batch_size: int = 16) -> Tensor:
+    """Mean-pooled hidden states of ``layers`` over each document's tokens (the hypernet's input).
+
+    Only decoder layers 0 … max(layers) run. Each token's hidden state is passed through the
+    model's final RMSNorm before pooling, so the few "massive activation" dimensions of the
+    residual stream do not dominate the mean.
+
+    Args:
+        base: the frozen base model.
+        texts: document texts (no chat template, no special tokens).
+        layers: decoder layer indices; their pooled states are concatenated in this order.
+        max_tokens: tokens read per document.
+        batch_size: documents per forward pass.
+
+    Returns:
+        ``(N, len(layers) · hidden)`` float32 on CPU.
+    """
+    if any(not t.strip() for t in texts):
+        raise HyperPragError("cannot encode an empty document; remove it from the corpus.")
+    decoder = base.model.model
+    full = decoder.layers
+    deepest = max(layers)
+    captured: dict[int, Tensor] = {}
+    hooks = [full[l].register_forward_hook(lambda mod, args, out, l=l: captured.__setitem__(l, out)) for l in layers]
+    tok = base.tokenizer
+    tok.padding_side = "right"
+    out = []
+    decoder.layers = full[: deepest + 1]  # stop after the deepest chosen layer (restored below)
+    try:
+        for i in range(0, len(texts), batch_size):
+            batch = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_tokens, add_special_tokens=False).to(base.device)
+            decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            mask = batch["attention_mask"].unsqueeze(-1).to(torch.float32)  # (n, T, 1)
+            pooled = []
+            for l in layers:
+                h = captured[l][0] if isinstance(captured[l], tuple) else captured[l]  # (n, T, H)
+                h = decoder.norm(h).to(torch.float32)  # (n, T, H)
+                pooled.append((h * mask).sum(1) / mask.sum(1).clamp(min=1))  # (n, H)
+            out.append(torch.cat(pooled, dim=-1).cpu())  # (n, len(layers)·H)
+    finally:
+        decoder.layers = full
+        for hook in hooks:
+            hook.remove()
+    return torch.cat(out)  # (N, E)
+
+
+class EmbeddingCache:
+    """Doc embeddings on disk, one safetensors file per (base identity, layers, max tokens), keyed by text sha256."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        """
+        Args:
+            root: cache folder; default ``cache_dir("doc_embeddings")``.
+        """
+        self.root = Path(root) if root is not None else cache_dir("doc_embeddings")
+        self._loaded: dict[Path, dict[str, Tensor]] = {}
+
+    def path(self, base: BaseModel, layers: Sequence[int], max_tokens: int) -> Path:
+        return self.root / f"{base.identity}-L{'_'.join(map(str, layers))}-T{max_tokens}.safetensors"
+
+    def _table(self, path: Path) -> dict[str, Tensor]:
+        if path not in self._loaded:
+            try:
+                self._loaded[path] = load_file(str(path)) if path.is_file() else {}
+            except (SafetensorError, OSError) as err:
+                log.warning("embedding cache %s unreadable (%s): recomputing", path, err)
+                self._loaded[path] = {}
+        return self._loaded[path]
+
+    def get(self, base: BaseModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int = 512,
+            batch_size: int = 16) -> Tensor:
+        """Returns ``(N, E)`` doc embeddings, computing (and saving) only the ones not cached yet."""
+        path = self.path(base, layers, max_tokens)
+        table = self._table(path)
+        keys = [text_hash(t) for t in texts]
+        todo = {k: t for k, t in zip(keys, texts) if k not in table}
+        if todo:
+            start = time.perf_counter()
+            fresh = doc_embeddings(base, list(todo.values()), layers, max_tokens, batch_size)  # (n, E)
+            table.update({k: row.clone() for k, row in zip(todo, fresh)})
+            log.info("doc embeddings: computed %d in %.1f s (%d cached)", len(todo), time.perf_counter() - start,
+                     len(texts) - len(todo))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".emb-", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            try:
+                save_file({k: v.contiguous() for k, v in table.items()}, tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return torch.stack([table[k] for k in keys])  # (N, E)
+
+
+# ---------------------------------------------------------------------------------------------- the net
+
+
+class Hypernet(nn.Module):
+    """Maps doc embeddings (N, E) to a batch of N LoRAs for one base model (see the module docstring)."""
+
+    def __init__(self, config: HypernetConfig, spec: LoraSpec, dims: dict[str, tuple[int, int]], embed_dim: int) -> None:
+        """
+        Args:
+            config: architecture (``embed_layers`` already bound, see :meth:`HypernetConfig.for_model`).
+            spec: the LoRA spec the outputs follow, bound to the base model (layers, identity).
+            dims: ``module -> (d_in, d_out)`` of the base model's target modules.
+            embed_dim: E, the doc embedding width (``len(embed_layers) · hidden``).
+        """
+        super().__init__()
+        if not spec.layers or not spec.base_model:
+            raise HyperPragError("Hypernet needs a LoRA spec bound to a base model (LoraSpec.for_model(base)).")
+        self.config, self.spec, self.dims, self.embed_dim = config, spec, dict(dims), embed_dim
+        L, M, r = len(spec.layers), len(spec.target_modules), spec.rank
+        self.doc_norm = nn.LayerNorm(embed_dim)
+        self.doc_proj = nn.Linear(embed_dim, config.doc_dim)
+        self.layer_emb = nn.Embedding(L, config.emb_dim)
+        self.module_emb = nn.Embedding(M, config.emb_dim)
+        blocks: list[nn.Module] = []
+        d = config.doc_dim + 2 * config.emb_dim
+        for _ in range(config.depth):
+            blocks += [nn.Linear(d, config.width), nn.SiLU(), nn.Dropout(config.dropout)]
+            d = config.width
+        self.trunk = nn.Sequential(*blocks, nn.LayerNorm(config.width))
+        self.head_A = nn.ModuleDict({m: nn.Linear(config.width, r * dims[m][0]) for m in spec.target_modules})
+        self.head_B = nn.ModuleDict({m: nn.Linear(config.width, dims[m][1] * r) for m in spec.target_modules})
+        for head in self.head_B.values():  # ΔW = 0 at initialisation, like B = 0 in standard LoRA
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    @classmethod
+    def for_model(cls, base: BaseModel, config: HypernetConfig = HypernetConfig()) -> "Hypernet":
+        """Builds a freshly initialised hypernet for ``base``."""
+        config = config.for_model(base)
+        spec = LoraSpec(rank=config.rank, alpha=config.alpha, target_modules=base.target_modules).for_model(base)
+        dims = {m: base.module_dims(m) for m in spec.target_modules}
+        return cls(config, spec, dims, embed_dim=len(config.embed_layers) * base.model.config.hidden_size)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, doc_embedding: Tensor) -> Lora:
+        """Generates one LoRA per document.
+
+        Args:
+            doc_embedding: ``(N, E)`` from :func:`doc_embeddings`.
+
+        Returns:
+            A batched :class:`Lora`: A[m] (N, L, r, d_in), B[m] (N, L, d_out, r), differentiable.
+        """
+        if doc_embedding.dim() != 2 or doc_embedding.shape[1] != self.embed_dim:
+            raise HyperPragError(f"hypernet expects doc embeddings (N, {self.embed_dim}), got {tuple(doc_embedding.shape)}; "
+                                 "compute them with the hypernet's embed_layers on its base model.")
+        spec, N, r = self.spec, doc_embedding.shape[0], self.spec.rank
+        L, M = len(spec.layers), len(spec.target_modules)
+        doc = self.doc_proj(self.doc_norm(doc_embedding))  # (N, doc_dim)
+        layer = self.layer_emb.weight  # (L, emb)
+        module = self.module_emb.weight  # (M, emb)
+        x = torch.cat([
+            doc[:, None, None, :].expand(N, M, L, -1),
+            module[None, :, None, :].expand(N, M, L, -1),
+            layer[None, None, :, :].expand(N, M, L, -1),
+        ], dim=-1)  # (N, M, L, doc_dim + 2·emb)
+        h = self.trunk(x)  # (N, M, L, width)
+        A, B = {}, {}
+        for i, m in enumerate(spec.target_modules):
+            d_in, d_out = self.dims[m]
+            A[m] = self.head_A[m](h[:, i]).view(N, L, r, d_in) / d_in ** 0.5  # (N, L, r, d_in), ~Kaiming scale
+            B[m] = self.head_B[m](h[:, i]).view(N, L, d_out, r)  # (N, L, d_out, r)
+        return Lora(spec, A, B)
+
+    def describe(self) -> dict:
+        """Config, spec and base identity as JSON-able data (what the inference checkpoint records)."""
+        return {"format": FORMAT_VERSION, "config": self.config.to_dict(), "spec": json.loads(self.spec.to_json()),
+                "dims": {m: list(d) for m, d in self.dims.items()}, "embed_dim": self.embed_dim,
+                "base_model": self.spec.base_model, "num_parameters": self.num_parameters()}
+
+
+# ----------------------------------------------------------------------------------- checkpoint files
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes (the checkpoint identity in the store key)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_inference_checkpoint(hypernet: Hypernet, folder: str | Path, extra: dict | None = None) -> Path:
+    """Writes the shippable checkpoint: float32 weights (config in the metadata) + a JSON description.
+
+    Args:
+        hypernet: the trained hypernet.
+        folder: output folder (gets ``hypernet.safetensors`` + ``config.json``), or a ``NAME.safetensors``
+            file path (gets ``NAME.json`` beside it).
+        extra: more JSON-able facts for the JSON file (training config, metrics, base model name).
+
+    Returns:
+        The path of the weights file.
+    """
+    target = Path(folder)
+    if target.suffix == ".safetensors":
+        folder, path, config_path = target.parent, target, target.with_suffix(".json")
+    else:
+        folder, path, config_path = target, target / WEIGHTS_FILE, target / CONFIG_FILE
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = hypernet.describe()
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hypernet.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=".hypernet-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": FORMAT_VERSION, "hypernet": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    config_path.write_text(json.dumps({**meta, "weights_sha256": file_sha256(path), **(extra or {})},
+                                                 indent=2, sort_keys=True))
+    return path
+
+
+def _build(meta: dict, state: dict[str, Tensor], base: BaseModel, source: str) -> Hypernet:
+    spec = LoraSpec.from_json(json.dumps(meta["spec"]))
+    if spec.base_model != base.identity:
+        raise HyperPragError(
+            f"hypernet checkpoint {source} was trained for base model '{spec.base_model}' but the loaded base "
+            f"model is '{base.identity}' ({base.name}). A hypernet only works with the exact model it was trained "
+            "for: load that model, or train a hypernet for this one (python -m train.hypernet fit --config ...)."
+        )
+    config = HypernetConfig.from_dict(meta["config"])
+    dims = {m: tuple(d) for m, d in meta["dims"].items()}
+    net = Hypernet(config, spec, dims, int(meta["embed_dim"]))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise HyperPragError(f"hypernet checkpoint {source} does not match its own config ({err}); it is corrupted.") from err
+    return net.eval()
+
+
+def load_hypernet(checkpoint: str | Path, base: BaseModel) -> Hypernet:
+    """Loads a hypernet for ``base`` from an inference checkpoint (folder or ``.safetensors``) or a Lightning ``.ckpt``.
+
+    Args:
+        checkpoint: a folder holding ``hypernet.safetensors``, that file itself, or a ``.ckpt`` written by
+            :class:`~hyper_prag.hypernet_train.HypernetModule` training.
+        base: the loaded base model; must be the one the hypernet was trained for.
+
+    Returns:
+        The :class:`Hypernet` in eval mode on CPU.
+
+    Raises:
+        HyperPragError: missing/corrupted file, or a checkpoint trained for another base model.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    if not path.is_file():
+        raise HyperPragError(f"hypernet checkpoint {path} does not exist; pass the folder shipped in "
+                             "hyper_prag/checkpoints/ or a .ckpt from training.")
+    if path.suffix == ".ckpt":
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            meta = ckpt["hyper_prag_hypernet"]
+        except (OSError, RuntimeError, KeyError, EOFError) as err:
+            raise HyperPragError(f"{path} is not a readable hypernet training checkpoint ({err!r}).") from err
+        state = {k.removeprefix("hypernet."): v for k, v in ckpt["state_dict"].items() if k.startswith("hypernet.")}
+        return _build(meta, state, base, str(path))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise HyperPragError(f"hypernet checkpoint {path} is truncated or corrupted ({err}).") from err
+    if metadata.get("format") != FORMAT_VERSION:
+        raise HyperPragError(f"{path} is not a hyper-prag hypernet checkpoint (format {metadata.get('format')!r}).")
+    return _build(json.loads(metadata["hypernet"]), state, base, str(path))
+
+
+def checkpoint_sha256(checkpoint: str | Path) -> str:
+    """sha256 of the weights file a checkpoint path refers to (folder → its ``hypernet.safetensors``)."""
+    path = Path(checkpoint)
+    return file_sha256(path / WEIGHTS_FILE if path.is_dir() else path)
+
+
+# --------------------------------------------------------------------------------------------- encoder
+
+
+class HypernetEncoder:
+    """The amortized encoder: one hypernet forward per chunk of documents, no augmentation, no training.
+
+    Implements the ``Encoder`` protocol of :mod:`hyper_prag.encode`.
+    """
+
+    name = "hypernet"
+    uses_augmentation = False
+
+    def __init__(self, hypernet: Hypernet, base: BaseModel, checkpoint_sha256: str, batch_size: int = 32,
+                 cache: EmbeddingCache | None = None) -> None:
+        """
+        Args:
+            hypernet: a trained hypernet for ``base``.
+            base: the frozen base model (computes the doc embeddings).
+            checkpoint_sha256: identity of the hypernet's weights (enters the store key).
+            batch_size: documents per embedding forward.
+            cache: optional doc-embedding cache.
+        """
+        if hypernet.spec.base_model != base.identity:
+            raise HyperPragError(f"hypernet was trained for base model '{hypernet.spec.base_model}', not "
+                                 f"'{base.identity}'; load the matching checkpoint.")
+        self.hypernet, self.base, self.sha256 = hypernet.eval(), base, checkpoint_sha256
+        self.batch_size, self.cache = batch_size, cache
+        self.spec = hypernet.spec
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, base: BaseModel, **kwargs) -> "HypernetEncoder":
+        """Loads ``checkpoint`` (see :func:`load_hypernet`) and wraps it as an encoder."""
+        return cls(load_hypernet(checkpoint, base).to(base.device), base, checkpoint_sha256(checkpoint), **kwargs)
+
+    def settings(self) -> dict:
+        """Encoder identity: name, checkpoint sha256 and architecture (enter the store key)."""
+        return {"name": self.name, "checkpoint_sha256": self.sha256, **self.hypernet.config.to_dict()}
+
+    def embed(self, texts: Sequence[str]) -> Tensor:
+        """``(N, E)`` doc embeddings of ``texts`` (through the cache if one is set)."""
+        config = self.hypernet.config
+        if self.cache is not None:
+            return self.cache.get(self.base, texts, config.embed_layers, config.max_doc_tokens, self.batch_size)
+        return doc_embeddings(self.base, texts, config.embed_layers, config.max_doc_tokens, self.batch_size)
+
+    @torch.no_grad()
+    def generate(self, texts: Sequence[str]) -> list[Lora]:
+        """One LoRA per document text (float32, CPU)."""
+        if not texts:
+            return []
+        device = next(self.hypernet.parameters()).device
+        loras = []
+        for i in range(0, len(texts), self.batch_size):
+            emb = self.embed(texts[i : i + self.batch_size]).to(device)  # (n, E)
+            loras += self.hypernet(emb).to("cpu").detach().unbind()
+        return loras
+
+    def encode(self, documents: Sequence["AugmentedDocument"]) -> list[Lora]:
+        """One LoRA per document, reading only ``doc.text`` (augmentation is not used).
+
+        Args:
+            documents: (augmented) documents.
+
+        Returns:
+            One single LoRA per document, in order.
+        """
+        return self.generate([doc.text for doc in documents])

@@ -1,0 +1,248 @@
+"""Hypernetwork: LoRA contract, zero initial ΔW, gradient flow through the injected LLM, one step lowers the
+loss, factor-based distances, checkpoints (round trip, wrong base refused), YAMLs parse, a tiny fit runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hyper_prag.errors import HyperPragError
+from hyper_prag.hypernet import (
+    EmbeddingCache, Hypernet, HypernetConfig, HypernetEncoder, checkpoint_sha256, doc_embeddings, load_hypernet,
+    save_inference_checkpoint,
+)
+from hyper_prag.hypernet_train import (
+    HypernetDataModule, HypernetModule, collate, delta_distance, delta_norm, export_checkpoint, main, tokenize_qa,
+)
+from hyper_prag.inject import injected
+from hyper_prag.lora import stack
+from hyper_prag.model import tiny_base_model
+
+from .conftest import random_lora, token_batch
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "hypernet").glob("*.yaml"))
+SMALL = HypernetConfig(doc_dim=16, emb_dim=4, width=16, depth=2)
+DOCS = ["Ardent Loom was founded in 1873 by Mira Castell.",
+        "Zorvath is a blue mineral found only in the caves of Tellin.",
+        "Pell is a dog."]
+QA = [("Who founded Ardent Loom?", "Mira Castell"), ("What colour is zorvath?", "blue"), ("What is Pell?", "a dog")]
+
+
+def data_base():
+    from hyper_prag.hypernet_train import shared_base
+
+    return shared_base("tiny")
+
+
+def small_module(**kwargs) -> HypernetModule:
+    torch.manual_seed(0)
+    return HypernetModule(model="tiny", doc_dim=16, emb_dim=4, width=16, depth=2, **kwargs)
+
+
+def fixed_batch(module: HypernetModule):
+    base = module.base
+    emb = doc_embeddings(base, DOCS, module.hypernet.config.embed_layers)  # (3, E)
+    items = [(i, *tokenize_qa(base, q, a, "answer")) for i, (q, a) in enumerate(QA)]
+    return collate(items, emb, base.tokenizer.pad_token_id)
+
+
+def test_generated_lora_matches_contract(tiny):
+    net = Hypernet.for_model(tiny, SMALL)
+    emb = doc_embeddings(tiny, DOCS, net.config.embed_layers)  # (3, E)
+    assert emb.shape == (3, len(net.config.embed_layers) * tiny.model.config.hidden_size)
+    lora = net(emb)
+    assert lora.batch_size == 3
+    lora.validate({m: tiny.module_dims(m) for m in tiny.target_modules})
+    assert lora.spec.base_model == tiny.identity and lora.spec.layers == tuple(range(tiny.num_layers))
+    assert (lora.spec.rank, lora.spec.alpha) == (2, 32.0)
+    for single in lora.unbind():
+        single.validate({m: tiny.module_dims(m) for m in tiny.target_modules})
+    assert net.num_parameters() == sum(p.numel() for p in net.parameters()) > 0
+
+
+def test_initial_delta_is_zero_and_changes_nothing(tiny):
+    net = Hypernet.for_model(tiny, SMALL)
+    lora = net(doc_embeddings(tiny, DOCS, net.config.embed_layers))
+    assert all(lora.delta(m).abs().max() == 0 for m in lora.spec.target_modules)
+    assert all(lora.A[m].abs().max() > 0 for m in lora.spec.target_modules)  # A is generated; B starts at 0
+    batch = token_batch(tiny, DOCS)
+    with torch.no_grad():
+        plain = tiny.model(**batch).logits
+        with injected(tiny, lora, mode="batched"):
+            patched = tiny.model(**batch).logits
+    assert torch.equal(plain, patched)
+
+
+def test_doc_embedding_stops_early_and_equals_full_forward(tiny):
+    emb = doc_embeddings(tiny, DOCS, [0])  # only layer 0 runs
+    tiny.tokenizer.padding_side = "right"
+    batch = tiny.tokenizer(DOCS, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        hidden = tiny.model.model(**batch, output_hidden_states=True).hidden_states[1]  # after layer 0
+        h = tiny.model.model.norm(hidden)
+        mask = batch["attention_mask"][..., None].float()
+        want = (h * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(emb, want, rtol=1e-5, atol=1e-5)
+    assert len(tiny.model.model.layers) == tiny.num_layers  # restored
+
+
+def test_embedding_cache_reuses_rows(tiny, tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    first = cache.get(tiny, DOCS[:2], [0, 1])
+    path = cache.path(tiny, [0, 1], 512)
+    mtime = path.stat().st_mtime_ns
+    again = EmbeddingCache(tmp_path).get(tiny, list(reversed(DOCS[:2])), [0, 1])  # from disk, no recompute
+    assert path.stat().st_mtime_ns == mtime
+    torch.testing.assert_close(again, first.flip(0))
+    torch.testing.assert_close(first, doc_embeddings(tiny, DOCS[:2], [0, 1]))
+
+
+def test_gradients_reach_hypernet_through_injected_llm():
+    module = small_module()
+    batch = fixed_batch(module)
+    module.losses(batch)["loss"].backward()
+    # B starts at 0, so the first gradient reaches the B heads only (as for LoRA's B = 0 init) ...
+    assert all(h.weight.grad.abs().sum() > 0 for h in module.hypernet.head_B.values())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.hypernet.trunk.parameters())
+    torch.optim.SGD(module.hypernet.parameters(), lr=1.0).step()
+    module.zero_grad()
+    module.losses(batch)["loss"].backward()
+    # ... and once B is non-zero, through A into the trunk and the doc/layer/module embeddings.
+    for name in ("trunk", "doc_proj", "layer_emb", "module_emb", "head_A"):
+        grads = [p.grad for p in getattr(module.hypernet, name).parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+    assert all(p.grad is None for p in module.base.model.parameters())  # the base LLM stays frozen
+
+
+def test_one_optimizer_step_lowers_the_loss():
+    module = small_module()
+    batch = fixed_batch(module)
+    optimizer = torch.optim.AdamW(module.hypernet.parameters(), lr=1e-3)
+    before = module.losses(batch)["loss"]
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = module.losses(batch)["loss"]
+    assert after < before - 1e-4
+
+
+def test_delta_distance_and_norm_match_materialised_delta(tiny):
+    student, teacher = random_lora(tiny, 1, batch=2), random_lora(tiny, 2, rank=4, alpha=8.0, batch=2)
+    got = delta_distance(student, teacher)  # (2,)
+    want = torch.stack([((student.delta(m) - teacher.delta(m)) ** 2).sum((-1, -2)).mean(-1)
+                        for m in student.spec.target_modules]).mean(0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    norms = torch.stack([student.delta(m).norm(dim=(-1, -2)).mean(-1) for m in student.spec.target_modules]).mean(0)
+    torch.testing.assert_close(delta_norm(student), norms, rtol=1e-4, atol=1e-6)
+    assert delta_distance(student, student).abs().max() < 1e-3 * want.min()
+
+
+def test_distillation_terms():
+    module = small_module(delta_weight=0.5, kl_weight=2.0)
+    batch = fixed_batch(module)
+    with pytest.raises(HyperPragError, match="teacher"):
+        module.losses(batch)
+    batch.teacher = stack([random_lora(module.base, i) for i in range(3)])
+    out = module.losses(batch)
+    assert out["delta"] > 0 and out["kl"] > 0
+    torch.testing.assert_close(out["loss"], out["lm"] + 0.5 * out["delta"] + 2.0 * out["kl"])
+    batch.teacher = module.hypernet(batch.doc_embedding).detach()  # teacher == student: both terms vanish
+    out = module.losses(batch)
+    assert out["delta"].abs() < 1e-6 and out["kl"].abs() < 1e-5
+
+
+def test_datamodule_never_uses_test_documents(tmp_path):
+    with pytest.raises(HyperPragError, match="test"):
+        HypernetDataModule(val_split="test")
+    data = HypernetDataModule(model="tiny", max_train_docs=6, max_val_pairs=5, batch_size=4,
+                              embedding_cache=str(tmp_path))
+    data.setup("fit")
+    from hyper_prag.benchmark import load_or_make_default
+
+    corpus = load_or_make_default()
+    assert data.tables["train"]["docs"] == 6 and len(data.tables["val"]["items"]) == 5
+    assert data.tables["val"]["docs"] == len(corpus.split("val").documents)
+    batch = next(iter(data.train_dataloader()))
+    assert batch.input_ids.shape[0] == 4 and (batch.labels != -100).any(1).all()
+    # Only answer tokens carry a loss: every position of qa_sequence's prompt is IGNORE.
+    from hyper_prag.prompts import qa_sequence
+
+    doc = corpus.split("train").documents[0]
+    q, a = corpus.doc_qa[doc.id][0]
+    ids, labels = tokenize_qa(data_base(), q, a, "answer")
+    prompt = len(data_base().tokenizer(qa_sequence(data_base(), q, a)[0], add_special_tokens=False)["input_ids"])
+    assert labels[:prompt] == [-100] * prompt and -100 not in labels[prompt:] and len(labels) == len(ids) > prompt
+    assert data.tables["train"]["items"][0] == (0, ids, labels)
+
+
+def test_inference_checkpoint_round_trip_and_wrong_base(tiny, tmp_path):
+    torch.manual_seed(0)
+    net = Hypernet.for_model(tiny, SMALL)
+    for head in net.head_B.values():  # non-zero outputs so the comparison means something
+        torch.nn.init.normal_(head.weight, std=0.1)
+    path = save_inference_checkpoint(net, tmp_path / "hn", extra={"metrics": {"val/loss": 1.0}})
+    loaded = load_hypernet(tmp_path / "hn", tiny)
+    emb = doc_embeddings(tiny, DOCS, net.config.embed_layers)
+    a, b = net(emb), loaded(emb)
+    for m in net.spec.target_modules:
+        assert torch.equal(a.A[m], b.A[m]) and torch.equal(a.B[m], b.B[m]) and a.delta(m).abs().max() > 0
+    assert checkpoint_sha256(tmp_path / "hn") == checkpoint_sha256(path)
+    single = save_inference_checkpoint(net, tmp_path / "flat" / "hn.safetensors")  # the shipped, flat layout
+    assert (tmp_path / "flat" / "hn.json").is_file() and torch.equal(load_hypernet(single, tiny)(emb).B["down_proj"],
+                                                                     a.B["down_proj"])
+    with pytest.raises(HyperPragError, match="base model"):
+        load_hypernet(path, tiny_base_model(seed=1))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(HyperPragError, match="corrupted"):
+        load_hypernet(path, tiny)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_yaml_parses_through_the_cli(config, capsys):
+    assert config.read_text().startswith(f"# python -m train.hypernet fit --config configs/hypernet/{config.name}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "HypernetModule" not in capsys.readouterr().err
+
+
+def test_tiny_fit_checkpoint_export_and_encoder(tmp_path, tiny):
+    config = Path(__file__).parents[1] / "configs" / "hypernet" / "tiny.yaml"
+    main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.embedding_cache", str(tmp_path / "emb")])
+    ckpts = sorted(tmp_path.rglob("last.ckpt"))
+    assert ckpts, list(tmp_path.rglob("*"))
+    metrics = (ckpts[0].parents[1] / "metrics.csv").read_text()
+    assert "val/loss" in metrics and "train/lm" in metrics
+    out = export_checkpoint(ckpts[0], tmp_path / "export")
+    assert out.stat().st_size < 30e6
+    encoder = HypernetEncoder.from_checkpoint(tmp_path / "export", tiny)
+    assert encoder.settings()["checkpoint_sha256"] == checkpoint_sha256(out) and not encoder.uses_augmentation
+    from hyper_prag.corpus import Document  # encode() reads only .text (the hypernet uses no augmentation)
+
+    loras = encoder.encode([Document(id=str(i), title="", text=t) for i, t in enumerate(DOCS)])
+    assert len(loras) == 3 and loras[0].batch_size is None
+    loras[0].validate({m: tiny.module_dims(m) for m in tiny.target_modules})
+    ckpt_net, exported = load_hypernet(ckpts[0], tiny), load_hypernet(out, tiny)
+    emb = doc_embeddings(tiny, DOCS, exported.config.embed_layers)
+    assert torch.equal(ckpt_net(emb).B["up_proj"], exported(emb).B["up_proj"])
+    assert torch.equal(exported(emb).B["up_proj"], torch.stack([l.B["up_proj"] for l in loras]))
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_loads_on_smollm2():
+    from hyper_prag.hypernet import SHIPPED_CHECKPOINT
+    from hyper_prag.model import load_base_model
+
+    assert SHIPPED_CHECKPOINT.stat().st_size <= 30e6
+    base = load_base_model()
+    encoder = HypernetEncoder.from_checkpoint(SHIPPED_CHECKPOINT, base)
+    loras = encoder.generate(DOCS[:2])
+    for lora in loras:
+        lora.validate({m: base.module_dims(m) for m in base.target_modules})
+        assert lora.spec.base_model == base.identity and (lora.spec.rank, lora.spec.alpha) == (2, 32.0)
+    assert delta_norm(stack(loras)).min() > 0
+    with pytest.raises(HyperPragError, match="base model"):
+        load_hypernet(SHIPPED_CHECKPOINT, tiny_base_model())
