@@ -89,6 +89,18 @@ def test_peft_reference_agrees_and_restores_the_base_model(tiny):
     assert not any(p.requires_grad for p in tiny.model.parameters())
 
 
+def test_paper_padding_changes_the_cost_not_the_lora(tiny):
+    # The paper's TrainingData pads every sequence to 3,000 tokens; masked padding after the real tokens
+    # of a causal model leaves the loss, and so the trained LoRA, unchanged.
+    config = PerDocConfig(epochs=1)
+    spec, seqs, initial = setup(tiny, config)
+    plain, plain_losses = train_reference(tiny, seqs[:2], initial.unbind()[:2], spec, config)
+    padded, padded_losses = train_reference(tiny, seqs[:2], initial.unbind()[:2], spec, config, pad_to=256)
+    for n in range(2):
+        assert plain_losses[n] == pytest.approx(padded_losses[n], abs=1e-4)
+        assert max_diff(stack(plain), n, stack(padded), n, spec) <= 1e-4
+
+
 def test_base_model_stays_frozen_and_unchanged(tiny):
     config = PerDocConfig()
     _, seqs, initial = setup(tiny, config)

@@ -9,6 +9,12 @@ sequences train one at a time (batch size 1, no padding) with Hugging Face's own
         reset LoRA; optimizer = AdamW(...)
         for epoch: for seq in doc: loss(seq).backward(); optimizer.step(); zero_grad()
 
+``pad_to`` reproduces the paper's data pipeline exactly: its ``TrainingData`` right-pads every
+sequence to ``max_length=3000`` tokens (attention mask 0, label -100 on the padding), so each step
+costs a 3,000-token forward and backward whatever the sequence's length. The loss, and so the
+trained LoRA, is the same as without padding (padding is masked and sits after the real tokens of
+a causal model); only the cost differs. ``None`` (default) trains on the unpadded sequence.
+
 The base model is restored afterwards (``unload()``: PEFT's layers are replaced by the original
 linears), also when training raises. The trained weights are read straight from PEFT's
 ``lora_A`` / ``lora_B`` modules into our :class:`~hyper_prag.lora.Lora` contract (same convention:
@@ -23,7 +29,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import Tensor
 
-from hyper_prag.encoders.per_doc import PerDocConfig, TokenSequence
+from hyper_prag.encoders.per_doc import IGNORE, PerDocConfig, TokenSequence
 from hyper_prag.lora import Lora, LoraSpec
 from hyper_prag.model import BaseModel
 
@@ -35,7 +41,8 @@ def _lora_modules(peft_model, spec: LoraSpec) -> dict[tuple[str, int], object]:
 
 
 def train_reference(base: BaseModel, sequences: Sequence[Sequence[TokenSequence]], initial: Sequence[Lora],
-                    spec: LoraSpec, config: PerDocConfig = PerDocConfig()) -> tuple[list[Lora], list[list[float]]]:
+                    spec: LoraSpec, config: PerDocConfig = PerDocConfig(), pad_to: int | None = None
+                    ) -> tuple[list[Lora], list[list[float]]]:
     """Trains one LoRA per document sequentially with PEFT, the way the paper's code does.
 
     Args:
@@ -44,6 +51,8 @@ def train_reference(base: BaseModel, sequences: Sequence[Sequence[TokenSequence]
         initial: per document, its starting LoRA (single, unbatched).
         spec: the bound LoRA spec.
         config: lr, epochs, weight decay (the loss mask is already in the sequences' labels).
+        pad_to: right-pad every sequence to this many tokens, as the paper's code does (3,000);
+            ``None``: no padding.
 
     Returns:
         ``(loras, losses)``: one trained LoRA per document (float32, CPU) and each document's per-step losses.
@@ -56,7 +65,7 @@ def train_reference(base: BaseModel, sequences: Sequence[Sequence[TokenSequence]
     try:
         modules = _lora_modules(peft_model, spec)
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        device = base.device
+        device, pad_id = base.device, base.tokenizer.pad_token_id
         for seqs, start in zip(sequences, initial):
             with torch.no_grad():  # reset the adapter to this document's initial LoRA (not a training step)
                 for (m, layer), module in modules.items():
@@ -67,9 +76,11 @@ def train_reference(base: BaseModel, sequences: Sequence[Sequence[TokenSequence]
             doc_losses = []
             for _ in range(config.epochs):
                 for seq in seqs:
-                    ids = torch.tensor([seq.input_ids], device=device)  # (1, T)
-                    labels = torch.tensor([seq.labels], device=device)  # (1, T)
-                    loss: Tensor = peft_model(input_ids=ids, labels=labels, use_cache=False).loss
+                    pad = max(0, (pad_to or 0) - len(seq.input_ids))
+                    ids = torch.tensor([list(seq.input_ids) + [pad_id] * pad], device=device)  # (1, T)
+                    labels = torch.tensor([list(seq.labels) + [IGNORE] * pad], device=device)  # (1, T)
+                    mask = torch.tensor([[1] * len(seq.input_ids) + [0] * pad], device=device)  # (1, T)
+                    loss: Tensor = peft_model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
