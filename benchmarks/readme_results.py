@@ -1,0 +1,68 @@
+"""Writes the harness's result tables into README.md (between the ``results`` markers), never by hand.
+
+    .venv/bin/python benchmarks/readme_results.py results/demo results/squad results/hotpotqa
+
+For every results folder written by ``hyper-prag evaluate`` (or ``hyper-prag demo``) it reads
+``results.json`` and ``results.md``, rebuilds the exact ``hyper-prag evaluate`` command from the
+recorded config, and puts a section with that command above the table. The README text between
+``<!-- results:begin -->`` and ``<!-- results:end -->`` is replaced; nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# config key -> evaluate flag, written only when it differs from the CLI default
+FLAGS = {"split": ("--split", "test"), "model": ("--model", "smollm2-135m-instruct"), "k": ("--k", 3),
+         "retriever": ("--retriever", "bm25"), "combine": ("--combine", "sum"),
+         "max_new_tokens": ("--max-new-tokens", 32), "limit": ("--limit", None),
+         "encode_config": ("--encode-config", None), "hypernet": ("--hypernet", None), "store": ("--store", None)}
+
+
+def command(results: dict) -> str:
+    """The ``hyper-prag evaluate`` command line that reproduces a results.json."""
+    config = results["config"]
+    argv = ["hyper-prag", "evaluate", "--benchmark", str(config["benchmark"]),
+            "--methods", ",".join(m["name"] for m in results["methods"])]
+    for key, (flag, default) in FLAGS.items():
+        value = config.get(key, default)
+        if value is not None and value != default:
+            argv += [flag, str(value)]
+    return shlex.join(argv)
+
+
+def section(folder: Path) -> str:
+    """One README section: benchmark name, question count, the command, the harness's Markdown table."""
+    results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    table = (folder / "results.md").read_text(encoding="utf-8").strip()
+    config = results["config"]
+    name = Path(str(config["benchmark"])).name
+    head = f"### {name}: {config['questions']} {config.get('split', '')} questions, k = {config.get('k')}"
+    return f"{head}\n\n```bash\n{command(results)}\n```\n\n{table}\n"
+
+
+def rewrite(readme: Path, folders: list[Path]) -> None:
+    """Replaces the text between the markers of ``readme`` with one section per results folder."""
+    text = readme.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme} has no {BEGIN} … {END} block")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    body = "\n".join(section(f) for f in folders)
+    readme.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}", encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="results folders (results.json + results.md)")
+    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parent.parent / "README.md")
+    args = parser.parse_args()
+    rewrite(args.readme, args.folders)
+
+
+if __name__ == "__main__":
+    main()
