@@ -63,24 +63,6 @@ def random_store_source(base, documents, root: Path, rank: int = 2):
     return StoreSource(store, lambda doc: f"random-{doc.id}", base.identity)
 
 
-class MemorySource:
-    """Random rank-2 LoRAs held in memory (only when ``hyper_prag.store`` is missing)."""
-
-    name = "memory"
-
-    def __init__(self, base, documents, rank: int = 2) -> None:
-        spec = LoraSpec(rank=rank).for_model(base)
-        dims = {m: base.module_dims(m) for m in spec.target_modules}
-        gen = torch.Generator().manual_seed(0)
-        self.table = {doc.id: init_lora(spec, dims, generator=gen) for doc in documents}
-
-    def loras(self, documents):
-        return [self.table[d.id] for d in documents]
-
-    def names(self, documents):
-        return [f"memory:{d.id}" for d in documents]
-
-
 def token_cost(base, prompts: list[str], tokens: int) -> float:
     """Median marginal seconds of one decoded token: (t(tokens+1) − t(1)) / tokens, batch size 1."""
     costs = []
@@ -123,12 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         source = StoreSource.for_encoder(LoraStore(args.store), setup.encoder, base, setup.augment_config, setup.spec)
         lora_kind = f"encoded ({args.store})"
     else:
-        try:
-            source = random_store_source(base, needed, Path(tmp.name))
-            lora_kind = "random rank-2 in a temporary LoRA store"
-        except ImportError:  # hyper_prag.store not there yet: LoRAs held in memory, store read not timed
-            source = MemorySource(base, needed)
-            lora_kind = "random rank-2 held in memory (no LoRA store installed: store read NOT measured)"
+        source = random_store_source(base, needed, Path(tmp.name))
+        lora_kind = "random rank-2 in a temporary LoRA store"
 
     def pipe(mode: str, fixed: bool) -> Pipeline:
         extra = {"min_new_tokens": args.max_new_tokens} if fixed else {}
