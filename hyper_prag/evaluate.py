@@ -168,9 +168,11 @@ class Results:
         return {"config": self.config, "types": self.types, "methods": [asdict(m) for m in self.methods]}
 
     def to_markdown(self) -> str:
-        """One row per method: F1 ± CI per type and total, EM, accuracy, time/question and its breakdown, costs."""
-        cols = [f"F1 {t}" for t in self.types] + ["F1 total", "EM", "Acc", "s/question", "retrieve/lora/apply/generate ms",
-                                                   "enc. s/doc", "bytes/doc", "peak RSS MiB"]
+        """One row per method: F1 ± CI per type and total, EM, accuracy, retriever calls/question, time/question
+        and its breakdown, costs."""
+        cols = [f"F1 {t}" for t in self.types] + ["F1 total", "EM", "Acc", "retrievals/q", "s/question",
+                                                   "retrieve/lora/apply/generate ms", "enc. s/doc", "bytes/doc",
+                                                   "peak RSS MiB"]
         lines = ["| method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
 
         def pm(cell: Mapping[str, float]) -> str:
@@ -182,7 +184,7 @@ class Results:
             med = m.latency["median"]
             row = [pm(m.scores[t]["f1"]) for t in self.types] + [pm(m.scores[TOTAL]["f1"]), pm(m.scores[TOTAL]["em"]),
                                                                  pm(m.scores[TOTAL]["accuracy"])]
-            row += [f"{med['total']:.3f}", "/".join(f"{1000 * med[s]:.1f}" for s in STAGES),
+            row += [f"{m.retrievals:.2f}", f"{med['total']:.3f}", "/".join(f"{1000 * med[s]:.1f}" for s in STAGES),
                     "–" if m.encode_seconds_per_doc is None else f"{m.encode_seconds_per_doc:.2f}",
                     "–" if m.bytes_per_doc is None else f"{m.bytes_per_doc:,.0f}",
                     f"{m.memory.get('max_rss_mib', math.nan):.0f}"]
@@ -294,7 +296,8 @@ def evaluate(
             wall_seconds=wall,
             predictions=[{"id": q.id, "type": q.type, "question": q.question, "answers": list(q.answers),
                           "prediction": a.prediction, "doc_ids": list(a.doc_ids), "lora_names": list(a.lora_names),
-                          "timing": dict(a.timing), **s} for a, q, s in zip(answers, questions, per_question)],
+                          "retrievals": a.retrievals, "timing": dict(a.timing), **s}
+                         for a, q, s in zip(answers, questions, per_question)],
         ))
         total = results[-1].scores[TOTAL]
         log.info("%s: F1 %.1f EM %.1f Acc %.1f, %.3f s/question (median)", method.name, 100 * total["f1"]["mean"],
@@ -308,10 +311,10 @@ def evaluate(
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hyper-prag evaluate``."""
-    from hyper_prag.pipeline import METHOD_NAMES, add_pipeline_arguments
+    from hyper_prag.pipeline import DYNAMIC_METHODS, METHOD_NAMES, add_pipeline_arguments
 
     parser.add_argument("--methods", default="closed-book,rag,prag",
-                        help=f"comma-separated methods: {','.join(METHOD_NAMES)}")
+                        help=f"comma-separated methods: {','.join(METHOD_NAMES + DYNAMIC_METHODS)}")
     add_pipeline_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions of the split")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per retrieval/generation batch")
@@ -324,14 +327,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> Results:
     """Runs ``hyper-prag evaluate``: builds the pipeline and methods, encodes missing LoRAs, scores, writes files."""
-    from hyper_prag.pipeline import (RECIPES, HypernetSource, Pipeline, StoreSource, build_augment, default_store,
-                                     load_benchmark, load_model, per_doc_setup)
+    from hyper_prag.pipeline import (DYNAMIC_METHODS, RECIPES, HypernetSource, Pipeline, StoreSource, build_augment,
+                                     default_store, load_benchmark, load_model, per_doc_setup)
     from hyper_prag.retrieve import build_or_load
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in RECIPES]
+    unknown = [m for m in names if m not in RECIPES and m not in DYNAMIC_METHODS]
     if unknown or not names:
-        raise HyperPragError(f"unknown methods {unknown}; choose from {', '.join(RECIPES)}.")
+        raise HyperPragError(f"unknown methods {unknown}; choose from {', '.join([*RECIPES, *DYNAMIC_METHODS])}.")
     base = load_model(args.model, args.device)
     full = load_benchmark(args.benchmark)
     corpus = full.split(args.split) if args.split else full
@@ -340,8 +343,9 @@ def run_evaluate(args: argparse.Namespace) -> Results:
         raise HyperPragError(f"benchmark {args.benchmark!r} split {args.split!r} has {len(corpus.documents)} "
                              f"documents and {len(questions)} questions; choose another --split.")
     retriever = build_or_load(args.retriever, corpus, device=args.device)
-    kinds = {RECIPES[m][2] for m in names}
-    contexts = {RECIPES[m][1] for m in names}
+    recipes = [RECIPES[m] for m in names if m in RECIPES]  # flare/dragin need no LoRAs or augmentation here
+    kinds = {kind for _, _, kind in recipes}
+    contexts = {context for _, context, _ in recipes}
     # The documents the evaluated questions retrieve: what the prag methods need LoRAs for.
     hits = retriever.search([q.question for q in questions], args.k)
     needed = [corpus.document(i) for i in dict.fromkeys(h.doc_id for row in hits for h in row)]
@@ -385,7 +389,7 @@ def run_evaluate(args: argparse.Namespace) -> Results:
         sources["hypernet"] = source
     pipeline = Pipeline(base, retriever, corpus, k=args.k, max_new_tokens=args.max_new_tokens,
                         combine_mode=args.combine, batch_size=args.batch_size, augment=augment)
-    methods = [pipeline.method(m, sources.get(RECIPES[m][2])) for m in names]
+    methods = [pipeline.method(m, sources.get(RECIPES[m][2]) if m in RECIPES else None) for m in names]
     config = {"benchmark": args.benchmark, "split": args.split, "model": args.model, "base_identity": base.identity,
               "k": args.k, "retriever": args.retriever, "combine": args.combine, "max_new_tokens": args.max_new_tokens,
               "batch_size": args.batch_size, "limit": args.limit, "store": args.store, "hypernet": args.hypernet,

@@ -274,7 +274,7 @@ def load_tokenizer(cache: Path | None = None) -> PreTrainedTokenizerBase:
 
 def tiny_base_model(
     seed: int = 0, num_layers: int = 2, hidden_size: int = 64, intermediate_size: int = 128, device: str = "cpu",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "sdpa", tie_word_embeddings: bool = True,
 ) -> BaseModel:
     """Builds a tiny random Llama in code (for tests and debug configs) with the default tokenizer.
 
@@ -285,6 +285,8 @@ def tiny_base_model(
         intermediate_size: FFN width.
         device: torch device.
         attn_implementation: ``"sdpa"`` or ``"eager"``.
+        tie_word_embeddings: share the input embedding with the output head. A tied random model
+            greedily repeats the prompt's last token (a newline); an untied one writes varied words.
 
     Returns:
         A :class:`BaseModel` named ``tiny-llama-s{seed}``.
@@ -293,8 +295,8 @@ def tiny_base_model(
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):

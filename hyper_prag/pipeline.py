@@ -13,6 +13,9 @@ and which LoRAs are applied (paper §3.3, §4.1)::
     hypernet        top-k       nothing                       hypernetwork LoRAs, generated on the fly
     prag-both       top-k       the k documents               store LoRAs      ("combine both")
     hypernet-both   top-k       the k documents               hypernet LoRAs   ("combine both")
+    flare           dynamic     the documents of each         none (optional: their LoRAs)
+                                retrieval (hyper_prag.dynamic)
+    dragin          dynamic     as flare                      none (optional: their LoRAs)
 
 For a batch of questions: one retriever call; the LoRAs of all distinct retrieved documents are
 fetched (store) or generated (hypernet) once; each question's k LoRAs are combined into one
@@ -29,8 +32,9 @@ look-up of the augmented documents, which is offline work the harness caches bef
 ``generate``. Stages run once per batch are
 divided evenly over the questions that shared them (:attr:`Answer.shared` says over how many).
 
-FLARE / DRAGIN (dynamic retrieval) will be further :class:`Method` implementations reusing the
-retriever, prompts and timing stages of this module.
+FLARE and DRAGIN (dynamic retrieval: they decide while generating when and what to retrieve, one
+question at a time) are the :class:`Method` s of :mod:`hyper_prag.dynamic`, on the same pipeline,
+prompt and timing stages; ``Answer.retrievals`` counts their retriever calls.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ log = logging.getLogger(__name__)
 
 MethodName = Literal["closed-book", "rag", "da-rag", "prag", "hypernet", "prag-both", "hypernet-both"]
 METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
+DynamicName = Literal["flare", "dragin"]  # dynamic retrieval, in hyper_prag.dynamic
+DYNAMIC_METHODS: tuple[str, ...] = get_args(DynamicName)
 Context = Literal["none", "documents", "augmented"]  # what stands before the question
 LoraKind = Literal["none", "store", "hypernet"]  # where the LoRAs come from
 STAGES: tuple[str, ...] = ("retrieve", "lora", "apply", "generate")
@@ -246,16 +252,21 @@ class Pipeline:
     augment: Callable[[Sequence[Document]], Sequence[Augmented]] | None = None  # DA-RAG's augmented documents
     generation_kwargs: Mapping[str, Any] = field(default_factory=dict)  # e.g. min_new_tokens (equal-length timing)
 
-    def method(self, name: MethodName, source: LoraSource | None = None) -> "RetrievalMethod":
+    def method(self, name: MethodName | DynamicName, source: LoraSource | None = None) -> Method:
         """Returns the :class:`Method` ``name`` on this pipeline.
 
         Args:
-            name: one of :data:`METHOD_NAMES`.
+            name: one of :data:`METHOD_NAMES` or :data:`DYNAMIC_METHODS` (with default settings).
             source: the LoRA source for ``prag*`` (a :class:`StoreSource`) and ``hypernet*`` (a
-                :class:`HypernetSource`) methods; ignored otherwise.
+                :class:`HypernetSource`) methods; optional for ``flare`` / ``dragin`` (the retrieved
+                documents' LoRAs are applied too); ignored otherwise.
         """
+        if name in DYNAMIC_METHODS:
+            from hyper_prag.dynamic import Dragin, Flare
+
+            return (Flare if name == "flare" else Dragin)(self, source=source)
         if name not in RECIPES:
-            raise HyperPragError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}.")
+            raise HyperPragError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES + DYNAMIC_METHODS)}.")
         retrieve, context, kind = RECIPES[name]
         if kind != "none" and source is None:
             what = "a LoRA store (--store)" if kind == "store" else "a hypernetwork checkpoint (--hypernet)"
