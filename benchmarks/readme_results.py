@@ -19,7 +19,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # config key -> evaluate flag, written only when it differs from the CLI default
 FLAGS = {"split": ("--split", "test"), "model": ("--model", "smollm2-135m-instruct"), "k": ("--k", 3),
          "retriever": ("--retriever", "bm25"), "combine": ("--combine", "sum"),
-         "max_new_tokens": ("--max-new-tokens", 32), "limit": ("--limit", None),
+         "max_new_tokens": ("--max-new-tokens", 32), "per_type": ("--per-type", None), "limit": ("--limit", None),
          "encode_config": ("--encode-config", None), "hypernet": ("--hypernet", None), "store": ("--store", None)}
 
 

@@ -309,6 +309,23 @@ def evaluate(
 # ------------------------------------------------------------------------------------------------- CLI
 
 
+def select_questions(questions: Sequence[Any], per_type: int | None = None, limit: int | None = None) -> list[Any]:
+    """The questions a run evaluates: the first ``per_type`` of each type (corpus order kept), then the first ``limit``.
+
+    Benchmarks list their questions grouped by type, so ``limit`` alone would take one type only.
+    """
+    chosen = list(questions)
+    if per_type:
+        taken: Counter[str] = Counter()
+        kept = []
+        for q in chosen:
+            if taken[q.type] < per_type:
+                taken[q.type] += 1
+                kept.append(q)
+        chosen = kept
+    return chosen[:limit] if limit else chosen
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hyper-prag evaluate``."""
     from hyper_prag.pipeline import DYNAMIC_METHODS, METHOD_NAMES, add_pipeline_arguments
@@ -317,6 +334,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated methods: {','.join(METHOD_NAMES + DYNAMIC_METHODS)}")
     add_pipeline_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions of the split")
+    parser.add_argument("--per-type", type=int, default=None,
+                        help="evaluate the first N questions of each question type (before --limit)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per retrieval/generation batch")
     parser.add_argument("--chunk-size", type=int, default=4, help="documents per LoRA bank when encoding missing ones")
     parser.add_argument("--no-encode", action="store_true", help="fail instead of encoding documents missing from the store")
@@ -338,7 +357,7 @@ def run_evaluate(args: argparse.Namespace) -> Results:
     base = load_model(args.model, args.device)
     full = load_benchmark(args.benchmark)
     corpus = full.split(args.split) if args.split else full
-    questions = list(corpus.questions)[: args.limit] if args.limit else list(corpus.questions)
+    questions = select_questions(corpus.questions, args.per_type, args.limit)
     if not corpus.documents or not questions:
         raise HyperPragError(f"benchmark {args.benchmark!r} split {args.split!r} has {len(corpus.documents)} "
                              f"documents and {len(questions)} questions; choose another --split.")
@@ -392,7 +411,8 @@ def run_evaluate(args: argparse.Namespace) -> Results:
     methods = [pipeline.method(m, sources.get(RECIPES[m][2]) if m in RECIPES else None) for m in names]
     config = {"benchmark": args.benchmark, "split": args.split, "model": args.model, "base_identity": base.identity,
               "k": args.k, "retriever": args.retriever, "combine": args.combine, "max_new_tokens": args.max_new_tokens,
-              "batch_size": args.batch_size, "limit": args.limit, "store": args.store, "hypernet": args.hypernet,
+              "batch_size": args.batch_size, "limit": args.limit, "per_type": args.per_type, "store": args.store,
+              "hypernet": args.hypernet,
               "encode_config": args.encode_config, "documents_retrieved": len(needed)}
     results = evaluate(methods, questions, costs=costs, n_resamples=args.resamples, seed=args.seed,
                        chunk=args.batch_size, device=args.device, config=config)

@@ -161,3 +161,15 @@ def test_run_evaluate_encodes_missing_loras_then_reuses_them(tiny, tmp_path, mon
     second = run_evaluate(parser.parse_args(argv))  # every LoRA is in the store now: nothing is encoded
     assert second.method("prag").encode_seconds_per_doc is None
     assert [p["prediction"] for p in second.method("prag").predictions] == [p["prediction"] for p in prag.predictions]
+
+
+def test_select_questions_per_type_then_limit():
+    from types import SimpleNamespace
+
+    from hyper_prag.evaluate import select_questions
+
+    qs = [SimpleNamespace(id=f"{t}{i}", type=t) for t in "abc" for i in range(4)]  # grouped by type, as benchmarks are
+    assert [q.id for q in select_questions(qs, per_type=2)] == ["a0", "a1", "b0", "b1", "c0", "c1"]
+    assert [q.id for q in select_questions(qs, per_type=2, limit=3)] == ["a0", "a1", "b0"]
+    assert [q.id for q in select_questions(qs, limit=3)] == ["a0", "a1", "a2"]
+    assert len(select_questions(qs)) == 12
