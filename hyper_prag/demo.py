@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hyper-prag demo``."""
     parser.add_argument("--docs", type=int, default=12, help="test documents in the demo slice")
     parser.add_argument("--per-type", type=int, default=3, help="questions per question type")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS), help="methods to compare")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS + DYNAMIC_METHODS), help="methods to compare")
     parser.add_argument("--hypernet", default=None, help="hypernetwork checkpoint (default: the shipped one)")
     parser.add_argument("--encode-config", default="configs/encode/demo.yaml",
                         help="per-document encoding settings (falls back to the encode defaults if missing)")
