@@ -12,6 +12,18 @@ Each chunk is written in one atomic ``put_many``, so a killed run loses at most 
 and a re-run trains only what is missing. Missing documents are sorted by length before chunking so
 each batched step pads little (a LoRA does not depend on its chunk: see ``per_doc``).
 
+Beyond one process (issue 8): per-document encoding is embarrassingly parallel. With ``strategy: ddp``
+Lightning Fabric starts one process per device (or joins those torchrun / SLURM started) and::
+
+    rank 0: missing keys, length-sorted ──broadcast──► every rank: the same chunks c_0, c_1, …
+    rank r of W: encodes chunks r, r + W, r + 2W, … ──► the same store (put_many: atomic, idempotent)
+    barrier ──► every rank reports the run's totals
+
+No gradient crosses ranks, so nothing is wrapped in DDP; Lightning provides the process group and the
+launch. A chunk holds the same documents as in a one-process run, and a LoRA depends only on its
+document's text and the settings, so W ranks store exactly the LoRAs one process would. A rank that
+dies loses its chunk in flight; re-running the same command encodes only what is missing.
+
 Config: :func:`encode_from_config`'s signature is the YAML schema (``configs/encode/*.yaml``), used by
 ``python -m train.encode --config …`` and ``hyper-prag encode --config …`` alike.
 """
@@ -22,6 +34,7 @@ import argparse
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -34,6 +47,8 @@ from hyper_prag.lora import Lora, LoraSpec
 from hyper_prag.model import BaseModel
 
 if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
     from hyper_prag.augment import AugmentConfig, AugmentedDocument
     from hyper_prag.corpus import Corpus, Document
     from hyper_prag.store import LoraStore
@@ -41,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["Encoder", "EncodeReport", "PerDocEncoder", "PerDocConfig", "encode_corpus", "encode_from_config",
-           "add_arguments", "run_encode", "config_parser"]
+           "launch", "add_arguments", "run_encode", "config_parser"]
 
 
 class Encoder(Protocol):
@@ -63,9 +78,9 @@ class Encoder(Protocol):
 class EncodeReport:
     """What one :func:`encode_corpus` run did."""
 
-    encoded: int  # documents trained/generated in this run
+    encoded: int  # documents trained/generated in this run (by all ranks)
     skipped: int  # documents already in the store (cache hits)
-    seconds: float  # wall time of encoding (augmentation + encoder + store writes)
+    seconds: float  # wall time of encoding (augmentation + encoder + store writes; ranks run side by side)
     seconds_per_doc: float  # seconds / encoded (0 if none)
     bytes_per_doc: float  # bytes the store grew per encoded document (0 if none)
     store: str = ""  # store folder
@@ -81,6 +96,7 @@ def encode_corpus(
     documents: Sequence["Document"], encoder: Encoder, store: "LoraStore", base: BaseModel,
     augment_config: "AugmentConfig | None", chunk_size: int = 8, *, corpus: "Corpus | None" = None,
     spec: LoraSpec | None = None, on_chunk: Callable[[int, int], None] | None = None, progress: bool = True,
+    fabric: "Fabric | None" = None,
 ) -> EncodeReport:
     """Encodes every document not yet in the store, chunk by chunk.
 
@@ -93,11 +109,13 @@ def encode_corpus(
         chunk_size: documents per ``encoder.encode`` call (one batched bank) and per store shard.
         corpus: the corpus, for template augmentation (``corpus.doc_qa``).
         spec: the LoRA spec in the key; defaults to ``encoder.spec``.
-        on_chunk: called as ``on_chunk(chunk_index, documents_done)`` after each chunk is stored.
-        progress: show a tqdm bar over documents.
+        on_chunk: called as ``on_chunk(chunk_index, documents_done)`` after each chunk this rank stored.
+        progress: show a tqdm bar over documents (rank 0's).
+        fabric: a launched Lightning ``Fabric`` whose ranks share the work (see the module docstring); every
+            rank must call this with the same arguments. ``None``: this process encodes everything missing.
 
     Returns:
-        An :class:`EncodeReport`.
+        An :class:`EncodeReport` of the whole run (the same on every rank).
     """
     from hyper_prag.store import store_key
 
@@ -111,17 +129,27 @@ def encode_corpus(
     keys: dict[str, "Document"] = {}
     for doc in documents:  # identical texts share one key: encode once
         keys.setdefault(store_key(doc.text, base.identity, spec, augmentation, settings), doc)
+    bytes_before = store.stats()["bytes"]
     missing = set(store.missing(list(keys)))
     todo = sorted(((k, d) for k, d in keys.items() if k in missing), key=lambda kd: len(kd[1].text))
+    rank, world = 0, 1
+    if fabric is not None:
+        bytes_before, todo = _as_rank_zero_saw_it(fabric, keys, bytes_before, todo)
+        rank, world = fabric.global_rank, fabric.world_size
     skipped = len(documents) - len(todo)
-    log.info("encode: %d documents, %d in the store already, %d to encode with %s",
-             len(documents), skipped, len(todo), encoder.name)
-    bytes_before = store.stats()["bytes"]
+    chunks = [todo[c : c + chunk_size] for c in range(0, len(todo), chunk_size)]
+    mine = range(rank, len(chunks), world)  # round-robin over length-sorted chunks: equal work per rank
+    if rank == 0 and 0 < len(chunks) < world:
+        log.warning("%d chunks for %d ranks: %d ranks have nothing to encode; lower chunk_size",
+                    len(chunks), world, world - len(chunks))
+    log.info("encode: %d documents, %d in the store already, %d to encode with %s; rank %d of %d: %d chunks",
+             len(documents), skipped, len(todo), encoder.name, rank, world, len(mine))
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"encode ({encoder.name})", unit="doc", disable=not progress or not todo)
+    bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"encode ({encoder.name})", unit="doc",
+               disable=not progress or not mine or rank != 0)
     done = 0
-    for c in range(0, len(todo), chunk_size):
-        chunk = todo[c : c + chunk_size]
+    for c in mine:
+        chunk = chunks[c]
         chunk_start = time.perf_counter()
         docs = [d for _, d in chunk]
         if encoder.uses_augmentation:
@@ -137,12 +165,33 @@ def encode_corpus(
         done += len(chunk)
         bar.update(len(chunk))
         if on_chunk is not None:
-            on_chunk(c // chunk_size, done)
+            on_chunk(c, done)
     bar.close()
+    if fabric is not None:
+        fabric.barrier()  # every rank stored its chunks: the store now holds the whole run
+        store.refresh(force=True)
     seconds = time.perf_counter() - start
     grown = store.stats()["bytes"] - bytes_before
-    return EncodeReport(encoded=done, skipped=skipped, seconds=seconds, seconds_per_doc=seconds / done if done else 0.0,
-                        bytes_per_doc=grown / done if done else 0.0, store=str(getattr(store, "root", "")))
+    encoded = len(todo)
+    return EncodeReport(encoded=encoded, skipped=skipped, seconds=seconds,
+                        seconds_per_doc=seconds / encoded if encoded else 0.0,
+                        bytes_per_doc=grown / encoded if encoded else 0.0, store=str(getattr(store, "root", "")))
+
+
+def _as_rank_zero_saw_it(fabric: "Fabric", keys: dict[str, "Document"], store_bytes: int,
+                         todo: list[tuple[str, "Document"]]) -> tuple[int, list[tuple[str, "Document"]]]:
+    """Rank 0's store size and list of documents to encode, on every rank.
+
+    Ranks that looked at the store at different moments (one already writing) would otherwise cut
+    different lists into chunks. No rank writes before it has this list, so rank 0 saw the store before
+    any write of the run.
+    """
+    store_bytes, agreed = fabric.broadcast((store_bytes, [k for k, _ in todo]), src=0)
+    unknown = sum(k not in keys for k in agreed)
+    if unknown:
+        raise HyperPragError(f"rank {fabric.global_rank} computes other store keys than rank 0 for {unknown} documents; "
+                             "every rank must run the same config, corpus and base model.")
+    return store_bytes, [(k, keys[k]) for k in agreed]
 
 
 # ------------------------------------------------------------------------------ config-driven entry point
@@ -178,11 +227,40 @@ def _make_logger(logger: str, log_dir: str, offline: bool, name: str):
     return False
 
 
+def launch(device: str = "cpu", strategy: Literal["auto", "ddp"] = "auto", devices: int = 1,
+           num_nodes: int = 1) -> "Fabric | None":
+    """Starts (or joins) the processes of a distributed encoding run with Lightning Fabric.
+
+    Lightning's launcher re-runs the current command once per further local device; under torchrun or
+    SLURM's srun it joins the processes they started (Lightning reads their environment variables).
+
+    Args:
+        device: ``cpu`` (gloo process group) or ``cuda`` (nccl; each rank on ``cuda:<local rank>``).
+        strategy: ``auto``: one process unless ``devices`` × ``num_nodes`` > 1; ``ddp``: Lightning's DDP.
+        devices: processes per machine.
+        num_nodes: machines.
+
+    Returns:
+        The launched ``Fabric``, or ``None`` for a single process.
+    """
+    if strategy == "auto" and devices == 1 and num_nodes == 1:
+        return None
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cuda" if device.startswith("cuda") else "cpu", strategy=strategy, devices=devices,
+                    num_nodes=num_nodes)
+    fabric.launch()
+    return fabric
+
+
 def encode_from_config(
     encoder: Literal["per-doc", "hypernet"] = "per-doc",
     checkpoint: str | None = None,
     model: str = "smollm2-135m-instruct",
     device: str = "cpu",
+    strategy: Literal["auto", "ddp"] = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
     corpus: str | None = None,
     split: str | None = "test",
     limit: int | None = None,
@@ -209,6 +287,11 @@ def encode_from_config(
         checkpoint: hypernetwork checkpoint (``encoder="hypernet"``).
         model: ``smollm2-135m-instruct`` (packaged default), ``tiny`` (random 2-layer test model) or a model folder.
         device: ``cpu`` / ``cuda``.
+        strategy: ``auto``: one process unless ``devices`` × ``num_nodes`` > 1; ``ddp``: Lightning's DDP, one
+            process per device, each encoding its share of the missing documents into the same store (see
+            :func:`launch`; under torchrun / srun, pass the same ``devices`` and ``num_nodes`` as they use).
+        devices: processes per machine (GPUs with ``device: cuda``).
+        num_nodes: machines.
         corpus: corpus folder; ``None``: the default fictional benchmark.
         split: documents of this split (``None``: all).
         limit: encode at most this many documents (first ones of the split).
@@ -223,20 +306,24 @@ def encode_from_config(
         warmup_docs: held-out documents used for the warm-up.
         warmup_steps: warm-up sequences (steps).
         runner: ``lightning`` (lightning.Trainer per chunk) or ``loop`` (same step code, no Trainer).
-        logger: Lightning logger for per-step losses: ``csv`` (default), ``wandb`` or ``none``.
+        logger: Lightning logger for per-step losses: ``csv`` (default), ``wandb`` or ``none`` (rank 0 logs).
         log_dir: logger folder.
         offline: W&B offline mode (no network here).
         progress: tqdm bar over documents.
 
     Returns:
-        The :class:`EncodeReport`.
+        The :class:`EncodeReport` (of the whole run, on every rank).
     """
     from hyper_prag.augment import AugmentConfig, augment_documents
     from hyper_prag.paths import cache_dir
     from hyper_prag.store import LoraStore
 
-    base = _load_model(model, device)
-    full = _load_corpus(corpus)
+    fabric = launch(device, strategy, devices, num_nodes)
+    if fabric is not None:
+        device = str(fabric.device)  # cuda:<local rank> on GPUs
+    with fabric.rank_zero_first(local=True) if fabric else nullcontext():  # caches (model, benchmark) made once
+        base = _load_model(model, device)
+        full = _load_corpus(corpus)
     part = full.split(split) if split else full
     documents = list(part.documents)[:limit] if limit else list(part.documents)
     if not documents:
@@ -251,21 +338,25 @@ def encode_from_config(
             raise HyperPragError("encoder 'hypernet' needs a checkpoint: pass --checkpoint PATH (see hypernet training).")
         hypernet = HypernetEncoder.from_checkpoint(checkpoint, base)
         return encode_corpus(documents, hypernet, LoraStore(store_root, dtype=store_dtype), base, None, chunk_size,
-                             corpus=full, progress=progress)
+                             corpus=full, progress=progress, fabric=fabric)
     warmup = None
     if trainer.init == "warmup":
         held = list(full.split(warmup_split).documents)[:warmup_docs]
         if not held:
             raise HyperPragError(f"init='warmup' needs held-out documents but split {warmup_split!r} is empty; "
                                  "set warmup_split to a split that is not encoded.")
-        held_aug = augment_documents(held, augment_config, base=base, corpus=full)
-        warmup = train_warmup_lora(base, spec, held_aug, trainer, max_steps=warmup_steps)
+        if fabric is None or fabric.global_rank == 0:
+            held_aug = augment_documents(held, augment_config, base=base, corpus=full)
+            warmup = train_warmup_lora(base, spec, held_aug, trainer, max_steps=warmup_steps)
+        if fabric is not None:  # one warm-up LoRA for all ranks: its hash is part of every store key
+            warmup = fabric.broadcast(warmup, src=0)
     lightning_logger = _make_logger(logger, log_dir, offline, name=f"encode-{Path(str(model)).name}") or None
     per_doc = PerDocEncoder(base, spec, trainer, warmup=warmup, runner=runner, logger=lightning_logger)
     report = encode_corpus(documents, per_doc, LoraStore(store_root, dtype=store_dtype), base, augment_config,
-                           chunk_size, corpus=full, spec=spec, progress=progress)
+                           chunk_size, corpus=full, spec=spec, progress=progress, fabric=fabric)
     if lightning_logger:
         lightning_logger.log_hyperparams({"model": model, "chunk_size": chunk_size, "rank": rank, "alpha": alpha,
+                                          "world_size": fabric.world_size if fabric else 1,
                                           **{f"trainer.{k}": v for k, v in trainer.settings().items()}})
         lightning_logger.log_metrics({"encode/seconds_per_doc": report.seconds_per_doc,
                                       "encode/bytes_per_doc": report.bytes_per_doc, "encode/encoded": report.encoded})
@@ -307,6 +398,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, help="LoRA store folder (default: cache)")
     parser.add_argument("--model", default=None, help="smollm2-135m-instruct | tiny | model folder")
     parser.add_argument("--chunk-size", type=int, default=None, help="documents trained together per step")
+    parser.add_argument("--strategy", choices=["auto", "ddp"], default=None,
+                        help="ddp: one process per device (Lightning DDP), each encoding its share; default: auto")
+    parser.add_argument("--devices", type=int, default=None, help="processes per machine (strategy ddp)")
+    parser.add_argument("--num-nodes", type=int, default=None, help="machines (strategy ddp)")
     parser.add_argument("--log-dir", default=None, help="folder of the Lightning logger chosen in the config")
 
 
@@ -315,6 +410,7 @@ def run_encode(args: argparse.Namespace) -> EncodeReport:
     overrides = []
     for flag, value in (("encoder", args.encoder), ("checkpoint", args.checkpoint), ("corpus", args.corpus), ("split", args.split), ("limit", args.limit),
                         ("store", args.store), ("model", args.model), ("chunk_size", args.chunk_size),
+                        ("strategy", args.strategy), ("devices", args.devices), ("num_nodes", args.num_nodes),
                         ("log_dir", args.log_dir)):
         if value is not None:
             overrides += [f"--{flag}", str(value)]

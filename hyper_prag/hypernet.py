@@ -171,13 +171,17 @@ class EmbeddingCache:
     def path(self, base: BaseModel, layers: Sequence[int], max_tokens: int) -> Path:
         return self.root / f"{base.identity}-L{'_'.join(map(str, layers))}-T{max_tokens}.safetensors"
 
+    @staticmethod
+    def _read(path: Path) -> dict[str, Tensor]:
+        try:
+            return load_file(str(path)) if path.is_file() else {}
+        except (SafetensorError, OSError) as err:
+            log.warning("embedding cache %s unreadable (%s): recomputing", path, err)
+            return {}
+
     def _table(self, path: Path) -> dict[str, Tensor]:
         if path not in self._loaded:
-            try:
-                self._loaded[path] = load_file(str(path)) if path.is_file() else {}
-            except (SafetensorError, OSError) as err:
-                log.warning("embedding cache %s unreadable (%s): recomputing", path, err)
-                self._loaded[path] = {}
+            self._loaded[path] = self._read(path)
         return self._loaded[path]
 
     def get(self, base: BaseModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int = 512,
@@ -194,6 +198,10 @@ class EmbeddingCache:
             log.info("doc embeddings: computed %d in %.1f s (%d cached)", len(todo), time.perf_counter() - start,
                      len(texts) - len(todo))
             path.parent.mkdir(parents=True, exist_ok=True)
+            # Several processes (the ranks of a distributed run) may write this file at once: each writes a
+            # whole new file and renames it into place, so a reader sees one complete file or another, and
+            # rows another process saved since we loaded are kept (one lost to a race is recomputed later).
+            table.update({k: v for k, v in self._read(path).items() if k not in table})
             fd, tmp = tempfile.mkstemp(prefix=".emb-", suffix=".tmp", dir=path.parent)
             os.close(fd)
             try:

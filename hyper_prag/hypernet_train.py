@@ -14,6 +14,13 @@ default. Documents are split by the corpus: train on ``train``, validate on ``va
 refuses ``test`` documents. Doc embeddings are computed once with the frozen LLM (cached on disk).
 
 Entry point: ``python -m train.hypernet fit --config configs/hypernet/<name>.yaml`` (:class:`HypernetCLI`).
+
+Data-parallel training (issue 8) needs no other config: ``--trainer.strategy ddp --trainer.devices N
+--trainer.num_nodes M`` (gloo on CPU, nccl on GPUs; torchrun and SLURM's srun are detected by Lightning).
+Every rank loads its own frozen base model (:func:`shared_base`, once per process); the doc embeddings are
+computed once per machine in :meth:`HypernetDataModule.prepare_data` and read from the cache by every
+rank's ``setup``; DDP averages the hypernet's gradients; validation metrics are averaged over ranks
+(``sync_dist``), and loggers and checkpoints write on rank 0 (Lightning's default).
 """
 
 from __future__ import annotations
@@ -255,6 +262,31 @@ class HypernetDataModule(pl.LightningDataModule):
                                  "or set delta_weight and kl_weight to 0.")
         return store.get_many(keys, base_model=base.identity)
 
+    def _documents(self, corpus, split: str) -> list:
+        """The documents of ``split`` (of the train split, the first ``max_train_docs``)."""
+        docs = list(corpus.split(split).documents)
+        if split == self.hparams.train_split and self.hparams.max_train_docs:
+            docs = docs[: self.hparams.max_train_docs]
+        return docs
+
+    def _layers(self, base: BaseModel) -> tuple[int, ...]:
+        return HypernetConfig(embed_layers=tuple(self.hparams.embed_layers or ())).for_model(base).embed_layers
+
+    def prepare_data(self) -> None:
+        """Computes the doc embeddings of both splits into the on-disk cache.
+
+        Lightning calls this on one process per machine before ``setup`` runs on every rank, so the ranks
+        of a distributed run read the embeddings instead of each computing them.
+        """
+        hp = self.hparams
+        base = shared_base(hp.model)
+        corpus = self._corpus()
+        cache = EmbeddingCache(hp.embedding_cache)
+        for split in (hp.train_split, hp.val_split):
+            docs = self._documents(corpus, split)
+            if docs:  # an empty split is reported by setup
+                cache.get(base, [d.text for d in docs], self._layers(base), hp.max_doc_tokens)
+
     def setup(self, stage: str | None = None) -> None:
         if self.tables:
             return
@@ -262,13 +294,11 @@ class HypernetDataModule(pl.LightningDataModule):
         base = shared_base(hp.model)
         corpus = self._corpus()
         test_ids = {d.id for d in corpus.documents if d.split == "test"}
-        layers = HypernetConfig(embed_layers=tuple(hp.embed_layers or ())).for_model(base).embed_layers
-        cache = EmbeddingCache(hp.embedding_cache)
+        layers = self._layers(base)
+        cache = EmbeddingCache(hp.embedding_cache)  # a hit after prepare_data
         rng = random.Random(hp.seed)
         for split in (hp.train_split, hp.val_split):
-            docs = list(corpus.split(split).documents)
-            if split == hp.train_split and hp.max_train_docs:
-                docs = docs[: hp.max_train_docs]
+            docs = self._documents(corpus, split)
             # Never touch test documents (they are the benchmark's evaluation set).
             assert not any(d.split == "test" or d.id in test_ids for d in docs), "test documents in hypernet training"
             if not docs:
@@ -406,7 +436,8 @@ class HypernetModule(pl.LightningModule):
         logits, targets, owner = answer_logits(self.base, wrong, batch.input_ids, batch.attention_mask, batch.labels)
         wrong_doc = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
         self.log_dict({"val/loss": out["lm"], "val/loss_closed_book": closed, "val/loss_wrong_doc": wrong_doc,
-                       "val/delta_norm": out["delta_norm"]}, prog_bar=True, batch_size=n)
+                       "val/delta_norm": out["delta_norm"]}, prog_bar=True, batch_size=n,
+                      sync_dist=True)  # DDP: the mean over every rank's share of the val set
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -10,12 +10,18 @@ Layout of a store folder::
     shards/<uuid>.safetensors   many LoRAs: tensors "<key>/A/<module>" (L, r, d_in), "<key>/B/<module>" (L, d_out, r)
                                 (int8 shards add "<key>/A_scale/<module>" (L, r, 1), "<key>/B_scale/<module>" (L, 1, r))
     shards/<uuid>.json          its sidecar: {"format", "sha256", "bytes", "dtype", "entries": {key: {"spec", "meta"}}}
+    write.lock                  empty; a writer holds an exclusive flock on it while it commits a shard
 
 Every :meth:`LoraStore.put_many` writes one new, immutable shard (temp file, fsync, rename) and
 only then its sidecar (same way). The manifest is the union of sidecars: a shard without a sidecar
 is a write that died half-way and is ignored (and removed by :meth:`LoraStore.gc`); two processes
-never write the same file, so concurrent writers cannot corrupt each other. A key written twice (two
-writers racing on one document) is harmless: a reader keeps the copy it indexed first.
+never write the same file, so concurrent writers cannot corrupt each other.
+
+Writers (the ranks of a distributed ``encode``, issue 8) take an exclusive lock on ``write.lock`` in the
+store folder while they look for keys already stored and commit their shard, so a key is written once
+however writers race: ``put_many`` is idempotent. The lock is ``flock``: the kernel releases it when a
+writer dies, so a killed rank never blocks the others. On a file system without ``flock`` (a warning
+says so) two writers racing on one key can both store it; a reader then keeps the copy it indexed first.
 
 Readers memory-map shards with ``safe_open`` and keep the handles open (an LRU), so fetching the k
 LoRAs of a question re-opens nothing; a reader re-scans the folder only when asked for a key it does
@@ -31,6 +37,8 @@ and rounded, with the fp32 scales stored beside it and applied on read (error â‰
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -38,7 +46,8 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,6 +124,19 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``lock_path`` (created if missing) for the ``with`` block."""
+    with open(lock_path, "a+b") as f:  # closing the file releases the lock (so does the writer's death)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as err:  # e.g. Lustre mounted without -o flock
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            log.warning("no file locks on %s (%s): concurrent writers may store a key twice", lock_path, err)
+        yield
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -249,6 +271,9 @@ class LoraStore:
     def put_many(self, items: Sequence[tuple[str, Lora, Mapping]]) -> None:
         """Writes LoRAs as one new shard: all of them or (after a crash) none.
 
+        Idempotent across processes: keys already stored (by anyone) are skipped, and the check and the
+        commit happen under the store's write lock, so two writers racing on one key store it once.
+
         Args:
             items: ``(key, single LoRA, metadata)`` triples; keys already stored are skipped. Metadata
                 must be JSON-serialisable (e.g. ``{"doc_id", "encoder", "seconds"}``).
@@ -256,10 +281,14 @@ class LoraStore:
         Raises:
             HyperPragError: a batched LoRA, a LoRA contradicting its spec, or non-finite weights.
         """
-        self.refresh()
-        fresh = {k: (lora, dict(meta or {})) for k, lora, meta in items if k not in self._index}
-        if not fresh:
-            return
+        with _exclusive(self.root / "write.lock"):
+            self.refresh(force=True)  # sidecars other writers committed while we waited for the lock
+            fresh = {k: (lora, dict(meta or {})) for k, lora, meta in items if k not in self._index}
+            if fresh:
+                self._commit(fresh)
+
+    def _commit(self, fresh: Mapping[str, tuple[Lora, dict]]) -> None:
+        """Writes ``key -> (LoRA, meta)`` as one shard and its sidecar (the caller holds the write lock)."""
         tensors, entries = {}, {}
         for key, (lora, meta) in fresh.items():
             if lora.batch_size is not None:

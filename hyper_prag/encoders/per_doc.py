@@ -321,10 +321,14 @@ def fit_lightning(module: PerDocLoraModule, steps: list[StepBatch], progress: bo
         progress: show Lightning's progress bar.
         callbacks: extra Lightning callbacks.
     """
-    accelerator = "gpu" if module.base.device.type == "cuda" else "cpu"
+    device = module.base.device
+    if device.type == "cuda":  # the base model's own GPU: cuda:<local rank> on a rank of a distributed encode
+        accelerator, devices = "gpu", [device.index if device.index is not None else torch.cuda.current_device()]
+    else:
+        accelerator, devices = "cpu", 1
     with _quiet_lightning():
         trainer = pl.Trainer(
-            max_epochs=1, logger=False, enable_checkpointing=False, devices=1, accelerator=accelerator,
+            max_epochs=1, logger=False, enable_checkpointing=False, devices=devices, accelerator=accelerator,
             enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
             callbacks=list(callbacks), log_every_n_steps=1,
         )
