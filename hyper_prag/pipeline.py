@@ -508,7 +508,7 @@ def default_store(model: str) -> Path:
 def add_ask_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hyper-prag ask``."""
     parser.add_argument("question", help="the question")
-    parser.add_argument("--method", choices=METHOD_NAMES, default="prag", help="how to answer")
+    parser.add_argument("--method", choices=METHOD_NAMES + DYNAMIC_METHODS, default="prag", help="how to answer")
     add_pipeline_arguments(parser)
 
 
@@ -522,7 +522,7 @@ def run_ask(args: argparse.Namespace) -> Answer:
     corpus = full.split(args.split) if args.split else full
     if not corpus.documents:
         raise HyperPragError(f"benchmark {args.benchmark!r} has no documents in split {args.split!r}.")
-    _, context, kind = RECIPES[args.method]
+    _, context, kind = RECIPES.get(args.method, (True, "none", "none"))  # flare/dragin: no LoRA, no augmentation
     retriever = build_or_load(args.retriever, corpus, device=args.device) if args.method != "closed-book" else None
     source: LoraSource | None = None
     augment = None
