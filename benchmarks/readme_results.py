@@ -23,15 +23,29 @@ FLAGS = {"split": ("--split", "test"), "model": ("--model", "smollm2-135m-instru
          "encode_config": ("--encode-config", None), "hypernet": ("--hypernet", None), "store": ("--store", None)}
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _portable(value: object) -> str:
+    """A path inside the repository as a relative path; other values unchanged."""
+    text = str(value)
+    return text.removeprefix(f"{ROOT}/")
+
+
 def command(results: dict) -> str:
-    """The ``hyper-prag evaluate`` command line that reproduces a results.json."""
+    """The command line that reproduces a results.json (``hyper-prag demo`` for the demo's slice)."""
     config = results["config"]
+    if str(config["benchmark"]).endswith("-demo"):  # hyper-prag demo evaluates a slice it saves in the cache
+        return "make demo   # = hyper-prag demo: " + shlex.join(
+            ["hyper-prag", "evaluate", "--benchmark", Path(str(config["benchmark"])).name, "--methods",
+             ",".join(m["name"] for m in results["methods"]), "--encode-config", _portable(config["encode_config"]),
+             "--hypernet", _portable(config["hypernet"])])
     argv = ["hyper-prag", "evaluate", "--benchmark", str(config["benchmark"]),
             "--methods", ",".join(m["name"] for m in results["methods"])]
     for key, (flag, default) in FLAGS.items():
         value = config.get(key, default)
         if value is not None and value != default:
-            argv += [flag, str(value)]
+            argv += [flag, _portable(value)]
     return shlex.join(argv)
 
 
