@@ -162,3 +162,19 @@ def test_random_init_depends_on_the_document_not_its_chunk(tiny):
     assert torch.equal(a.A["up_proj"][0], b.A["up_proj"][3])
     assert not torch.equal(a.A["up_proj"][0], a.A["up_proj"][1])
     assert all((t == 0).all() for t in a.B.values())
+
+
+def test_document_without_qa_pairs_trains_on_its_text(tiny):
+    # The LLM's augmentation can leave a document with no parseable QA pair; it is still encoded.
+    from hyper_prag.augment import AugmentedDocument
+    from hyper_prag.encoders.per_doc import PerDocEncoder, document_sequences
+
+    config = PerDocConfig(loss_on="answer")
+    aug = AugmentedDocument(doc_id="bare", text=DOCS[1], rewrites=("Mira Castell founded Ardent Loom in 1873.",), qa=())
+    seqs = document_sequences(tiny, aug, config)
+    assert len(seqs) == 2  # one per variant
+    assert tiny.tokenizer.decode(seqs[0].input_ids).startswith(DOCS[1])
+    assert all(label != IGNORE for s in seqs for label in s.labels)  # the whole text is the target
+    spec = LoraSpec().for_model(tiny)
+    lora = PerDocEncoder(tiny, spec, config, runner="loop").encode([aug])[0]
+    assert max(b.abs().max().item() for b in lora.B.values()) > 0  # it trained

@@ -131,14 +131,17 @@ def document_sequences(base: BaseModel, aug: "AugmentedDocument", config: PerDoc
         config: trainer settings (``loss_on``, ``max_length``).
 
     Returns:
-        One :class:`TokenSequence` per (d_i^k, q_i^j, a_i^j).
+        One :class:`TokenSequence` per (d_i^k, q_i^j, a_i^j); for a document the augmentation left with
+        no QA pair (the LLM's output never parsed), one causal-LM sequence per variant d_i^k, so the
+        document is still encoded (its text is the whole target) instead of failing the run.
     """
     from hyper_prag.augment import training_pairs
 
     pairs = training_pairs(aug)
     if not pairs:
-        raise HyperPragError(f"document {aug.doc_id!r} has no augmented (question, answer) pairs to train on; "
-                             "augment it with n_qa >= 1 (or give the corpus doc_qa pairs for source='template').")
+        log.warning("document %r has no augmented QA pair: training its LoRA on its text alone", aug.doc_id)
+        eos = base.tokenizer.eos_token or ""
+        return [tokenize_sequence(base, "", f"{d.strip()}{eos}", "all", config.max_length) for d in aug.variants]
     return [tokenize_sequence(base, *training_sequence(base, d, q, a), config.loss_on, config.max_length)
             for d, q, a in pairs]
 
