@@ -15,11 +15,14 @@ AdamW call per step over the bank instead of one per document, no per-document P
 works against it: padding each step to its longest sequence (documents are sorted by length before
 chunking to keep that small) and documents finishing at different steps (the batch shrinks).
 
-Measured on the 2-core AMD EPYC (AVX2) dev box, SmolLM2, 32 docs, 6 sequences/doc: batched 9.81
-docs/min (chunk 8) and 10.81 (chunk 4) vs 9.52 for the PEFT loop, i.e. 1.03x / 1.14x. A profile shows
-~71 % of the time in ``aten::mm`` at ~150 GFLOP/s, close to the AVX2 FP32 peak of two cores: the
-sequential loop is already compute-bound at ~130 tokens per sequence, so batching cannot buy much
-on this CPU. Its benefit is on an accelerator, where a 1 x 130-token step leaves the device idle.
+Measured on the 2-core dev box, SmolLM2, ``--docs 16 --chunk-size 4 --paper-docs 2`` (6 sequences/doc):
+batched 17.65 docs/min, sequential PEFT unpadded 13.23 docs/min (1.33x), sequential PEFT padded to
+3,000 tokens as the paper's code does 0.33 docs/min on 2 documents (53.8x; peak RSS 11.1 GB vs 2.8 GB
+batched). An earlier run (32 docs) measured 1.03x / 1.14x (chunk 8 / 4) against the unpadded loop:
+~71 % of a step is ``aten::mm`` at ~150 GFLOP/s, near the AVX2 FP32 peak of two cores, so the
+unpadded sequential loop is already compute-bound at ~130 tokens per sequence and batching buys
+little on this CPU; most of the gain over the paper's code is dynamic padding. On an accelerator a
+1 x 130-token step leaves the device idle, which is where the bank pays off.
 """
 
 from __future__ import annotations
