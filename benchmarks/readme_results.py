@@ -36,7 +36,7 @@ def command(results: dict) -> str:
     """The command line that reproduces a results.json (``hyper-prag demo`` for the demo's slice)."""
     config = results["config"]
     if str(config["benchmark"]).endswith("-demo"):  # hyper-prag demo evaluates a slice it saves in the cache
-        return "make demo   # = hyper-prag demo: " + shlex.join(
+        return "make demo   # hyper-prag demo saves the slice in the cache, then runs:\n" + shlex.join(
             ["hyper-prag", "evaluate", "--benchmark", Path(str(config["benchmark"])).name, "--methods",
              ",".join(m["name"] for m in results["methods"]), "--encode-config", _portable(config["encode_config"]),
              "--hypernet", _portable(config["hypernet"])])
