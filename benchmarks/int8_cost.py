@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from hyper_prag.evaluate import add_evaluate_arguments, run_evaluate
+    from hyper_prag.evaluate import add_evaluate_arguments, evaluate_argv, run_evaluate
     from hyper_prag.pipeline import default_store
     from hyper_prag.store import LoraStore
 
@@ -36,11 +36,8 @@ def main() -> None:
     if not keys:
         raise SystemExit(f"{args.results} has no prag rows with applied LoRAs")
     source = LoraStore(config.get("store") or default_store(config["model"]))
-    argv = ["--benchmark", str(config["benchmark"]), "--split", str(config["split"]), "--model", config["model"],
-            "--k", str(config["k"]), "--methods", args.methods, "--no-encode", "--resamples", "1000"]
-    for flag, key in (("--encode-config", "encode_config"), ("--limit", "limit"), ("--per-type", "per_type")):
-        if config.get(key):
-            argv += [flag, str(config[key])]
+    # the same run, with the store chosen below
+    argv = evaluate_argv({**config, "store": None}, args.methods.split(",")) + ["--no-encode"]
     parser = argparse.ArgumentParser()
     add_evaluate_arguments(parser)
     runs = {}

@@ -15,13 +15,9 @@ import json
 import shlex
 from pathlib import Path
 
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-# config key -> evaluate flag, written only when it differs from the CLI default
-FLAGS = {"split": ("--split", "test"), "model": ("--model", "smollm2-135m-instruct"), "k": ("--k", 3),
-         "retriever": ("--retriever", "bm25"), "combine": ("--combine", "sum"),
-         "max_new_tokens": ("--max-new-tokens", 32), "per_type": ("--per-type", None), "limit": ("--limit", None),
-         "encode_config": ("--encode-config", None), "hypernet": ("--hypernet", None), "store": ("--store", None)}
+from hyper_prag.evaluate import evaluate_argv
 
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,18 +31,13 @@ def _portable(value: object) -> str:
 def command(results: dict) -> str:
     """The command line that reproduces a results.json (``hyper-prag demo`` for the demo's slice)."""
     config = results["config"]
+    methods = [m["name"] for m in results["methods"]]
     if str(config["benchmark"]).endswith("-demo"):  # hyper-prag demo evaluates a slice it saves in the cache
+        argv = ["hyper-prag", "evaluate", *evaluate_argv({**config, "benchmark": Path(config["benchmark"]).name}, methods)]
         return "make demo   # hyper-prag demo saves the slice in the cache, then runs:\n" + shlex.join(
-            ["hyper-prag", "evaluate", "--benchmark", Path(str(config["benchmark"])).name, "--methods",
-             ",".join(m["name"] for m in results["methods"]), "--encode-config", _portable(config["encode_config"]),
-             "--hypernet", _portable(config["hypernet"])])
-    argv = ["hyper-prag", "evaluate", "--benchmark", str(config["benchmark"]),
-            "--methods", ",".join(m["name"] for m in results["methods"])]
-    for key, (flag, default) in FLAGS.items():
-        value = config.get(key, default)
-        if value is not None and value != default:
-            argv += [flag, _portable(value)]
-    return shlex.join(argv)
+            _portable(a) for a in argv)
+    argv = ["hyper-prag", "evaluate", *evaluate_argv(config, methods)]
+    return shlex.join(_portable(a) for a in argv)
 
 
 def section(folder: Path) -> str:

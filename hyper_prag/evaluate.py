@@ -344,6 +344,31 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results/evaluate", help="folder for results.json, results.md and plots")
 
 
+# Settings a run records in its config under the argument's own name (dest); see evaluate_argv.
+REPRODUCED: tuple[str, ...] = ("split", "model", "k", "retriever", "combine", "max_new_tokens", "per_type", "limit",
+                               "encode_config", "hypernet", "store")
+
+
+def evaluate_argv(config: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
+    """The ``hyper-prag evaluate`` arguments that reproduce a run from its recorded ``config``.
+
+    Args:
+        config: ``Results.config`` (``results.json``'s ``"config"``).
+        methods: the methods to run.
+
+    Returns:
+        ``--benchmark``, ``--methods`` and every :data:`REPRODUCED` setting that differs from the CLI default.
+    """
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    argv = ["--benchmark", str(config["benchmark"]), "--methods", ",".join(methods)]
+    for key in REPRODUCED:
+        value = config.get(key)
+        if value is not None and value != parser.get_default(key):
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
 def run_evaluate(args: argparse.Namespace) -> Results:
     """Runs ``hyper-prag evaluate``: builds the pipeline and methods, encodes missing LoRAs, scores, writes files."""
     from hyper_prag.pipeline import (DYNAMIC_METHODS, RECIPES, HypernetSource, Pipeline, StoreSource, build_augment,

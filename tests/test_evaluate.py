@@ -173,3 +173,18 @@ def test_select_questions_per_type_then_limit():
     assert [q.id for q in select_questions(qs, per_type=2, limit=3)] == ["a0", "a1", "b0"]
     assert [q.id for q in select_questions(qs, limit=3)] == ["a0", "a1", "a2"]
     assert len(select_questions(qs)) == 12
+
+
+def test_evaluate_argv_reproduces_the_recorded_settings():
+    from hyper_prag.evaluate import REPRODUCED, evaluate_argv
+
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    config = {"benchmark": "squad", "split": "test", "model": "tiny", "k": 5, "retriever": "bm25", "combine": "mean",
+              "max_new_tokens": 32, "per_type": 4, "limit": None, "encode_config": "configs/encode/real.yaml",
+              "hypernet": None, "store": None, "questions": 8}
+    argv = evaluate_argv(config, ["rag", "prag"])
+    assert argv[:4] == ["--benchmark", "squad", "--methods", "rag,prag"]
+    assert "--split" not in argv and "--retriever" not in argv  # defaults are left out
+    args = parser.parse_args(argv)
+    assert all(getattr(args, key) == config[key] for key in REPRODUCED) and args.methods == "rag,prag"
