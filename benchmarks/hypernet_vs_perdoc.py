@@ -35,11 +35,11 @@ import torch
 
 from hyper_prag.combine import combine
 from hyper_prag.evaluate import score as score_answer
+from hyper_prag.hypernet import SHIPPED_CHECKPOINT
 from hyper_prag.inject import injected
 from hyper_prag.lora import Lora
 from hyper_prag.prompts import question_prompt
 
-DEFAULT_CHECKPOINT = Path(__file__).parents[1] / "hyper_prag" / "checkpoints" / "hypernet-smollm2.safetensors"
 
 def choose(corpus, n_docs: int, seed: int):
     """Test questions (round-robin over types) whose supporting documents fit in ``n_docs`` test documents."""
@@ -107,7 +107,7 @@ def score(questions, predictions) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="hypernet checkpoint folder/.ckpt")
+    parser.add_argument("--checkpoint", type=Path, default=SHIPPED_CHECKPOINT, help="hypernet checkpoint folder/.ckpt")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (must match the checkpoint)")
     parser.add_argument("--docs", type=int, default=30, help="test documents")
     parser.add_argument("--seed", type=int, default=0)

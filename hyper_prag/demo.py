@@ -20,11 +20,11 @@ from pathlib import Path
 from hyper_prag.corpus import Corpus, save_corpus
 from hyper_prag.errors import HyperPragError
 from hyper_prag.paths import cache_dir
+from hyper_prag.pipeline import DYNAMIC_METHODS
 
 log = logging.getLogger(__name__)
 
 ALL_METHODS = ("closed-book", "rag", "da-rag", "prag", "prag-both", "hypernet", "hypernet-both")
-DYNAMIC_METHODS = ("flare", "dragin")
 
 
 def shipped_checkpoint() -> Path | None:
