@@ -11,13 +11,23 @@ translator" and text-to-lora's hyper-modulator. For document d::
         A[m][l] = head_A[m](h) / √d_in     (r, d_in)
         B[m][l] = head_B[m](h)             (d_out, r)      head_B zero-initialised: the first LoRA is ΔW = 0
 
+That is ``readout="mean"`` (the default): one pooled vector per document. ``readout="attention"`` keeps
+every token's states and gives each (module m, layer l, slot s) a learned query; slots 0..r-1 make the
+rows of A, slots r..2r-1 the columns of B, each read from the tokens it attends to::
+
+    read[m, l, s] = MultiHeadAttention(query[m, l, s], keys/values = proj(LN(token states of d)))
+    [read ⊕ proj(LN(e)) ⊕ module_emb[m] ⊕ layer_emb[l] ⊕ slot_emb[s]] ──► trunk ──► head_A[m] | head_B[m]
+
+so a rank-1 component can carry one specific span of the document (a name, a year) instead of the
+average of all of them.
+
 The output is a :class:`~hyper_prag.lora.Lora` batch (A: (N, L, r, d_in), B: (N, L, d_out, r)) with
 the same rank/alpha scaling as per-document LoRAs, bound to the base model's identity; nothing
 downstream knows which encoder made it. The base LLM is frozen; only the hypernet trains
 (:mod:`hyper_prag.hypernet_train`).
 
 Doc embeddings only need the base model up to the deepest chosen layer (early layers: cheap
-encoding), and are cached on disk by (base identity, layers, max tokens, sha256 of the text).
+encoding), and are cached on disk by (base identity, layers, max tokens, kind, sha256 of the text).
 
 Shipping: :func:`save_inference_checkpoint` writes ``hypernet.safetensors`` (weights + config as
 metadata) and ``config.json`` (config, LoRA spec, base identity) into a folder; :func:`load_hypernet`
@@ -33,7 +43,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +51,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hyper_prag.errors import HyperPragError
@@ -54,6 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "hyper-prag-hypernet/1"
+READOUTS = ("mean", "attention")
 WEIGHTS_FILE = "hypernet.safetensors"
 CONFIG_FILE = "config.json"
 # The shipped checkpoint for the default base model (SmolLM2-135M-Instruct), trained by configs/hypernet/smollm2.yaml.
@@ -82,10 +94,16 @@ class HypernetConfig:
     rank: int = 2  # LoRA rank r (paper: 2)
     alpha: float = 32.0  # LoRA alpha (paper: 32); ΔW = alpha / r · B A
     dropout: float = 0.0  # trunk dropout (training only)
+    readout: str = "mean"  # "mean": one pooled doc vector; "attention": slot queries attend over the doc's tokens
+    heads: int = 4  # attention heads of the token readout (readout="attention"; doc_dim must divide by it)
 
     def for_model(self, base: BaseModel) -> "HypernetConfig":
         """Returns this config with ``embed_layers`` filled in for ``base`` and checked."""
         layers = tuple(self.embed_layers) or default_embed_layers(base.num_layers)
+        if self.readout not in READOUTS:
+            raise HyperPragError(f"hypernet readout {self.readout!r} is unknown; choose one of {READOUTS}.")
+        if self.readout == "attention" and self.doc_dim % self.heads:
+            raise HyperPragError(f"doc_dim {self.doc_dim} must be a multiple of heads {self.heads}.")
         bad = [l for l in layers if not 0 <= l < base.num_layers]
         if bad:
             raise HyperPragError(f"embed_layers {bad} do not exist in {base.name} ({base.num_layers} layers); "
@@ -108,14 +126,43 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _layer_states(base: BaseModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int,
+                  batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Per batch of documents: their tokens' final-normed hidden states of ``layers``, concatenated.
+
+    Only decoder layers 0 … max(layers) run. Each token's hidden state is passed through the model's
+    final RMSNorm, so the few "massive activation" dimensions of the residual stream do not dominate.
+
+    Yields:
+        ``(states (n, T, len(layers) · hidden) float32, mask (n, T) float32)``, right-padded.
+    """
+    if any(not t.strip() for t in texts):
+        raise HyperPragError("cannot encode an empty document; remove it from the corpus.")
+    decoder = base.model.model
+    full = decoder.layers
+    captured: dict[int, Tensor] = {}
+    hooks = [full[l].register_forward_hook(lambda mod, args, out, l=l: captured.__setitem__(l, out)) for l in layers]
+    tok = base.tokenizer
+    tok.padding_side = "right"
+    decoder.layers = full[: max(layers) + 1]  # stop after the deepest chosen layer (restored below)
+    try:
+        for i in range(0, len(texts), batch_size):
+            batch = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_tokens, add_special_tokens=False).to(base.device)
+            decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            states = [decoder.norm(captured[l][0] if isinstance(captured[l], tuple) else captured[l]).to(torch.float32)
+                      for l in layers]  # each (n, T, H)
+            yield torch.cat(states, dim=-1), batch["attention_mask"].to(torch.float32)  # (n, T, E), (n, T)
+    finally:
+        decoder.layers = full
+        for hook in hooks:
+            hook.remove()
+
+
 @torch.no_grad()
 def doc_embeddings(base: BaseModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int = 512,
                    batch_size: int = 16) -> Tensor:
-    """Mean-pooled hidden states of ``layers`` over each document's tokens (the hypernet's input).
-
-    Only decoder layers 0 … max(layers) run. Each token's hidden state is passed through the
-    model's final RMSNorm before pooling, so the few "massive activation" dimensions of the
-    residual stream do not dominate the mean.
+    """Mean-pooled hidden states of ``layers`` over each document's tokens (the ``readout="mean"`` input).
 
     Args:
         base: the frozen base model.
@@ -127,38 +174,43 @@ def doc_embeddings(base: BaseModel, texts: Sequence[str], layers: Sequence[int],
     Returns:
         ``(N, len(layers) · hidden)`` float32 on CPU.
     """
-    if any(not t.strip() for t in texts):
-        raise HyperPragError("cannot encode an empty document; remove it from the corpus.")
-    decoder = base.model.model
-    full = decoder.layers
-    deepest = max(layers)
-    captured: dict[int, Tensor] = {}
-    hooks = [full[l].register_forward_hook(lambda mod, args, out, l=l: captured.__setitem__(l, out)) for l in layers]
-    tok = base.tokenizer
-    tok.padding_side = "right"
     out = []
-    decoder.layers = full[: deepest + 1]  # stop after the deepest chosen layer (restored below)
-    try:
-        for i in range(0, len(texts), batch_size):
-            batch = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_tokens, add_special_tokens=False).to(base.device)
-            decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            mask = batch["attention_mask"].unsqueeze(-1).to(torch.float32)  # (n, T, 1)
-            pooled = []
-            for l in layers:
-                h = captured[l][0] if isinstance(captured[l], tuple) else captured[l]  # (n, T, H)
-                h = decoder.norm(h).to(torch.float32)  # (n, T, H)
-                pooled.append((h * mask).sum(1) / mask.sum(1).clamp(min=1))  # (n, H)
-            out.append(torch.cat(pooled, dim=-1).cpu())  # (n, len(layers)·H)
-    finally:
-        decoder.layers = full
-        for hook in hooks:
-            hook.remove()
+    for states, mask in _layer_states(base, texts, layers, max_tokens, batch_size):
+        mask = mask.unsqueeze(-1)  # (n, T, 1)
+        out.append(((states * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())  # (n, E)
     return torch.cat(out)  # (N, E)
 
 
+@torch.no_grad()
+def doc_token_states(base: BaseModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int = 512,
+                     batch_size: int = 16) -> list[Tensor]:
+    """Every token's hidden states of ``layers`` (the ``readout="attention"`` input), one tensor per document.
+
+    Returns:
+        ``N`` float32 CPU tensors ``(T_i, len(layers) · hidden)``, T_i = the document's token count (≤ max_tokens).
+    """
+    out: list[Tensor] = []
+    for states, mask in _layer_states(base, texts, layers, max_tokens, batch_size):
+        out += [row[: int(m.sum())].cpu() for row, m in zip(states, mask)]
+    return out
+
+
+def pad_states(states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Right-pads per-document token states ``(T_i, E)`` into ``(N, T, E)`` float32 with a ``(N, T)`` mask (1 = token)."""
+    T = max(len(s) for s in states)
+    out = torch.zeros(len(states), T, states[0].shape[-1])  # (N, T, E)
+    mask = torch.zeros(len(states), T)  # (N, T)
+    for i, s in enumerate(states):
+        out[i, : len(s)], mask[i, : len(s)] = s.to(torch.float32), 1.0
+    return out, mask
+
+
 class EmbeddingCache:
-    """Doc embeddings on disk, one safetensors file per (base identity, layers, max tokens), keyed by text sha256."""
+    """Doc embeddings on disk, one safetensors file per (base identity, layers, max tokens, kind), keyed by text sha256.
+
+    Two kinds: pooled ``(E,)`` float32 rows (``readout="mean"``) and per-token ``(T_i, E)`` bfloat16 states
+    (``readout="attention"``; half the bytes, and the readout normalises its input first).
+    """
 
     def __init__(self, root: str | Path | None = None) -> None:
         """
@@ -168,8 +220,9 @@ class EmbeddingCache:
         self.root = Path(root) if root is not None else cache_dir("doc_embeddings")
         self._loaded: dict[Path, dict[str, Tensor]] = {}
 
-    def path(self, base: BaseModel, layers: Sequence[int], max_tokens: int) -> Path:
-        return self.root / f"{base.identity}-L{'_'.join(map(str, layers))}-T{max_tokens}.safetensors"
+    def path(self, base: BaseModel, layers: Sequence[int], max_tokens: int, tokens: bool = False) -> Path:
+        kind = "-tokens" if tokens else ""
+        return self.root / f"{base.identity}-L{'_'.join(map(str, layers))}-T{max_tokens}{kind}.safetensors"
 
     @staticmethod
     def _read(path: Path) -> dict[str, Tensor]:
@@ -185,15 +238,23 @@ class EmbeddingCache:
         return self._loaded[path]
 
     def get(self, base: BaseModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int = 512,
-            batch_size: int = 16) -> Tensor:
-        """Returns ``(N, E)`` doc embeddings, computing (and saving) only the ones not cached yet."""
-        path = self.path(base, layers, max_tokens)
+            batch_size: int = 16, tokens: bool = False) -> Tensor | list[Tensor]:
+        """Doc embeddings of ``texts``, computing (and saving) only the ones not cached yet.
+
+        Returns:
+            ``(N, E)`` pooled embeddings, or with ``tokens`` a list of ``N`` per-token ``(T_i, E)`` bfloat16 states.
+        """
+        path = self.path(base, layers, max_tokens, tokens)
         table = self._table(path)
         keys = [text_hash(t) for t in texts]
         todo = {k: t for k, t in zip(keys, texts) if k not in table}
         if todo:
             start = time.perf_counter()
-            fresh = doc_embeddings(base, list(todo.values()), layers, max_tokens, batch_size)  # (n, E)
+            if tokens:
+                fresh = [s.to(torch.bfloat16) for s in doc_token_states(base, list(todo.values()), layers, max_tokens,
+                                                                          batch_size)]  # each (T_i, E)
+            else:
+                fresh = list(doc_embeddings(base, list(todo.values()), layers, max_tokens, batch_size))  # each (E,)
             table.update({k: row.clone() for k, row in zip(todo, fresh)})
             log.info("doc embeddings: computed %d in %.1f s (%d cached)", len(todo), time.perf_counter() - start,
                      len(texts) - len(todo))
@@ -210,6 +271,8 @@ class EmbeddingCache:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+        if tokens:
+            return [table[k] for k in keys]  # N × (T_i, E)
         return torch.stack([table[k] for k in keys])  # (N, E)
 
 
@@ -217,7 +280,11 @@ class EmbeddingCache:
 
 
 class Hypernet(nn.Module):
-    """Maps doc embeddings (N, E) to a batch of N LoRAs for one base model (see the module docstring)."""
+    """Maps doc embeddings to a batch of N LoRAs for one base model (see the module docstring).
+
+    Input: ``(N, E)`` pooled embeddings (``readout="mean"``) or ``(N, T, E)`` token states with a
+    ``(N, T)`` mask (``readout="attention"``).
+    """
 
     def __init__(self, config: HypernetConfig, spec: LoraSpec, dims: dict[str, tuple[int, int]], embed_dim: int) -> None:
         """
@@ -236,14 +303,24 @@ class Hypernet(nn.Module):
         self.doc_proj = nn.Linear(embed_dim, config.doc_dim)
         self.layer_emb = nn.Embedding(L, config.emb_dim)
         self.module_emb = nn.Embedding(M, config.emb_dim)
-        blocks: list[nn.Module] = []
         d = config.doc_dim + 2 * config.emb_dim
+        if config.readout == "attention":
+            # 2r slots per (module, layer): r rows of A, r columns of B; each slot's learned query reads the tokens.
+            S = 2 * r
+            self.token_norm = nn.LayerNorm(embed_dim)
+            self.key = nn.Linear(embed_dim, config.doc_dim)
+            self.value = nn.Linear(embed_dim, config.doc_dim)
+            self.queries = nn.Parameter(torch.randn(M * L * S, config.doc_dim) / config.doc_dim ** 0.5)
+            self.slot_emb = nn.Embedding(S, config.emb_dim)
+            d += config.doc_dim + config.emb_dim
+        blocks: list[nn.Module] = []
         for _ in range(config.depth):
             blocks += [nn.Linear(d, config.width), nn.SiLU(), nn.Dropout(config.dropout)]
             d = config.width
         self.trunk = nn.Sequential(*blocks, nn.LayerNorm(config.width))
-        self.head_A = nn.ModuleDict({m: nn.Linear(config.width, r * dims[m][0]) for m in spec.target_modules})
-        self.head_B = nn.ModuleDict({m: nn.Linear(config.width, dims[m][1] * r) for m in spec.target_modules})
+        per_slot = 1 if config.readout == "attention" else r  # an attention slot makes one rank-1 vector
+        self.head_A = nn.ModuleDict({m: nn.Linear(config.width, per_slot * dims[m][0]) for m in spec.target_modules})
+        self.head_B = nn.ModuleDict({m: nn.Linear(config.width, dims[m][1] * per_slot) for m in spec.target_modules})
         for head in self.head_B.values():  # ΔW = 0 at initialisation, like B = 0 in standard LoRA
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
@@ -256,30 +333,39 @@ class Hypernet(nn.Module):
         dims = {m: base.module_dims(m) for m in spec.target_modules}
         return cls(config, spec, dims, embed_dim=len(config.embed_layers) * base.model.config.hidden_size)
 
+    @property
+    def reads_tokens(self) -> bool:
+        """True if the input is per-token states ``(N, T, E)`` + mask, not pooled ``(N, E)`` embeddings."""
+        return self.config.readout == "attention"
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, doc_embedding: Tensor) -> Lora:
+    def forward(self, doc_embedding: Tensor, mask: Tensor | None = None) -> Lora:
         """Generates one LoRA per document.
 
         Args:
-            doc_embedding: ``(N, E)`` from :func:`doc_embeddings`.
+            doc_embedding: ``(N, E)`` from :func:`doc_embeddings`, or for ``readout="attention"`` ``(N, T, E)``
+                from :func:`doc_token_states` + :func:`pad_states`.
+            mask: ``(N, T)``, 1 at real tokens (``readout="attention"``; ``None``: every token is real).
 
         Returns:
             A batched :class:`Lora`: A[m] (N, L, r, d_in), B[m] (N, L, d_out, r), differentiable.
         """
-        if doc_embedding.dim() != 2 or doc_embedding.shape[1] != self.embed_dim:
-            raise HyperPragError(f"hypernet expects doc embeddings (N, {self.embed_dim}), got {tuple(doc_embedding.shape)}; "
-                                 "compute them with the hypernet's embed_layers on its base model.")
+        want = "(N, T, {0}) token states" if self.reads_tokens else "(N, {0})"
+        if doc_embedding.dim() != (3 if self.reads_tokens else 2) or doc_embedding.shape[-1] != self.embed_dim:
+            raise HyperPragError(f"hypernet ({self.config.readout} readout) expects doc embeddings {want.format(self.embed_dim)}, "
+                                 f"got {tuple(doc_embedding.shape)}; compute them with the hypernet's embed_layers on its "
+                                 "base model (HypernetEncoder.embed).")
+        if self.reads_tokens:
+            return self._from_tokens(doc_embedding, mask)
         spec, N, r = self.spec, doc_embedding.shape[0], self.spec.rank
         L, M = len(spec.layers), len(spec.target_modules)
         doc = self.doc_proj(self.doc_norm(doc_embedding))  # (N, doc_dim)
-        layer = self.layer_emb.weight  # (L, emb)
-        module = self.module_emb.weight  # (M, emb)
         x = torch.cat([
             doc[:, None, None, :].expand(N, M, L, -1),
-            module[None, :, None, :].expand(N, M, L, -1),
-            layer[None, None, :, :].expand(N, M, L, -1),
+            self.module_emb.weight[None, :, None, :].expand(N, M, L, -1),
+            self.layer_emb.weight[None, None, :, :].expand(N, M, L, -1),
         ], dim=-1)  # (N, M, L, doc_dim + 2·emb)
         h = self.trunk(x)  # (N, M, L, width)
         A, B = {}, {}
@@ -287,6 +373,40 @@ class Hypernet(nn.Module):
             d_in, d_out = self.dims[m]
             A[m] = self.head_A[m](h[:, i]).view(N, L, r, d_in) / d_in ** 0.5  # (N, L, r, d_in), ~Kaiming scale
             B[m] = self.head_B[m](h[:, i]).view(N, L, d_out, r)  # (N, L, d_out, r)
+        return Lora(spec, A, B)
+
+    def _from_tokens(self, states: Tensor, mask: Tensor | None) -> Lora:
+        """The attention readout: every (module, layer, slot) query attends over the document's tokens.
+
+        Slot s < r makes row s of A, slot r + s column s of B, each from [its attended token summary ⊕ the
+        pooled document ⊕ module, layer and slot embeddings] through the shared trunk and its module's head.
+        """
+        spec, config, r = self.spec, self.config, self.spec.rank
+        N, T, _ = states.shape
+        L, M, S, D, H = len(spec.layers), len(spec.target_modules), 2 * spec.rank, config.doc_dim, config.heads
+        mask = torch.ones(N, T, device=states.device) if mask is None else mask.to(states.device, torch.float32)
+        weights = mask.unsqueeze(-1) / mask.sum(1, keepdim=True).clamp(min=1).unsqueeze(-1)  # (N, T, 1)
+        doc = self.doc_proj(self.doc_norm((states * weights).sum(1)))  # (N, D): the mean readout's input
+        x = self.token_norm(states)  # (N, T, E)
+        k = self.key(x).view(N, T, H, D // H).transpose(1, 2)  # (N, H, T, D/H)
+        v = self.value(x).view(N, T, H, D // H).transpose(1, 2)  # (N, H, T, D/H)
+        q = self.queries.view(M * L * S, H, D // H).transpose(0, 1).unsqueeze(0).expand(N, -1, -1, -1)  # (N, H, MLS, D/H)
+        attend = mask.bool()[:, None, None, :]  # (N, 1, 1, T)
+        read = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)  # (N, H, MLS, D/H)
+        read = read.transpose(1, 2).reshape(N, M, L, S, D)  # (N, M, L, S, D)
+        x = torch.cat([
+            read,
+            doc[:, None, None, None, :].expand(N, M, L, S, -1),
+            self.module_emb.weight[None, :, None, None, :].expand(N, M, L, S, -1),
+            self.layer_emb.weight[None, None, :, None, :].expand(N, M, L, S, -1),
+            self.slot_emb.weight[None, None, None, :, :].expand(N, M, L, S, -1),
+        ], dim=-1)  # (N, M, L, S, 2·D + 3·emb)
+        h = self.trunk(x)  # (N, M, L, S, width)
+        A, B = {}, {}
+        for i, m in enumerate(spec.target_modules):
+            d_in, _ = self.dims[m]
+            A[m] = self.head_A[m](h[:, i, :, :r]) / d_in ** 0.5  # (N, L, r, d_in)
+            B[m] = self.head_B[m](h[:, i, :, r:]).transpose(-1, -2)  # (N, L, d_out, r)
         return Lora(spec, A, B)
 
     def describe(self) -> dict:
@@ -442,12 +562,20 @@ class HypernetEncoder:
         """Encoder identity: name, checkpoint sha256 and architecture (enter the store key)."""
         return {"name": self.name, "checkpoint_sha256": self.sha256, **self.hypernet.config.to_dict()}
 
-    def embed(self, texts: Sequence[str]) -> Tensor:
-        """``(N, E)`` doc embeddings of ``texts`` (through the cache if one is set)."""
-        config = self.hypernet.config
+    def embed(self, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        """The hypernet's input for ``texts`` (through the cache if one is set).
+
+        Returns:
+            ``(doc_embedding, mask)``: pooled ``(N, E)`` and ``None``, or for the attention readout padded
+            token states ``(N, T, E)`` and their ``(N, T)`` mask.
+        """
+        config, tokens = self.hypernet.config, self.hypernet.reads_tokens
+        args = (self.base, texts, config.embed_layers, config.max_doc_tokens, self.batch_size)
         if self.cache is not None:
-            return self.cache.get(self.base, texts, config.embed_layers, config.max_doc_tokens, self.batch_size)
-        return doc_embeddings(self.base, texts, config.embed_layers, config.max_doc_tokens, self.batch_size)
+            emb = self.cache.get(*args, tokens=tokens)
+        else:
+            emb = doc_token_states(*args) if tokens else doc_embeddings(*args)
+        return pad_states(emb) if tokens else (emb, None)
 
     @torch.no_grad()
     def generate(self, texts: Sequence[str]) -> list[Lora]:
@@ -457,8 +585,9 @@ class HypernetEncoder:
         device = next(self.hypernet.parameters()).device
         loras = []
         for i in range(0, len(texts), self.batch_size):
-            emb = self.embed(texts[i : i + self.batch_size]).to(device)  # (n, E)
-            loras += self.hypernet(emb).to("cpu").detach().unbind()
+            emb, mask = self.embed(texts[i : i + self.batch_size])  # (n, E) | (n, T, E) + (n, T)
+            lora = self.hypernet(emb.to(device), None if mask is None else mask.to(device))
+            loras += lora.to("cpu").detach().unbind()
         return loras
 
     def encode(self, documents: Sequence["AugmentedDocument"]) -> list[Lora]:
