@@ -30,7 +30,7 @@ import json
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -43,7 +43,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from hyper_prag.errors import HyperPragError
-from hyper_prag.hypernet import EmbeddingCache, Hypernet, HypernetConfig, load_hypernet, save_inference_checkpoint
+from hyper_prag.hypernet import (
+    EmbeddingCache, Hypernet, HypernetConfig, load_hypernet, pad_states, save_inference_checkpoint,
+)
 from hyper_prag.inject import injected
 from hyper_prag.lora import Lora, stack
 from hyper_prag.model import BaseModel
@@ -149,17 +151,57 @@ def per_sample_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
 class HypernetBatch:
     """N documents, one QA sequence each (right-padded)."""
 
-    doc_embedding: Tensor  # (N, E)
+    """N QA sequences (right-padded) over the U distinct documents they are asked about.
+
+    Sequence n is asked under the sum of the LoRAs of documents ``groups[n]`` (one for a document's own QA
+    pair; several for a multi-document benchmark question, as the online path combines them).
+    """
+
+    doc_embedding: Tensor  # (U, E) pooled, or (U, D, E) token states for the attention readout
     input_ids: Tensor  # (N, T)
     attention_mask: Tensor  # (N, T) 1 = real token
     labels: Tensor  # (N, T) IGNORE at padding (and at the prompt for loss_on="answer")
-    doc_rows: Tensor  # (N,) row of each document in its split's table
-    teacher: Lora | None = None  # per-document LoRAs of these documents (distillation), batched (N, …)
+    doc_rows: Tensor  # (U,) row of each document in its split's table
+    teacher: Lora | None = None  # per-document LoRAs of the U documents (distillation), batched (U, …)
+    doc_mask: Tensor | None = None  # (U, D) 1 = real document token (token states only)
+    groups: Tensor | None = None  # (N, K) indices into the U documents, -1 = none; None: sequence n ↔ document n
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            self.groups = torch.arange(len(self.doc_rows), device=self.doc_rows.device)[:, None]  # (N, 1)
 
     def to(self, device: torch.device) -> "HypernetBatch":
         return HypernetBatch(self.doc_embedding.to(device), self.input_ids.to(device), self.attention_mask.to(device),
                              self.labels.to(device), self.doc_rows.to(device),
-                             self.teacher.to(device) if self.teacher is not None else None)
+                             self.teacher.to(device) if self.teacher is not None else None,
+                             self.doc_mask.to(device) if self.doc_mask is not None else None, self.groups.to(device))
+
+
+def sum_groups(lora: Lora, groups: Tensor) -> Lora:
+    """Per row of ``groups``, the sum of those LoRAs of the batch: what ``combine(mode="sum")`` gives online.
+
+    Σ_k s B_k A_k = s [B_1 … B_K] [A_1; …; A_K]: the factors are concatenated along the rank (rank K·r, the
+    scaling s = alpha/r kept); a ``-1`` slot contributes zero (its B block is zeroed).
+
+    Args:
+        lora: batched LoRA (U, L, …).
+        groups: ``(N, K)`` indices into the U LoRAs, ``-1`` = no LoRA.
+
+    Returns:
+        Batched LoRA (N, L, …) of rank K·r (``lora`` itself, reindexed, when K = 1).
+    """
+    N, K = groups.shape
+    idx, keep = groups.clamp(min=0), (groups >= 0)  # (N, K)
+    spec, r = lora.spec, lora.spec.rank
+    A, B = {}, {}
+    for m in spec.target_modules:
+        a, b = lora.A[m][idx], lora.B[m][idx]  # (N, K, L, r, d_in), (N, K, L, d_out, r)
+        b = b * keep[:, :, None, None, None].to(b.dtype)
+        A[m] = a.transpose(1, 2).reshape(N, a.shape[2], K * r, a.shape[-1])  # (N, L, K·r, d_in)
+        B[m] = b.permute(0, 2, 3, 1, 4).reshape(N, b.shape[2], b.shape[3], K * r)  # (N, L, d_out, K·r)
+    if K == 1:
+        return Lora(spec, A, B)
+    return Lora(replace(spec, rank=K * r, alpha=spec.scaling * K * r), A, B)
 
 
 def tokenize_qa(base: BaseModel, question: str, answer: str, loss_on: LossOn) -> tuple[list[int], list[int]]:
@@ -170,18 +212,33 @@ def tokenize_qa(base: BaseModel, question: str, answer: str, loss_on: LossOn) ->
     return p + a, ([IGNORE] * len(p) if loss_on == "answer" else list(p)) + list(a)
 
 
-def collate(items: list[tuple[int, list[int], list[int]]], embeddings: Tensor, pad_id: int,
-            teachers: Sequence[Lora] | None = None) -> HypernetBatch:
-    """Pads a list of ``(doc_row, input_ids, labels)`` into a :class:`HypernetBatch`."""
+def collate(items: list[tuple[tuple[int, ...], list[int], list[int]]], embeddings: Tensor | Sequence[Tensor],
+            pad_id: int, teachers: Sequence[Lora] | None = None) -> HypernetBatch:
+    """Pads a list of ``(doc_rows, input_ids, labels)`` into a :class:`HypernetBatch`.
+
+    Args:
+        items: the documents each sequence is asked about (rows of the split's table; an ``int`` = one), its
+            token ids and labels.
+        embeddings: the split's pooled ``(D, E)`` embeddings, or its per-document token states ``D × (T_i, E)``.
+    """
     T = max(len(ids) for _, ids, _ in items)
     ids = torch.full((len(items), T), pad_id, dtype=torch.long)  # (N, T)
     labels = torch.full((len(items), T), IGNORE, dtype=torch.long)  # (N, T)
     mask = torch.zeros((len(items), T), dtype=torch.long)  # (N, T)
     for i, (_, seq, lab) in enumerate(items):
         ids[i, : len(seq)], labels[i, : len(lab)], mask[i, : len(seq)] = torch.tensor(seq), torch.tensor(lab), 1
-    rows = torch.tensor([row for row, _, _ in items], dtype=torch.long)  # (N,)
-    teacher = stack([teachers[r] for r in rows.tolist()]) if teachers is not None else None
-    return HypernetBatch(embeddings[rows], ids, mask, labels, rows, teacher)
+    per_item = [(row,) if isinstance(row, int) else tuple(row) for row, _, _ in items]
+    unique = sorted({r for rows in per_item for r in rows})
+    where = {r: u for u, r in enumerate(unique)}
+    groups = torch.full((len(items), max(map(len, per_item))), -1, dtype=torch.long)  # (N, K)
+    for i, rows in enumerate(per_item):
+        groups[i, : len(rows)] = torch.tensor([where[r] for r in rows])
+    rows = torch.tensor(unique, dtype=torch.long)  # (U,)
+    teacher = stack([teachers[r] for r in unique]) if teachers is not None else None
+    if isinstance(embeddings, Tensor):
+        return HypernetBatch(embeddings[rows], ids, mask, labels, rows, teacher, None, groups)
+    states, doc_mask = pad_states([embeddings[r] for r in unique])  # (U, D, E), (U, D)
+    return HypernetBatch(states, ids, mask, labels, rows, teacher, doc_mask, groups)
 
 
 class HypernetDataModule(pl.LightningDataModule):
@@ -192,10 +249,12 @@ class HypernetDataModule(pl.LightningDataModule):
         model: str = "tiny",
         embed_layers: list[int] | None = None,
         max_doc_tokens: int = 512,
+        readout: Literal["mean", "attention"] = "mean",
         corpus: str | None = None,
         train_split: str = "train",
         val_split: str = "val",
         qa_source: Literal["template", "llm"] = "template",
+        questions: bool = False,
         loss_on: LossOn = "answer",
         batch_size: int = 8,
         max_train_docs: int | None = None,
@@ -210,11 +269,15 @@ class HypernetDataModule(pl.LightningDataModule):
             model: base model (linked from the module's ``model``).
             embed_layers: doc-embedding layers (linked from the module).
             max_doc_tokens: doc tokens read (linked from the module).
+            readout: the hypernet's readout (linked from the module): ``attention`` needs per-token states.
             corpus: corpus folder; ``None``: the default fictional benchmark.
             train_split: documents trained on.
             val_split: documents validated on (unseen during training).
             qa_source: ``template``: the corpus's ``doc_qa`` pairs (what augment's template source returns);
                 ``llm``: self-augmentation with the base model (``augment.augment_documents``; slow on CPU).
+            questions: also train (and validate) on the split's benchmark questions, each asked under the sum
+                of the generated LoRAs of its supporting documents: multi-document questions (compare, bridge,
+                inference) teach LoRAs that still work once summed, as the online path combines them.
             loss_on: ``answer`` (answer tokens only) or ``all`` (prompt too).
             batch_size: documents per step (one QA sequence each).
             max_train_docs: use only the first N training documents (debug).
@@ -262,6 +325,12 @@ class HypernetDataModule(pl.LightningDataModule):
                                  "or set delta_weight and kl_weight to 0.")
         return store.get_many(keys, base_model=base.identity)
 
+    def _question_items(self, corpus, split: str, docs, base: BaseModel) -> list:
+        """``(doc_rows, ids, labels)`` of the split's benchmark questions whose documents are all in ``docs``."""
+        row = {d.id: i for i, d in enumerate(docs)}
+        return [(tuple(row[d] for d in q.doc_ids), *tokenize_qa(base, q.question, q.answers[0], self.hparams.loss_on))
+                for q in corpus.split(split).questions if q.doc_ids and all(d in row for d in q.doc_ids)]
+
     def _documents(self, corpus, split: str) -> list:
         """The documents of ``split`` (of the train split, the first ``max_train_docs``)."""
         docs = list(corpus.split(split).documents)
@@ -285,7 +354,8 @@ class HypernetDataModule(pl.LightningDataModule):
         for split in (hp.train_split, hp.val_split):
             docs = self._documents(corpus, split)
             if docs:  # an empty split is reported by setup
-                cache.get(base, [d.text for d in docs], self._layers(base), hp.max_doc_tokens)
+                cache.get(base, [d.text for d in docs], self._layers(base), hp.max_doc_tokens,
+                          tokens=hp.readout == "attention")
 
     def setup(self, stage: str | None = None) -> None:
         if self.tables:
@@ -304,12 +374,15 @@ class HypernetDataModule(pl.LightningDataModule):
             if not docs:
                 raise HyperPragError(f"corpus {corpus.name!r} has no {split!r} documents to train the hypernet on.")
             qa = self._qa(corpus, docs, base)
-            items = [(row, *tokenize_qa(base, q, a, hp.loss_on)) for row, pairs in enumerate(qa) for q, a in pairs]
+            items = [((row,), *tokenize_qa(base, q, a, hp.loss_on)) for row, pairs in enumerate(qa) for q, a in pairs]
+            if hp.questions:
+                items += self._question_items(corpus, split, docs, base)
             if not items:
                 raise HyperPragError(f"no QA pairs for the {split!r} documents; give the corpus doc_qa or use qa_source=llm.")
             if split == hp.val_split and hp.max_val_pairs and len(items) > hp.max_val_pairs:
                 items = rng.sample(items, hp.max_val_pairs)
-            embeddings = cache.get(base, [d.text for d in docs], layers, hp.max_doc_tokens)  # (D, E)
+            embeddings = cache.get(base, [d.text for d in docs], layers, hp.max_doc_tokens,
+                                   tokens=hp.readout == "attention")  # (D, E) or D × (T_i, E)
             teachers = self._teachers(base, docs) if hp.teacher_store and split == hp.train_split else None
             self.tables[split] = {"items": items, "embeddings": embeddings, "teachers": teachers, "docs": len(docs)}
             log.info("hypernet data: %s %d documents, %d QA sequences", split, len(docs), len(items))
@@ -347,6 +420,8 @@ class HypernetModule(pl.LightningModule):
         rank: int = 2,
         alpha: float = 32.0,
         dropout: float = 0.0,
+        readout: Literal["mean", "attention"] = "mean",
+        heads: int = 4,
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 50,
@@ -366,6 +441,8 @@ class HypernetModule(pl.LightningModule):
             rank: LoRA rank (paper: 2).
             alpha: LoRA alpha (paper: 32).
             dropout: trunk dropout.
+            readout: ``mean`` (one pooled doc vector) or ``attention`` (slot queries over the doc's tokens).
+            heads: attention heads of the token readout.
             lr: AdamW learning rate (after linear warm-up).
             weight_decay: AdamW weight decay.
             warmup_steps: linear learning-rate warm-up steps.
@@ -377,12 +454,13 @@ class HypernetModule(pl.LightningModule):
         self.save_hyperparameters()
         self.base = shared_base(model)  # a dataclass, not an nn.Module: not a submodule, not in the checkpoint
         config = HypernetConfig(embed_layers=tuple(embed_layers or ()), max_doc_tokens=max_doc_tokens, doc_dim=doc_dim,
-                                emb_dim=emb_dim, width=width, depth=depth, rank=rank, alpha=alpha, dropout=dropout)
+                                emb_dim=emb_dim, width=width, depth=depth, rank=rank, alpha=alpha, dropout=dropout,
+                                readout=readout, heads=heads)
         self.hypernet = Hypernet.for_model(self.base, config)
         log.info("hypernet: %d parameters", self.hypernet.num_parameters())
 
-    def forward(self, doc_embedding: Tensor) -> Lora:
-        return self.hypernet(doc_embedding)
+    def forward(self, doc_embedding: Tensor, mask: Tensor | None = None) -> Lora:
+        return self.hypernet(doc_embedding, mask)
 
     def transfer_batch_to_device(self, batch: HypernetBatch, device: torch.device, dataloader_idx: int) -> HypernetBatch:
         return batch.to(device)
@@ -396,7 +474,7 @@ class HypernetModule(pl.LightningModule):
     def losses(self, batch: HypernetBatch) -> dict[str, Tensor]:
         """All loss terms of one batch (weighted total under ``"loss"``)."""
         hp = self.hparams
-        lora = self.hypernet(batch.doc_embedding)  # (N, L, …)
+        lora = sum_groups(self.hypernet(batch.doc_embedding, batch.doc_mask), batch.groups)  # (N, L, …)
         n = len(batch.input_ids)
         logits, targets, owner = answer_logits(self.base, lora, batch.input_ids, batch.attention_mask, batch.labels)
         lm = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
@@ -404,12 +482,13 @@ class HypernetModule(pl.LightningModule):
         if hp.delta_weight or hp.kl_weight:
             if batch.teacher is None:
                 raise HyperPragError("delta_weight/kl_weight > 0 need teacher LoRAs: set data.teacher_store.")
+            teacher = sum_groups(batch.teacher, batch.groups)  # (N, L, …)
             if hp.delta_weight:
-                out["delta"] = delta_distance(lora, batch.teacher).mean()
+                out["delta"] = delta_distance(lora, teacher).mean()
                 out["loss"] = out["loss"] + hp.delta_weight * out["delta"]
             if hp.kl_weight:
                 with torch.no_grad():
-                    t_logits, _, _ = answer_logits(self.base, batch.teacher, batch.input_ids, batch.attention_mask,
+                    t_logits, _, _ = answer_logits(self.base, teacher, batch.input_ids, batch.attention_mask,
                                                    batch.labels)  # (K, V)
                 kl = F.kl_div(logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True,
                               reduction="none").sum(-1)  # (K,)
@@ -432,7 +511,7 @@ class HypernetModule(pl.LightningModule):
         closed = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
         # Each question under the LoRA of *another* document of the batch: the gap to val/loss is what the
         # generated LoRA carries about its own document (beyond answer format and corpus-wide priors).
-        wrong = self.hypernet(batch.doc_embedding.roll(1, dims=0))
+        wrong = sum_groups(self.hypernet(batch.doc_embedding, batch.doc_mask), batch.groups.roll(1, dims=0))
         logits, targets, owner = answer_logits(self.base, wrong, batch.input_ids, batch.attention_mask, batch.labels)
         wrong_doc = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
         self.log_dict({"val/loss": out["lm"], "val/loss_closed_book": closed, "val/loss_wrong_doc": wrong_doc,
@@ -458,7 +537,7 @@ class HypernetCLI(LightningCLI):
     """``python -m train.hypernet fit --config …``: the data's model/layers are linked to the module's."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        for key in ("model", "embed_layers", "max_doc_tokens"):
+        for key in ("model", "embed_layers", "max_doc_tokens", "readout"):
             parser.link_arguments(f"model.{key}", f"data.{key}")
 
 

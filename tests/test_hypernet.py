@@ -10,11 +10,12 @@ import torch
 
 from hyper_prag.errors import HyperPragError
 from hyper_prag.hypernet import (
-    EmbeddingCache, Hypernet, HypernetConfig, HypernetEncoder, checkpoint_sha256, doc_embeddings, load_hypernet,
-    save_inference_checkpoint,
+    EmbeddingCache, Hypernet, HypernetConfig, HypernetEncoder, checkpoint_sha256, doc_embeddings, doc_token_states,
+    load_hypernet, pad_states, save_inference_checkpoint,
 )
 from hyper_prag.hypernet_train import (
-    HypernetDataModule, HypernetModule, collate, delta_distance, delta_norm, export_checkpoint, main, tokenize_qa,
+    HypernetDataModule, HypernetModule, collate, delta_distance, delta_norm, export_checkpoint, main, sum_groups,
+    tokenize_qa,
 )
 from hyper_prag.inject import injected
 from hyper_prag.lora import stack
@@ -24,6 +25,7 @@ from .conftest import random_lora, token_batch
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "hypernet").glob("*.yaml"))
 SMALL = HypernetConfig(doc_dim=16, emb_dim=4, width=16, depth=2)
+SMALL_ATTENTION = HypernetConfig(doc_dim=16, emb_dim=4, width=16, depth=2, readout="attention", heads=4)
 DOCS = ["Ardent Loom was founded in 1873 by Mira Castell.",
         "Zorvath is a blue mineral found only in the caves of Tellin.",
         "Pell is a dog."]
@@ -43,7 +45,8 @@ def small_module(**kwargs) -> HypernetModule:
 
 def fixed_batch(module: HypernetModule):
     base = module.base
-    emb = doc_embeddings(base, DOCS, module.hypernet.config.embed_layers)  # (3, E)
+    layers = module.hypernet.config.embed_layers
+    emb = doc_token_states(base, DOCS, layers) if module.hypernet.reads_tokens else doc_embeddings(base, DOCS, layers)
     items = [(i, *tokenize_qa(base, q, a, "answer")) for i, (q, a) in enumerate(QA)]
     return collate(items, emb, base.tokenizer.pad_token_id)
 
@@ -99,8 +102,9 @@ def test_embedding_cache_reuses_rows(tiny, tmp_path):
     torch.testing.assert_close(first, doc_embeddings(tiny, DOCS[:2], [0, 1]))
 
 
-def test_gradients_reach_hypernet_through_injected_llm():
-    module = small_module()
+@pytest.mark.parametrize("readout", ["mean", "attention"])
+def test_gradients_reach_hypernet_through_injected_llm(readout):
+    module = small_module(readout=readout)
     batch = fixed_batch(module)
     module.losses(batch)["loss"].backward()
     # B starts at 0, so the first gradient reaches the B heads only (as for LoRA's B = 0 init) ...
@@ -110,14 +114,19 @@ def test_gradients_reach_hypernet_through_injected_llm():
     module.zero_grad()
     module.losses(batch)["loss"].backward()
     # ... and once B is non-zero, through A into the trunk and the doc/layer/module embeddings.
-    for name in ("trunk", "doc_proj", "layer_emb", "module_emb", "head_A"):
+    names = ("trunk", "doc_proj", "layer_emb", "module_emb", "head_A")
+    names += ("key", "value", "slot_emb", "token_norm") if readout == "attention" else ()
+    for name in names:
         grads = [p.grad for p in getattr(module.hypernet, name).parameters()]
         assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+    if readout == "attention":
+        assert module.hypernet.queries.grad.abs().sum() > 0
     assert all(p.grad is None for p in module.base.model.parameters())  # the base LLM stays frozen
 
 
-def test_one_optimizer_step_lowers_the_loss():
-    module = small_module()
+@pytest.mark.parametrize("readout", ["mean", "attention"])
+def test_one_optimizer_step_lowers_the_loss(readout):
+    module = small_module(readout=readout)
     batch = fixed_batch(module)
     optimizer = torch.optim.AdamW(module.hypernet.parameters(), lr=1e-3)
     before = module.losses(batch)["loss"]
@@ -126,6 +135,62 @@ def test_one_optimizer_step_lowers_the_loss():
     with torch.no_grad():
         after = module.losses(batch)["loss"]
     assert after < before - 1e-4
+
+
+def test_attention_readout_contract_zero_init_and_padding(tiny):
+    net = Hypernet.for_model(tiny, SMALL_ATTENTION)
+    states = doc_token_states(tiny, DOCS, net.config.embed_layers)
+    lengths = [len(tiny.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in DOCS]
+    assert [tuple(s.shape) for s in states] == [(n, net.embed_dim) for n in lengths]
+    # The token states' mean is the pooled embedding of the mean readout.
+    torch.testing.assert_close(torch.stack([s.mean(0) for s in states]),
+                               doc_embeddings(tiny, DOCS, net.config.embed_layers), rtol=1e-5, atol=1e-5)
+    padded, mask = pad_states(states)
+    assert padded.shape == (3, max(lengths), net.embed_dim) and mask.sum(1).tolist() == lengths
+    lora = net(padded, mask)
+    lora.validate({m: tiny.module_dims(m) for m in tiny.target_modules})
+    assert lora.batch_size == 3 and (lora.spec.rank, lora.spec.alpha) == (2, 32.0)
+    assert all(lora.delta(m).abs().max() == 0 for m in lora.spec.target_modules)  # B heads start at 0
+    for head in net.head_B.values():
+        torch.nn.init.normal_(head.weight, std=0.1)
+    batched = net(padded, mask)
+    for i, s in enumerate(states):  # padding never leaks into a document's LoRA
+        alone = net(s[None], None)
+        for m in lora.spec.target_modules:
+            torch.testing.assert_close(batched.A[m][i], alone.A[m][0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(batched.B[m][i], alone.B[m][0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(HyperPragError, match="token states"):
+        net(doc_embeddings(tiny, DOCS, net.config.embed_layers))  # pooled input for a token readout
+    with pytest.raises(HyperPragError, match="readout"):
+        Hypernet.for_model(tiny, HypernetConfig(readout="max"))
+    with pytest.raises(HyperPragError, match="multiple of heads"):
+        Hypernet.for_model(tiny, HypernetConfig(readout="attention", doc_dim=10, heads=4))
+
+
+def test_token_state_cache_round_trip_and_encoder(tiny, tmp_path):
+    torch.manual_seed(0)
+    net = Hypernet.for_model(tiny, SMALL_ATTENTION)
+    for head in net.head_B.values():
+        torch.nn.init.normal_(head.weight, std=0.1)
+    cache = EmbeddingCache(tmp_path)
+    layers = net.config.embed_layers
+    first = cache.get(tiny, DOCS, layers, tokens=True)
+    path = cache.path(tiny, layers, 512, tokens=True)
+    assert path.is_file() and path != cache.path(tiny, layers, 512)
+    again = EmbeddingCache(tmp_path).get(tiny, DOCS[::-1], layers, tokens=True)  # from disk
+    assert all(torch.equal(a, b) for a, b in zip(again, first[::-1]))
+    for got, want in zip(first, doc_token_states(tiny, DOCS, layers)):  # stored as bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    plain = HypernetEncoder(net, tiny, checkpoint_sha256="x", batch_size=2).generate(DOCS)
+    cached = HypernetEncoder(net, tiny, checkpoint_sha256="x", batch_size=2, cache=cache).generate(DOCS)
+    for a, b in zip(plain, cached):
+        assert a.batch_size is None
+        torch.testing.assert_close(a.B["down_proj"], b.B["down_proj"], rtol=0.05, atol=1e-3)
+    path = save_inference_checkpoint(net, tmp_path / "hn")
+    loaded = load_hypernet(path, tiny)
+    assert loaded.reads_tokens and loaded.config == net.config
+    padded, mask = pad_states(doc_token_states(tiny, DOCS, layers))
+    assert torch.equal(loaded(padded, mask).A["up_proj"], net(padded, mask).A["up_proj"])
 
 
 def test_delta_distance_and_norm_match_materialised_delta(tiny):
@@ -153,6 +218,56 @@ def test_distillation_terms():
     assert out["delta"].abs() < 1e-6 and out["kl"].abs() < 1e-5
 
 
+def test_sum_groups_is_the_online_sum_combination(tiny):
+    from hyper_prag.combine import combine
+
+    loras = [random_lora(tiny, i) for i in range(3)]
+    groups = torch.tensor([[2, 0], [1, -1], [0, 2]])  # (N=3, K=2); -1 = no second document
+    summed = sum_groups(stack(loras), groups)
+    assert summed.batch_size == 3 and summed.spec.rank == 4 and summed.spec.scaling == loras[0].spec.scaling
+    for n, rows in enumerate(groups.tolist()):
+        want = combine([loras[r] for r in rows if r >= 0], mode="sum")
+        for m in want.spec.target_modules:
+            torch.testing.assert_close(summed.delta(m)[n], want.delta(m), rtol=1e-5, atol=1e-6)
+    single = sum_groups(stack(loras), torch.tensor([[1], [1]]))
+    assert single.spec == loras[0].spec and torch.equal(single.A["up_proj"][0], loras[1].A["up_proj"])
+
+
+def test_multi_document_questions_train_under_summed_loras(tmp_path):
+    data = HypernetDataModule(model="tiny", max_train_docs=40, max_val_pairs=4, batch_size=6, questions=True,
+                              embedding_cache=str(tmp_path))
+    data.setup("fit")
+    items = data.tables["train"]["items"]
+    multi = [it for it in items if len(it[0]) > 1]
+    assert multi and all(len(it[0]) == 1 for it in items if it not in multi)
+    from hyper_prag.benchmark import load_or_make_default
+
+    corpus = load_or_make_default()
+    docs = corpus.split("train").documents[:40]
+    for rows, ids, labels in multi:  # every multi-document item is a benchmark question over these documents
+        q = next(q for q in corpus.split("train").questions if q.doc_ids == tuple(docs[r].id for r in rows))
+        assert (ids, labels) == tokenize_qa(data_base(), q.question, q.answers[0], "answer")
+    chosen = multi[:2] + items[:2]
+    batch = collate(chosen, data.tables["train"]["embeddings"], data.pad_id)
+    assert batch.groups.shape == (4, max(len(it[0]) for it in multi[:2])) and (batch.groups[2:, 1:] == -1).all()
+    assert len(batch.doc_rows) == len(set(r for it in chosen for r in it[0]))
+    module = small_module()
+    for head in module.hypernet.head_B.values():
+        torch.nn.init.normal_(head.weight, std=0.1)
+    # The training loss of each sequence is its loss under the online sum of its documents' generated LoRAs.
+    per_doc = module.hypernet(batch.doc_embedding).unbind()
+    from hyper_prag.combine import combine
+    from hyper_prag.hypernet_train import answer_logits
+
+    for n, item in enumerate(chosen):
+        one = collate([item], data.tables["train"]["embeddings"], data.pad_id)
+        want = combine([per_doc[u] for u in batch.groups[n].tolist() if u >= 0], mode="sum")
+        logits, targets, _ = answer_logits(module.base, stack([want]), one.input_ids, one.attention_mask, one.labels)
+        got = module.losses(one)["lm"]
+        torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits, targets), rtol=1e-4, atol=1e-5)
+    module.validation_step(batch, 0)  # the wrong-document control rolls whole groups
+
+
 def test_datamodule_never_uses_test_documents(tmp_path):
     with pytest.raises(HyperPragError, match="test"):
         HypernetDataModule(val_split="test")
@@ -174,7 +289,7 @@ def test_datamodule_never_uses_test_documents(tmp_path):
     ids, labels = tokenize_qa(data_base(), q, a, "answer")
     prompt = len(data_base().tokenizer(qa_sequence(data_base(), q, a)[0], add_special_tokens=False)["input_ids"])
     assert labels[:prompt] == [-100] * prompt and -100 not in labels[prompt:] and len(labels) == len(ids) > prompt
-    assert data.tables["train"]["items"][0] == (0, ids, labels)
+    assert data.tables["train"]["items"][0] == ((0,), ids, labels)
 
 
 def test_inference_checkpoint_round_trip_and_wrong_base(tiny, tmp_path):
@@ -208,9 +323,10 @@ def test_yaml_parses_through_the_cli(config, capsys):
     assert "HypernetModule" not in capsys.readouterr().err
 
 
-def test_tiny_fit_checkpoint_export_and_encoder(tmp_path, tiny):
+@pytest.mark.parametrize("readout", ["mean", "attention"])
+def test_tiny_fit_checkpoint_export_and_encoder(tmp_path, tiny, readout):
     config = Path(__file__).parents[1] / "configs" / "hypernet" / "tiny.yaml"
-    main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path),
+    main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path), "--model.readout", readout,
           "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.embedding_cache", str(tmp_path / "emb")])
     ckpts = sorted(tmp_path.rglob("last.ckpt"))
     assert ckpts, list(tmp_path.rglob("*"))
@@ -226,9 +342,10 @@ def test_tiny_fit_checkpoint_export_and_encoder(tmp_path, tiny):
     assert len(loras) == 3 and loras[0].batch_size is None
     loras[0].validate({m: tiny.module_dims(m) for m in tiny.target_modules})
     ckpt_net, exported = load_hypernet(ckpts[0], tiny), load_hypernet(out, tiny)
-    emb = doc_embeddings(tiny, DOCS, exported.config.embed_layers)
-    assert torch.equal(ckpt_net(emb).B["up_proj"], exported(emb).B["up_proj"])
-    assert torch.equal(exported(emb).B["up_proj"], torch.stack([l.B["up_proj"] for l in loras]))
+    assert exported.config.readout == readout
+    emb, mask = encoder.embed(DOCS)
+    assert torch.equal(ckpt_net(emb, mask).B["up_proj"], exported(emb, mask).B["up_proj"])
+    assert torch.equal(exported(emb, mask).B["up_proj"], torch.stack([l.B["up_proj"] for l in loras]))
 
 
 @pytest.mark.slow
