@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/hypernet_vs_perdoc.py                     # SmolLM2, 30 test docs, shipped checkpoint
     .venv/bin/python benchmarks/hypernet_vs_perdoc.py --no-per-doc        # hypernet and closed-book only
     .venv/bin/python benchmarks/hypernet_vs_perdoc.py --docs 60 --out runs/hypernet_vs_perdoc.json
+    .venv/bin/python benchmarks/hypernet_vs_perdoc.py --checkpoint A.safetensors B.ckpt   # two hypernets, one run
 
 Documents are chosen through their questions: test questions are drawn round-robin over the question
 types (seeded) and kept while the union of their supporting documents stays within ``--docs``; every
@@ -17,6 +18,9 @@ Measured:
   passages) and the LoRA of its supporting documents (``combine.combine(mode="sum")`` for
   multi-document questions), greedy decoding; closed-book = the base model alone; control
   ``hypernet_wrong_doc`` = each document given the hypernet LoRA of another document.
+
+With several ``--checkpoint`` paths, the first is reported as ``hypernet`` and each other one as
+``hypernet:<file stem>`` (with its own ``_wrong_doc`` control), all on the same questions.
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ def score(questions, predictions) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=SHIPPED_CHECKPOINT, help="hypernet checkpoint folder/.ckpt")
+    parser.add_argument("--checkpoint", type=Path, nargs="+", default=[SHIPPED_CHECKPOINT],
+                        help="hypernet checkpoint(s): folder, .safetensors or .ckpt (several: compared side by side)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (must match the checkpoint)")
     parser.add_argument("--docs", type=int, default=30, help="test documents")
     parser.add_argument("--seed", type=int, default=0)
@@ -134,25 +139,30 @@ def main(argv: list[str] | None = None) -> dict:
     docs, questions = choose(corpus, args.docs, args.seed)
     result: dict = {"command": "python benchmarks/hypernet_vs_perdoc.py " + " ".join(argv),
                     "documents": len(docs), "questions": len(questions),
-                    "question_types": dict(Counter(q.type for q in questions)), "checkpoint": str(args.checkpoint)}
+                    "question_types": dict(Counter(q.type for q in questions)),
+                    "checkpoint": [str(c) for c in args.checkpoint]}
 
-    encoder = HypernetEncoder.from_checkpoint(args.checkpoint, base)
     texts = [d.text for d in docs]
-    encoder.generate(texts[:2])  # warm-up (first-call allocations), not timed
-    start = time.perf_counter()
-    hyper = encoder.generate(texts)
-    batched_ms = (time.perf_counter() - start) * 1000 / len(docs)
-    one_ms = []
-    for text in texts[:5]:
+    loras: dict[str, dict[str, Lora]] = {}
+    for n, checkpoint in enumerate(args.checkpoint):
+        name = "hypernet" if n == 0 else f"hypernet:{checkpoint.stem}"
+        encoder = HypernetEncoder.from_checkpoint(checkpoint, base)
+        encoder.generate(texts[:2])  # warm-up (first-call allocations), not timed
         start = time.perf_counter()
-        encoder.generate([text])
-        one_ms.append((time.perf_counter() - start) * 1000)
-    result["hypernet"] = {"ms_per_doc_batched": batched_ms, "ms_per_doc_single": sum(one_ms) / len(one_ms),
-                          "num_parameters": encoder.hypernet.num_parameters(), **encoder.settings()}
-    # Control: every document gets the hypernet LoRA of the *next* document. Its F1 is what the generated
-    # LoRAs give without their own document's knowledge (answer format, corpus-wide priors).
-    loras = {"hypernet": {d.id: lora for d, lora in zip(docs, hyper)},
-             "hypernet_wrong_doc": {d.id: lora for d, lora in zip(docs, hyper[1:] + hyper[:1])}}
+        hyper = encoder.generate(texts)
+        ms = (time.perf_counter() - start) * 1000 / len(docs)
+        one_ms = []
+        for text in texts[:5]:
+            start = time.perf_counter()
+            encoder.generate([text])
+            one_ms.append((time.perf_counter() - start) * 1000)
+        result[name] = {"checkpoint": str(checkpoint), "ms_per_doc_batched": ms,
+                        "ms_per_doc_single": sum(one_ms) / len(one_ms),
+                        "num_parameters": encoder.hypernet.num_parameters(), **encoder.settings()}
+        # Control: every document gets the hypernet LoRA of the *next* document. Its F1 is what the generated
+        # LoRAs give without their own document's knowledge (answer format, corpus-wide priors).
+        loras[name] = {d.id: lora for d, lora in zip(docs, hyper)}
+        loras[f"{name}_wrong_doc"] = {d.id: lora for d, lora in zip(docs, hyper[1:] + hyper[:1])}
 
     if args.per_doc:
         from hyper_prag.augment import AugmentConfig, augment_documents
@@ -172,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["per_doc"] = {"s_per_doc": seconds, "epochs": args.per_doc_epochs, "lr": args.per_doc_lr,
                              "chunk_size": args.chunk_size,
                              "augmentation": "template", **per_doc.settings()}
-        result["encode_cost_ratio_perdoc_over_hypernet"] = seconds * 1000 / batched_ms
+        for name in [k for k in loras if not k.endswith("_wrong_doc")]:  # "hypernet", "hypernet:<stem>", …
+            result[f"encode_cost_ratio_perdoc_over_{name}"] = seconds * 1000 / result[name]["ms_per_doc_batched"]
         loras["per_doc"] = trained
 
     scores = {}
