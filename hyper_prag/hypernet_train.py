@@ -570,13 +570,33 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, extra: dict | None = No
     return save_inference_checkpoint(hypernet, out, json.loads(json.dumps(info, default=str)))
 
 
+def validation_curve(metrics_csvs: Sequence[str | Path]) -> list[dict]:
+    """The ``val/*`` rows of Lightning CSV logs (several: one per resumed run, in order), one dict per step."""
+    import csv
+
+    curve: list[dict] = []
+    for path in metrics_csvs:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                values = {k: float(v) for k, v in row.items() if k.startswith("val/") and v}
+                if values:
+                    curve.append({"step": int(row["step"]), **values})
+    return curve
+
+
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hyper-prag export-hypernet``."""
     parser.add_argument("ckpt", type=Path, help="Lightning .ckpt from `python -m train.hypernet fit`")
-    parser.add_argument("out", type=Path, help="output folder for hypernet.safetensors + config.json")
+    parser.add_argument("out", type=Path, help="output folder for hypernet.safetensors + config.json, or NAME.safetensors")
+    parser.add_argument("--metrics", type=Path, nargs="*", default=[],
+                        help="the run's CSV logs (metrics.csv; one per resumed phase, in order): recorded as the validation curve")
+    parser.add_argument("--command", action="append", default=[], dest="commands",
+                        help="a command that trained it (repeat for resumed phases): recorded as training_commands")
 
 
 def run_export_hypernet(args: argparse.Namespace) -> None:
-    """Runs ``hyper-prag export-hypernet CKPT OUT``."""
-    path = export_checkpoint(args.ckpt, args.out)
+    """Runs ``hyper-prag export-hypernet CKPT OUT [--metrics CSV ...] [--command CMD ...]``."""
+    extra = {"validation_curve": validation_curve(args.metrics)} if args.metrics else {}
+    extra |= {"training_commands": args.commands} if args.commands else {}
+    path = export_checkpoint(args.ckpt, args.out, extra)
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)

@@ -3,6 +3,7 @@ loss, factor-based distances, checkpoints (round trip, wrong base refused), YAML
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -334,6 +335,14 @@ def test_tiny_fit_checkpoint_export_and_encoder(tmp_path, tiny, readout):
     assert "val/loss" in metrics and "train/lm" in metrics
     out = export_checkpoint(ckpts[0], tmp_path / "export")
     assert out.stat().st_size < 30e6
+    from hyper_prag.cli import main as cli
+
+    csv = ckpts[0].parents[1] / "metrics.csv"
+    assert cli(["export-hypernet", str(ckpts[0]), str(tmp_path / "cli.safetensors"), "--metrics", str(csv),
+                "--command", "python -m train.hypernet fit --config configs/hypernet/tiny.yaml"]) == 0
+    described = json.loads((tmp_path / "cli.json").read_text())
+    assert described["training_commands"] == ["python -m train.hypernet fit --config configs/hypernet/tiny.yaml"]
+    assert [row["step"] for row in described["validation_curve"]] == [1, 3] and "val/loss" in described["validation_curve"][0]
     encoder = HypernetEncoder.from_checkpoint(tmp_path / "export", tiny)
     assert encoder.settings()["checkpoint_sha256"] == checkpoint_sha256(out) and not encoder.uses_augmentation
     from hyper_prag.corpus import Document  # encode() reads only .text (the hypernet uses no augmentation)
