@@ -438,6 +438,7 @@ def run_evaluate(args: argparse.Namespace) -> Results:
               "k": args.k, "retriever": args.retriever, "combine": args.combine, "max_new_tokens": args.max_new_tokens,
               "batch_size": args.batch_size, "limit": args.limit, "per_type": args.per_type, "store": args.store,
               "hypernet": args.hypernet,
+              "hypernet_sha256": sources["hypernet"].encoder.sha256 if "hypernet" in sources else None,
               "encode_config": args.encode_config, "documents_retrieved": len(needed)}
     results = evaluate(methods, questions, costs=costs, n_resamples=args.resamples, seed=args.seed,
                        chunk=args.batch_size, device=args.device, config=config)

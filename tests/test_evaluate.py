@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from hyper_prag.corpus import Corpus, Document, Question, save_corpus
 from hyper_prag.evaluate import (Results, add_evaluate_arguments, bootstrap_ci, evaluate, normalize_answer,
@@ -135,6 +136,30 @@ def test_run_evaluate_end_to_end_from_a_corpus_folder(tiny, tmp_path, monkeypatc
     assert (tmp_path / "results" / "results.md").is_file() and (tmp_path / "results" / "latency.png").is_file()
     with pytest.raises(Exception, match="unknown methods"):
         run_evaluate(parser.parse_args(["--methods", "rag,nope", "--benchmark", str(folder), "--model", "tiny"]))
+
+
+def test_run_evaluate_hypernet_methods_record_the_checkpoint(tiny, tmp_path, monkeypatch):
+    import hyper_prag.retrieve as retrieve
+    from hyper_prag.hypernet import Hypernet, HypernetConfig, checkpoint_sha256, save_inference_checkpoint
+
+    monkeypatch.setattr(retrieve, "cache_dir", lambda stage: tmp_path / stage)
+    docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())
+    folder = save_corpus(Corpus(name="tiny-eval", documents=docs, questions=tuple(QUESTIONS)), tmp_path / "corpus")
+    torch.manual_seed(0)
+    net = Hypernet.for_model(tiny, HypernetConfig(doc_dim=16, emb_dim=4, width=16, readout="attention"))
+    for head in net.head_B.values():
+        torch.nn.init.normal_(head.weight, std=0.1)
+    checkpoint = save_inference_checkpoint(net, tmp_path / "hn.safetensors")
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    results = run_evaluate(parser.parse_args([
+        "--methods", "hypernet,hypernet-both", "--benchmark", str(folder), "--model", "tiny", "--limit", "2",
+        "--k", "2", "--max-new-tokens", "3", "--resamples", "50", "--hypernet", str(checkpoint),
+        "--out", str(tmp_path / "results")]))
+    assert results.config["hypernet_sha256"] == checkpoint_sha256(checkpoint)
+    hyper = results.method("hypernet")
+    assert hyper.encode_seconds_per_doc > 0 and hyper.bytes_per_doc is None
+    assert all(len(p["lora_names"]) == 2 and p["lora_names"][0].startswith("hypernet:") for p in hyper.predictions)
 
 
 def test_run_evaluate_encodes_missing_loras_then_reuses_them(tiny, tmp_path, monkeypatch):
