@@ -451,7 +451,9 @@ def save_inference_checkpoint(hypernet: Hypernet, folder: str | Path, extra: dic
     fd, tmp = tempfile.mkstemp(prefix=".hypernet-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"format": FORMAT_VERSION, "hypernet": json.dumps(meta)})
+        # One metadata entry (the description carries "format"): safetensors writes several entries in a
+        # per-process hash order, and the file's sha256 is the checkpoint identity in store keys.
+        save_file(tensors, tmp, metadata={"hypernet": json.dumps(meta, sort_keys=True)})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -513,9 +515,14 @@ def load_hypernet(checkpoint: str | Path, base: BaseModel) -> Hypernet:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise HyperPragError(f"hypernet checkpoint {path} is truncated or corrupted ({err}).") from err
-    if metadata.get("format") != FORMAT_VERSION:
-        raise HyperPragError(f"{path} is not a hyper-prag hypernet checkpoint (format {metadata.get('format')!r}).")
-    return _build(json.loads(metadata["hypernet"]), state, base, str(path))
+    try:
+        meta = json.loads(metadata.get("hypernet", "{}"))
+    except json.JSONDecodeError as err:
+        raise HyperPragError(f"hypernet checkpoint {path} has a corrupted description ({err}).") from err
+    found = metadata.get("format", meta.get("format"))  # files written before the single entry have both
+    if found != FORMAT_VERSION:
+        raise HyperPragError(f"{path} is not a hyper-prag hypernet checkpoint (format {found!r}).")
+    return _build(meta, state, base, str(path))
 
 
 def checkpoint_sha256(checkpoint: str | Path) -> str:

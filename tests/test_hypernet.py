@@ -305,6 +305,8 @@ def test_inference_checkpoint_round_trip_and_wrong_base(tiny, tmp_path):
     for m in net.spec.target_modules:
         assert torch.equal(a.A[m], b.A[m]) and torch.equal(a.B[m], b.B[m]) and a.delta(m).abs().max() > 0
     assert checkpoint_sha256(tmp_path / "hn") == checkpoint_sha256(path)
+    again = save_inference_checkpoint(loaded, tmp_path / "again", extra={"metrics": {"val/loss": 1.0}})
+    assert again.read_bytes() == path.read_bytes()  # same weights, same file: the sha256 is the identity
     single = save_inference_checkpoint(net, tmp_path / "flat" / "hn.safetensors")  # the shipped, flat layout
     assert (tmp_path / "flat" / "hn.json").is_file() and torch.equal(load_hypernet(single, tiny)(emb).B["down_proj"],
                                                                      a.B["down_proj"])
@@ -339,9 +341,10 @@ def test_tiny_fit_checkpoint_export_and_encoder(tmp_path, tiny, readout):
 
     csv = ckpts[0].parents[1] / "metrics.csv"
     assert cli(["export-hypernet", str(ckpts[0]), str(tmp_path / "cli.safetensors"), "--metrics", str(csv),
-                "--command", "python -m train.hypernet fit --config configs/hypernet/tiny.yaml"]) == 0
+                "--command", "python -m train.hypernet fit --config configs/hypernet/tiny.yaml", "--note", "debug"]) == 0
     described = json.loads((tmp_path / "cli.json").read_text())
     assert described["training_commands"] == ["python -m train.hypernet fit --config configs/hypernet/tiny.yaml"]
+    assert described["note"] == "debug"
     assert [row["step"] for row in described["validation_curve"]] == [1, 3] and "val/loss" in described["validation_curve"][0]
     encoder = HypernetEncoder.from_checkpoint(tmp_path / "export", tiny)
     assert encoder.settings()["checkpoint_sha256"] == checkpoint_sha256(out) and not encoder.uses_augmentation
