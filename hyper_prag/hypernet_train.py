@@ -1,10 +1,11 @@
 """Training the hypernetwork with Lightning: the frozen LLM, a generated LoRA per document, QA losses.
 
-One step, for a batch of N documents with one QA pair each (sequence ``prompts.qa_sequence(q, a)``:
-the closed-book question prompt and the answer, **no document in context**, so the generated
-LoRA must carry the knowledge)::
+One step, for a batch of N QA sequences (``prompts.qa_sequence(q, a)``: the closed-book question
+prompt and the answer, **no document in context**, so the generated LoRAs must carry the knowledge);
+a document's own QA pair is asked under its LoRA, a multi-document benchmark question
+(``questions: true``) under the sum of its documents' LoRAs (:func:`sum_groups`)::
 
-    doc_embedding (N, E) ──► hypernet ──► LoRA batch (N, L, …) ──► inject(mode="batched") into the LLM
+    doc_embedding (U docs) ──► hypernet ──► LoRAs (U, L, …) ──► sum per sequence (N, L, …) ──► inject(mode="batched")
     loss = lm_weight    · CE(answer tokens | question, LoRA_n)                    (a) end-to-end
          + delta_weight · mean_{m,l} ‖ΔW_gen − ΔW_teacher‖²_F  (via the factors)  (b) distillation
          + kl_weight    · KL(p_teacher-LoRA ‖ p_generated-LoRA) on answer tokens   (c) logit distillation
@@ -592,11 +593,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the run's CSV logs (metrics.csv; one per resumed phase, in order): recorded as the validation curve")
     parser.add_argument("--command", action="append", default=[], dest="commands",
                         help="a command that trained it (repeat for resumed phases): recorded as training_commands")
+    parser.add_argument("--note", default=None, help="free text recorded in the JSON (what the metrics mean, caveats)")
 
 
 def run_export_hypernet(args: argparse.Namespace) -> None:
-    """Runs ``hyper-prag export-hypernet CKPT OUT [--metrics CSV ...] [--command CMD ...]``."""
+    """Runs ``hyper-prag export-hypernet CKPT OUT [--metrics CSV ...] [--command CMD ...] [--note TEXT]``."""
     extra = {"validation_curve": validation_curve(args.metrics)} if args.metrics else {}
     extra |= {"training_commands": args.commands} if args.commands else {}
+    extra |= {"note": args.note} if args.note else {}
     path = export_checkpoint(args.ckpt, args.out, extra)
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
