@@ -417,7 +417,10 @@ def run_evaluate(args: argparse.Namespace) -> Results:
             report = encode_corpus(needed, setup.encoder, store, base, setup.augment_config, args.chunk_size,
                                    corpus=full, spec=setup.spec)
             stats = store.stats()
-            enc = report.seconds_per_doc if report.encoded else None  # None: everything was already cached
+            # The cost of the LoRAs this run uses, as recorded when each was encoded (now or by an earlier run).
+            recorded = [store.meta(key).get("seconds") for key in source.names(needed)]
+            recorded = [s for s in recorded if s is not None]
+            enc = sum(recorded) / len(recorded) if recorded else (report.seconds_per_doc if report.encoded else None)
             for m in ("prag", "prag-both"):
                 costs[m] = {"encode_seconds_per_doc": enc, "bytes_per_doc": stats.get("bytes_per_document")}
             sources["store"] = source
