@@ -150,8 +150,6 @@ def per_sample_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
 
 @dataclass
 class HypernetBatch:
-    """N documents, one QA sequence each (right-padded)."""
-
     """N QA sequences (right-padded) over the U distinct documents they are asked about.
 
     Sequence n is asked under the sum of the LoRAs of documents ``groups[n]`` (one for a document's own QA
@@ -280,7 +278,7 @@ class HypernetDataModule(pl.LightningDataModule):
                 of the generated LoRAs of its supporting documents: multi-document questions (compare, bridge,
                 inference) teach LoRAs that still work once summed, as the online path combines them.
             loss_on: ``answer`` (answer tokens only) or ``all`` (prompt too).
-            batch_size: documents per step (one QA sequence each).
+            batch_size: QA sequences per step.
             max_train_docs: use only the first N training documents (debug).
             max_val_pairs: validation QA pairs (a fixed, seeded sample; ``None``: all).
             teacher_store: LoRA store with per-document LoRAs of the training documents (distillation).
@@ -510,8 +508,8 @@ class HypernetModule(pl.LightningModule):
         out = self.losses(batch)
         logits, targets, owner = answer_logits(self.base, None, batch.input_ids, batch.attention_mask, batch.labels)
         closed = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
-        # Each question under the LoRA of *another* document of the batch: the gap to val/loss is what the
-        # generated LoRA carries about its own document (beyond answer format and corpus-wide priors).
+        # Each question under the LoRAs of the *previous* sequence's documents: the gap to val/loss is what the
+        # generated LoRAs carry about their own documents (beyond answer format and corpus-wide priors).
         wrong = sum_groups(self.hypernet(batch.doc_embedding, batch.doc_mask), batch.groups.roll(1, dims=0))
         logits, targets, owner = answer_logits(self.base, wrong, batch.input_ids, batch.attention_mask, batch.labels)
         wrong_doc = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
