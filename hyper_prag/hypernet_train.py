@@ -427,6 +427,7 @@ class HypernetModule(pl.LightningModule):
         lm_weight: float = 1.0,
         delta_weight: float = 0.0,
         kl_weight: float = 0.0,
+        init_from: str | None = None,
     ) -> None:
         """
         Args:
@@ -448,6 +449,9 @@ class HypernetModule(pl.LightningModule):
             lm_weight: weight of (a), the end-to-end answer loss through the generated LoRA.
             delta_weight: weight of (b), ‖ΔW_gen − ΔW_teacher‖² (needs the datamodule's teacher_store).
             kl_weight: weight of (c), KL to the teacher-LoRA model's answer distribution (needs teacher_store).
+            init_from: start from this hypernet's weights (inference checkpoint or ``.ckpt``; same architecture),
+                with a fresh optimizer and schedule: fine-tuning the shipped checkpoint on another corpus, or at
+                another learning rate. ``--ckpt_path`` instead *resumes* a run (optimizer, step, timer).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -456,6 +460,13 @@ class HypernetModule(pl.LightningModule):
                                 emb_dim=emb_dim, width=width, depth=depth, rank=rank, alpha=alpha, dropout=dropout,
                                 readout=readout, heads=heads)
         self.hypernet = Hypernet.for_model(self.base, config)
+        if init_from:
+            start = load_hypernet(init_from, self.base)
+            if start.config != self.hypernet.config:
+                raise HyperPragError(f"init_from {init_from} has architecture {start.config.to_dict()}, this run "
+                                     f"{self.hypernet.config.to_dict()}; set the model keys to the checkpoint's.")
+            self.hypernet.load_state_dict(start.state_dict())
+            log.info("hypernet: initialised from %s", init_from)
         log.info("hypernet: %d parameters", self.hypernet.num_parameters())
 
     def forward(self, doc_embedding: Tensor, mask: Tensor | None = None) -> Lora:

@@ -194,6 +194,18 @@ def test_token_state_cache_round_trip_and_encoder(tiny, tmp_path):
     assert torch.equal(loaded(padded, mask).A["up_proj"], net(padded, mask).A["up_proj"])
 
 
+def test_init_from_copies_weights_and_refuses_another_architecture(tmp_path):
+    trained = small_module()
+    for head in trained.hypernet.head_B.values():
+        torch.nn.init.normal_(head.weight, std=0.1)
+    path = save_inference_checkpoint(trained.hypernet, tmp_path / "start.safetensors")
+    tuned = small_module(init_from=str(path))
+    for name, value in trained.hypernet.state_dict().items():
+        assert torch.equal(tuned.hypernet.state_dict()[name], value), name
+    with pytest.raises(HyperPragError, match="architecture"):
+        small_module(init_from=str(path), readout="attention")
+
+
 def test_delta_distance_and_norm_match_materialised_delta(tiny):
     student, teacher = random_lora(tiny, 1, batch=2), random_lora(tiny, 2, rank=4, alpha=8.0, batch=2)
     got = delta_distance(student, teacher)  # (2,)
