@@ -159,6 +159,12 @@ def _layer_states(base: BaseModel, texts: Sequence[str], layers: Sequence[int], 
             hook.remove()
 
 
+def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``states`` ``(n, T, E)`` over the tokens where ``mask`` ``(n, T)`` is 1 → ``(n, E)``."""
+    mask = mask.unsqueeze(-1).to(states.dtype)  # (n, T, 1)
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 @torch.no_grad()
 def doc_embeddings(base: BaseModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int = 512,
                    batch_size: int = 16) -> Tensor:
@@ -176,8 +182,7 @@ def doc_embeddings(base: BaseModel, texts: Sequence[str], layers: Sequence[int],
     """
     out = []
     for states, mask in _layer_states(base, texts, layers, max_tokens, batch_size):
-        mask = mask.unsqueeze(-1)  # (n, T, 1)
-        out.append(((states * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())  # (n, E)
+        out.append(masked_mean(states, mask).cpu())  # (n, E)
     return torch.cat(out)  # (N, E)
 
 
@@ -385,8 +390,7 @@ class Hypernet(nn.Module):
         N, T, _ = states.shape
         L, M, S, D, H = len(spec.layers), len(spec.target_modules), 2 * spec.rank, config.doc_dim, config.heads
         mask = torch.ones(N, T, device=states.device) if mask is None else mask.to(states.device, torch.float32)
-        weights = mask.unsqueeze(-1) / mask.sum(1, keepdim=True).clamp(min=1).unsqueeze(-1)  # (N, T, 1)
-        doc = self.doc_proj(self.doc_norm((states * weights).sum(1)))  # (N, D): the mean readout's input
+        doc = self.doc_proj(self.doc_norm(masked_mean(states, mask)))  # (N, D): the mean readout's input
         x = self.token_norm(states)  # (N, T, E)
         k = self.key(x).view(N, T, H, D // H).transpose(1, 2)  # (N, H, T, D/H)
         v = self.value(x).view(N, T, H, D // H).transpose(1, 2)  # (N, H, T, D/H)

@@ -161,19 +161,15 @@ class HypernetBatch:
     attention_mask: Tensor  # (N, T) 1 = real token
     labels: Tensor  # (N, T) IGNORE at padding (and at the prompt for loss_on="answer")
     doc_rows: Tensor  # (U,) row of each document in its split's table
+    groups: Tensor  # (N, K) indices into the U documents, -1 = none
     teacher: Lora | None = None  # per-document LoRAs of the U documents (distillation), batched (U, …)
     doc_mask: Tensor | None = None  # (U, D) 1 = real document token (token states only)
-    groups: Tensor | None = None  # (N, K) indices into the U documents, -1 = none; None: sequence n ↔ document n
-
-    def __post_init__(self) -> None:
-        if self.groups is None:
-            self.groups = torch.arange(len(self.doc_rows), device=self.doc_rows.device)[:, None]  # (N, 1)
 
     def to(self, device: torch.device) -> "HypernetBatch":
         return HypernetBatch(self.doc_embedding.to(device), self.input_ids.to(device), self.attention_mask.to(device),
-                             self.labels.to(device), self.doc_rows.to(device),
+                             self.labels.to(device), self.doc_rows.to(device), self.groups.to(device),
                              self.teacher.to(device) if self.teacher is not None else None,
-                             self.doc_mask.to(device) if self.doc_mask is not None else None, self.groups.to(device))
+                             self.doc_mask.to(device) if self.doc_mask is not None else None)
 
 
 def sum_groups(lora: Lora, groups: Tensor) -> Lora:
@@ -235,9 +231,9 @@ def collate(items: list[tuple[tuple[int, ...], list[int], list[int]]], embedding
     rows = torch.tensor(unique, dtype=torch.long)  # (U,)
     teacher = stack([teachers[r] for r in unique]) if teachers is not None else None
     if isinstance(embeddings, Tensor):
-        return HypernetBatch(embeddings[rows], ids, mask, labels, rows, teacher, None, groups)
+        return HypernetBatch(embeddings[rows], ids, mask, labels, rows, groups, teacher)
     states, doc_mask = pad_states([embeddings[r] for r in unique])  # (U, D, E), (U, D)
-    return HypernetBatch(states, ids, mask, labels, rows, teacher, doc_mask, groups)
+    return HypernetBatch(states, ids, mask, labels, rows, groups, teacher, doc_mask)
 
 
 class HypernetDataModule(pl.LightningDataModule):

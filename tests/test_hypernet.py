@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from hyper_prag.combine import combine
 from hyper_prag.errors import HyperPragError
 from hyper_prag.hypernet import (
     EmbeddingCache, Hypernet, HypernetConfig, HypernetEncoder, checkpoint_sha256, doc_embeddings, doc_token_states,
     load_hypernet, pad_states, save_inference_checkpoint,
 )
 from hyper_prag.hypernet_train import (
-    HypernetDataModule, HypernetModule, collate, delta_distance, delta_norm, export_checkpoint, main, sum_groups,
-    tokenize_qa,
+    HypernetDataModule, HypernetModule, answer_logits, collate, delta_distance, delta_norm, export_checkpoint, main,
+    sum_groups, tokenize_qa,
 )
 from hyper_prag.inject import injected
 from hyper_prag.lora import stack
@@ -232,8 +233,6 @@ def test_distillation_terms():
 
 
 def test_sum_groups_is_the_online_sum_combination(tiny):
-    from hyper_prag.combine import combine
-
     loras = [random_lora(tiny, i) for i in range(3)]
     groups = torch.tensor([[2, 0], [1, -1], [0, 2]])  # (N=3, K=2); -1 = no second document
     summed = sum_groups(stack(loras), groups)
@@ -269,9 +268,6 @@ def test_multi_document_questions_train_under_summed_loras(tmp_path):
         torch.nn.init.normal_(head.weight, std=0.1)
     # The training loss of each sequence is its loss under the online sum of its documents' generated LoRAs.
     per_doc = module.hypernet(batch.doc_embedding).unbind()
-    from hyper_prag.combine import combine
-    from hyper_prag.hypernet_train import answer_logits
-
     for n, item in enumerate(chosen):
         one = collate([item], data.tables["train"]["embeddings"], data.pad_id)
         want = combine([per_doc[u] for u in batch.groups[n].tolist() if u >= 0], mode="sum")
