@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -114,6 +115,16 @@ def delta_norm(lora: Lora) -> Tensor:
     norms = [(s * s * ((B.transpose(-1, -2) @ B) * (A @ A.transpose(-1, -2))).sum((-1, -2))).clamp(min=0).sqrt()
              for A, B in ((lora.A[m], lora.B[m]) for m in lora.spec.target_modules)]  # each (N, L)
     return torch.stack(norms).mean((0, -1))  # (N,)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, floor: float) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine decay to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def answer_logits(base: BaseModel, lora: Lora | None, input_ids: Tensor, attention_mask: Tensor,
@@ -420,6 +431,8 @@ class HypernetModule(pl.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 50,
+        schedule: Literal["constant", "cosine"] = "constant",
+        min_lr_ratio: float = 0.1,
         lm_weight: float = 1.0,
         delta_weight: float = 0.0,
         kl_weight: float = 0.0,
@@ -442,6 +455,9 @@ class HypernetModule(pl.LightningModule):
             lr: AdamW learning rate (after linear warm-up).
             weight_decay: AdamW weight decay.
             warmup_steps: linear learning-rate warm-up steps.
+            schedule: after warm-up, ``constant`` or ``cosine`` decay to ``min_lr_ratio * lr`` at
+                ``trainer.max_steps`` (set max_steps to the steps the run will really make, e.g. within max_time).
+            min_lr_ratio: final learning rate of the cosine schedule, as a fraction of ``lr``.
             lm_weight: weight of (a), the end-to-end answer loss through the generated LoRA.
             delta_weight: weight of (b), ‖ΔW_gen − ΔW_teacher‖² (needs the datamodule's teacher_store).
             kl_weight: weight of (c), KL to the teacher-LoRA model's answer distribution (needs teacher_store).
@@ -477,10 +493,13 @@ class HypernetModule(pl.LightningModule):
     def on_validation_start(self) -> None:
         self.base.model.to(self.device)
 
-    def losses(self, batch: HypernetBatch) -> dict[str, Tensor]:
-        """All loss terms of one batch (weighted total under ``"loss"``)."""
+    def losses(self, batch: HypernetBatch, generated: Lora | None = None) -> dict[str, Tensor]:
+        """All loss terms of one batch (weighted total under ``"loss"``); ``generated``: the batch's documents'
+        LoRAs when the caller already has them."""
         hp = self.hparams
-        lora = sum_groups(self.hypernet(batch.doc_embedding, batch.doc_mask), batch.groups)  # (N, L, …)
+        if generated is None:
+            generated = self.hypernet(batch.doc_embedding, batch.doc_mask)  # (U, L, …)
+        lora = sum_groups(generated, batch.groups)  # (N, L, …)
         n = len(batch.input_ids)
         logits, targets, owner = answer_logits(self.base, lora, batch.input_ids, batch.attention_mask, batch.labels)
         lm = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
@@ -512,12 +531,13 @@ class HypernetModule(pl.LightningModule):
 
     def validation_step(self, batch: HypernetBatch, batch_idx: int) -> None:
         n = len(batch.input_ids)
-        out = self.losses(batch)
+        generated = self.hypernet(batch.doc_embedding, batch.doc_mask)
+        out = self.losses(batch, generated)
         logits, targets, owner = answer_logits(self.base, None, batch.input_ids, batch.attention_mask, batch.labels)
         closed = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
         # Each question under the LoRAs of the *previous* sequence's documents: the gap to val/loss is what the
         # generated LoRAs carry about their own documents (beyond answer format and corpus-wide priors).
-        wrong = sum_groups(self.hypernet(batch.doc_embedding, batch.doc_mask), batch.groups.roll(1, dims=0))
+        wrong = sum_groups(generated, batch.groups.roll(1, dims=0))
         logits, targets, owner = answer_logits(self.base, wrong, batch.input_ids, batch.attention_mask, batch.labels)
         wrong_doc = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
         self.log_dict({"val/loss": out["lm"], "val/loss_closed_book": closed, "val/loss_wrong_doc": wrong_doc,
@@ -527,8 +547,14 @@ class HypernetModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.hypernet.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, hp.warmup_steps)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        total = self.trainer.max_steps
+        if hp.schedule == "cosine" and total <= hp.warmup_steps:
+            raise HyperPragError(f"schedule: cosine decays until trainer.max_steps, which is {total}; set "
+                                 f"--trainer.max_steps above warmup_steps ({hp.warmup_steps}).")
+        factor = partial(lr_factor, warmup=hp.warmup_steps, total=total, schedule=hp.schedule,
+                         floor=hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["hyper_prag_hypernet"] = self.hypernet.describe()  # lets load_hypernet read a .ckpt alone

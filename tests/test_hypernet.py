@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -16,8 +17,8 @@ from hyper_prag.hypernet import (
     load_hypernet, pad_states, save_inference_checkpoint,
 )
 from hyper_prag.hypernet_train import (
-    HypernetDataModule, HypernetModule, answer_logits, collate, delta_distance, delta_norm, export_checkpoint, main,
-    sum_groups, tokenize_qa,
+    HypernetDataModule, HypernetModule, answer_logits, collate, delta_distance, delta_norm, export_checkpoint, lr_factor,
+    main, sum_groups, tokenize_qa,
 )
 from hyper_prag.inject import injected
 from hyper_prag.lora import stack
@@ -205,6 +206,18 @@ def test_init_from_copies_weights_and_refuses_another_architecture(tmp_path):
         assert torch.equal(tuned.hypernet.state_dict()[name], value), name
     with pytest.raises(HyperPragError, match="architecture"):
         small_module(init_from=str(path), readout="attention")
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cosine = [lr_factor(step, warmup=10, total=110, schedule="cosine", floor=0.1) for step in range(120)]
+    assert cosine[0] == pytest.approx(0.1) and cosine[9] == pytest.approx(1.0) and cosine[10] == pytest.approx(1.0)
+    assert cosine[60] == pytest.approx(0.55) and cosine[110] == pytest.approx(0.1) and cosine[119] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cosine[10:], cosine[11:]))
+    assert [lr_factor(s, 10, 110, "constant", 0.1) for s in (5, 10, 500)] == [0.6, 1.0, 1.0]
+    module = small_module(schedule="cosine")
+    module.trainer = pl.Trainer(max_time="00:00:01:00", logger=False, enable_checkpointing=False)  # max_steps -1
+    with pytest.raises(HyperPragError, match="max_steps"):
+        module.configure_optimizers()
 
 
 def test_delta_distance_and_norm_match_materialised_delta(tiny):
