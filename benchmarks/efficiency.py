@@ -40,9 +40,12 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hyper_prag import assemble  # noqa: E402
+from hyper_prag.assemble import build_method  # noqa: E402
 from hyper_prag.lora import LoraSpec, init_lora  # noqa: E402
-from hyper_prag.pipeline import (HypernetSource, Pipeline, StoreSource, load_model, per_doc_setup,  # noqa: E402,F401
-                                 load_benchmark)
+from hyper_prag.pipeline import Pipeline  # noqa: E402
+from hyper_prag.recipes import Recipe  # noqa: E402
+from hyper_prag.sources import StoreSource  # noqa: E402
 
 
 def random_store_source(base, documents, root: Path, rank: int = 2):
@@ -52,15 +55,16 @@ def random_store_source(base, documents, root: Path, rank: int = 2):
     store = LoraStore(root)  # default storage dtype, as `hyper-prag encode` writes
     spec = LoraSpec(rank=rank).for_model(base)
     dims = {m: base.module_dims(m) for m in spec.target_modules}
+    recipe = Recipe("random", base.identity, spec, {}, {"name": "random", "seed": 0})
     gen = torch.Generator().manual_seed(0)
     items = []
     for doc in documents:
         lora = init_lora(spec, dims, generator=gen)
         for b in lora.B.values():
             b.normal_(0.0, 1e-3, generator=gen)
-        items.append((f"random-{doc.id}", lora, {"doc_id": doc.id}))
+        items.append((recipe.key(doc.text), lora, {"doc_id": doc.id}))
     store.put_many(items)
-    return StoreSource(store, lambda doc: f"random-{doc.id}", base.identity)
+    return StoreSource(store, recipe)
 
 
 def token_cost(base, prompts: list[str], tokens: int) -> float:
@@ -85,24 +89,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--store", default=None, help="LoRA store with the encoded LoRAs (default: random LoRAs)")
-    parser.add_argument("--encode-config", default=None, help="encode YAML that made --store")
+    parser.add_argument("--recipe", default=None, help="recorded recipe of --store to read (if it holds several)")
     parser.add_argument("--out", default=None, help="write the measurements as JSON here")
     args = parser.parse_args(argv)
 
     from hyper_prag.retrieve import BM25Retriever
 
-    base = load_model(args.model)
-    corpus = load_benchmark(args.benchmark).split(args.split)
+    base = assemble.load_model(args.model)
+    corpus = assemble.load_corpus(args.benchmark).split(args.split)
     questions = [q.question for q in corpus.questions[: args.questions]]
     retriever = BM25Retriever.build(corpus)
     hits = retriever.search(questions, args.k)
     needed = [corpus.document(i) for i in dict.fromkeys(h.doc_id for row in hits for h in row)]
     tmp = tempfile.TemporaryDirectory(prefix="efficiency-store-")
     if args.store:
-        from hyper_prag.store import LoraStore
-
-        setup = per_doc_setup(base, load_benchmark(args.benchmark), args.encode_config)
-        source = StoreSource.for_encoder(LoraStore(args.store), setup.encoder, base, setup.augment_config, setup.spec)
+        store = assemble.open_store(args.store)
+        source = StoreSource(store, assemble.per_doc_from_store(base, store.root, args.recipe))
         lora_kind = f"encoded ({args.store})"
     else:
         source = random_store_source(base, needed, Path(tmp.name))
@@ -117,9 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(), "regimes": {}}
     for regime in ("natural", "fixed"):
         fixed = regime == "fixed"
-        methods = {"rag": pipe("merged", fixed).method("rag"),
-                   "prag-merged": pipe("merged", fixed).method("prag", source),
-                   "prag-side": pipe("side", fixed).method("prag", source)}
+        methods = {"rag": build_method("rag", pipe("merged", fixed)),
+                   "prag-merged": build_method("prag", pipe("merged", fixed), source),
+                   "prag-side": build_method("prag", pipe("side", fixed), source)}
         for method in methods.values():  # warm-up: first-call allocations, store mmap, BM25
             method.answer(questions[:1])
         answers = {name: [] for name in methods}

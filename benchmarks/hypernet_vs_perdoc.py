@@ -14,9 +14,9 @@ Measured:
 * encoding cost per document: the hypernet (doc embedding + one forward, batched over all documents,
   and one document at a time) vs per-document LoRA training (``PerDocEncoder``, template augmentation,
   lr 1e-3 by default, chunks of 4), and their ratio. Model load is not timed.
-* F1 / EM by question type: each question asked with ``prompts.question_prompt(base, q)`` (no
-  passages) and the LoRA of its supporting documents (``combine.combine(mode="sum")`` for
-  multi-document questions), greedy decoding; closed-book = the base model alone; control
+* F1 / EM by question type, with bootstrap 95% CIs: each question asked through the online path
+  (``Pipeline.answer_given``: its supporting documents instead of retrieved ones, no passages in the
+  prompt, their LoRAs summed), greedy decoding; closed-book = the base model alone; control
   ``hypernet_wrong_doc`` = each document given the hypernet LoRA of another document.
 
 With several ``--checkpoint`` paths, the first is reported as ``hypernet`` and each other one as
@@ -32,17 +32,16 @@ import random
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from hyper_prag.combine import combine
-from hyper_prag.evaluate import score as score_answer
+from hyper_prag.corpus import Corpus
 from hyper_prag.hypernet import SHIPPED_CHECKPOINT
-from hyper_prag.inject import injected
 from hyper_prag.lora import Lora
-from hyper_prag.prompts import question_prompt
+from hyper_prag.pipeline import Pipeline
+from hyper_prag.scoring import score as score_answer
+from hyper_prag.scoring import summarize
 
 
 def choose(corpus, n_docs: int, seed: int):
@@ -70,43 +69,39 @@ def choose(corpus, n_docs: int, seed: int):
     return [test.document(d) for d in docs], questions
 
 
-def pad_rank(lora: Lora, rank: int) -> Lora:
-    """The same ΔW at a larger rank (zero rows of A / columns of B), so LoRAs of different ranks stack."""
-    extra = rank - lora.spec.rank
-    if extra == 0:
-        return lora
-    A = {m: torch.cat([a, a.new_zeros(*a.shape[:-2], extra, a.shape[-1])], dim=-2) for m, a in lora.A.items()}
-    B = {m: torch.cat([b, b.new_zeros(*b.shape[:-1], extra)], dim=-1) for m, b in lora.B.items()}
-    return Lora(replace(lora.spec, rank=rank, alpha=lora.spec.scaling * rank), A, B)
+class TableSource:
+    """A LoRA source over a fixed table of per-document LoRAs (generated or trained in this run)."""
+
+    def __init__(self, name: str, table: dict[str, Lora]) -> None:
+        self.name, self.table = name, table
+
+    def loras(self, documents):
+        return [self.table[d.id] for d in documents]
+
+    def names(self, documents):
+        return [f"{self.name}:{d.id}" for d in documents]
 
 
-def answer(base, questions, loras_by_doc: dict[str, Lora] | None, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers; question i uses the summed LoRA of its documents (batched injection), or none."""
-    from hyper_prag.lora import stack
-
-    out = []
-    for i in range(0, len(questions), batch_size):
-        chunk = questions[i : i + batch_size]
-        prompts = [question_prompt(base, q.question) for q in chunk]
-        if loras_by_doc is None:
-            out += base.generate(prompts, max_new_tokens=max_new_tokens)
-            continue
-        combined = [combine([loras_by_doc[d] for d in q.doc_ids], mode="sum") for q in chunk]
-        rank = max(c.spec.rank for c in combined)
-        with injected(base, stack([pad_rank(c, rank) for c in combined]), mode="batched"):
-            out += base.generate(prompts, max_new_tokens=max_new_tokens)
-    return out
+def answer(base, docs, questions, table: dict[str, Lora] | None, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers through the online path; question i uses the summed LoRA of its documents, or none."""
+    corpus = Corpus("hypernet-vs-perdoc", tuple(docs), tuple(questions))
+    pipeline = Pipeline(base, None, corpus, max_new_tokens=max_new_tokens, batch_size=batch_size, single_mode="side")
+    given = [[corpus.document(d) for d in q.doc_ids] for q in questions]
+    source = TableSource("table", table) if table is not None else None
+    answers = pipeline.answer_given([q.question for q in questions], given if table is not None else [[]] * len(given),
+                                    "none", source)
+    return [a.prediction for a in answers]
 
 
-def score(questions, predictions) -> dict:
-    """F1 / EM / accuracy (``evaluate.score``: max over answer aliases), overall and by question type."""
-    rows = defaultdict(list)
-    for q, p in zip(questions, predictions):
-        scored = score_answer(p, q.answers)
-        rows[q.type].append(scored)
-        rows["all"].append(scored)
-    return {t: {"n": len(v), **{k: sum(r[k] for r in v) / len(v) for k in ("f1", "em", "accuracy")}}
-            for t, v in sorted(rows.items())}
+def score(questions, predictions, resamples: int = 1000) -> dict:
+    """F1 / EM / accuracy (max over answer aliases), by question type and overall ("all"), with 95% CIs."""
+    scored = [score_answer(p, q.answers) for q, p in zip(questions, predictions)]
+    types = [q.type for q in questions]
+    summary = summarize(scored, types, sorted(set(types)), n_resamples=resamples)
+    return {("all" if t == "total" else t): {"n": cells["f1"]["n"],
+                                             **{m: c["mean"] for m, c in cells.items()},
+                                             **{f"{m}_ci": [c["low"], c["high"]] for m, c in cells.items()}}
+            for t, cells in summary.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -130,12 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
 
-    from hyper_prag.benchmark import load_or_make_default
+    from hyper_prag import assemble
     from hyper_prag.hypernet import HypernetEncoder
-    from hyper_prag.model import load_base_model, tiny_base_model
 
-    base = tiny_base_model() if args.model == "tiny" else load_base_model(args.model)
-    corpus = load_or_make_default()
+    base = assemble.load_model(args.model)
+    corpus = assemble.load_corpus("fictional")
     docs, questions = choose(corpus, args.docs, args.seed)
     result: dict = {"command": "python benchmarks/hypernet_vs_perdoc.py " + " ".join(argv),
                     "documents": len(docs), "questions": len(questions),
@@ -170,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         from hyper_prag.lora import LoraSpec
 
         augmented = augment_documents(docs, AugmentConfig(source="template"), base=base, corpus=corpus)
-        per_doc = PerDocEncoder(base, LoraSpec().for_model(base), PerDocConfig(lr=args.per_doc_lr, epochs=args.per_doc_epochs), runner="loop")
+        per_doc = PerDocEncoder(base, LoraSpec().for_model(base), PerDocConfig(lr=args.per_doc_lr, epochs=args.per_doc_epochs))
         order = sorted(range(len(docs)), key=lambda i: len(docs[i].text))  # chunk by length: little padding
         trained: dict[str, Lora] = {}
         start = time.perf_counter()
@@ -190,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictions = {}
     for method, table in [("closed_book", None), *loras.items()]:
         start = time.perf_counter()
-        preds = answer(base, questions, table, args.batch_size, args.max_new_tokens)
+        preds = answer(base, docs, questions, table, args.batch_size, args.max_new_tokens)
         scores[method] = score(questions, preds)
         scores[method]["all"]["answer_seconds"] = time.perf_counter() - start
         predictions[method] = preds

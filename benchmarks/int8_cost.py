@@ -18,6 +18,16 @@ import tempfile
 from pathlib import Path
 
 
+def copy_recipes(src: Path, dst: Path) -> None:
+    """Copies the recipes (and warm-up LoRAs) recorded in one store into another."""
+    import shutil
+
+    from hyper_prag.recipes import RECIPES_DIR
+
+    if (src / RECIPES_DIR).is_dir():
+        shutil.copytree(src / RECIPES_DIR, dst / RECIPES_DIR, dirs_exist_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="folder of a finished evaluate/demo run (results.json)")
@@ -25,8 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from hyper_prag.evaluate import add_evaluate_arguments, evaluate_argv, run_evaluate
-    from hyper_prag.pipeline import default_store
+    from hyper_prag.api import evaluate, recorded_settings
+    from hyper_prag.assemble import default_store_path
     from hyper_prag.store import LoraStore
 
     done = json.loads((args.results / "results.json").read_text())
@@ -35,17 +45,16 @@ def main() -> None:
                    for p in m["predictions"] for k in p["lora_names"]})
     if not keys:
         raise SystemExit(f"{args.results} has no prag rows with applied LoRAs")
-    source = LoraStore(config.get("store") or default_store(config["model"]))
+    source = LoraStore(config.get("store") or default_store_path(config["model"]))
     # the same run, with the store chosen below
-    argv = evaluate_argv({**config, "store": None}, args.methods.split(",")) + ["--no-encode"]
-    parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
+    settings = recorded_settings({**config, "store": None}) | {"encode_missing": False}
     runs = {}
     with tempfile.TemporaryDirectory(prefix="int8-store-") as tmp:
         int8 = LoraStore(Path(tmp) / "store", dtype="int8")
         int8.put_many([(k, source.get(k), source.meta(k)) for k in keys])
+        copy_recipes(source.root, int8.root)  # the int8 store answers under the same recipe's keys
         for name, store in (("bf16", source.root), ("int8", int8.root)):
-            runs[name] = run_evaluate(parser.parse_args(argv + ["--store", str(store), "--out", f"{tmp}/{name}"]))
+            runs[name] = evaluate(args.methods, **settings, store=store, out=f"{tmp}/{name}")
         bytes_per_doc = {"bf16": source.stats()["bytes_per_document"], "int8": int8.stats()["bytes_per_document"]}
     print(f"\n{len(keys)} LoRAs, {done['config']['questions']} questions of {config['benchmark']}")
     for method in args.methods.split(","):

@@ -15,7 +15,7 @@ import json
 import shlex
 from pathlib import Path
 
-from hyper_prag.evaluate import evaluate_argv
+from hyper_prag.cli import evaluate_command
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -33,11 +33,10 @@ def command(results: dict) -> str:
     config = results["config"]
     methods = [m["name"] for m in results["methods"]]
     if str(config["benchmark"]).endswith("-demo"):  # hyper-prag demo evaluates a slice it saves in the cache
-        argv = ["hyper-prag", "evaluate", *evaluate_argv({**config, "benchmark": Path(config["benchmark"]).name}, methods)]
+        words = shlex.split(evaluate_command({**config, "benchmark": Path(config["benchmark"]).name}, methods))
         return "make demo   # hyper-prag demo saves the slice in the cache, then runs:\n" + shlex.join(
-            _portable(a) for a in argv)
-    argv = ["hyper-prag", "evaluate", *evaluate_argv(config, methods)]
-    return shlex.join(_portable(a) for a in argv)
+            _portable(a) for a in words)
+    return shlex.join(_portable(a) for a in shlex.split(evaluate_command(config, methods)))
 
 
 def section(folder: Path) -> str:

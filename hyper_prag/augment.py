@@ -17,7 +17,6 @@ Sources:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -323,33 +322,3 @@ def load_augmented(path: str | Path) -> list[AugmentedDocument]:
         except (ValueError, KeyError, TypeError) as err:
             raise HyperPragError(f"{path}, line {n}: not an augmented document ({err}); re-run hyper-prag augment.") from err
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hyper-prag augment``."""
-    parser.add_argument("--corpus", default="fictional", help="corpus folder, or 'fictional' for the default benchmark")
-    parser.add_argument("--split", default="test", help="documents of this split ('all' for every document)")
-    parser.add_argument("--limit", type=int, default=None, help="augment only the first N documents")
-    parser.add_argument("--rewrites", type=int, default=1, help="rewrites per document (paper: 1)")
-    parser.add_argument("--qa", type=int, default=3, help="QA pairs per document (paper: 3)")
-    parser.add_argument("--source", choices=["llm", "template"], default="llm", help="LLM self-augmentation or the corpus's doc_qa")
-    parser.add_argument("--model", default=None, help="augmenting model (default SmolLM2-135M-Instruct); may differ from the answering model")
-    parser.add_argument("--batch-size", type=int, default=8, help="documents per generation batch")
-    parser.add_argument("--out", default="augmented.jsonl", help="output JSONL file")
-
-
-def run_augment(args: argparse.Namespace) -> list[AugmentedDocument]:
-    """Runs ``hyper-prag augment``."""
-    from hyper_prag.benchmark import load_or_make_default
-    from hyper_prag.corpus import load_corpus
-    from hyper_prag.model import load_base_model
-
-    corpus = load_or_make_default() if args.corpus == "fictional" else load_corpus(args.corpus)
-    docs = list(corpus.documents if args.split == "all" else corpus.split(args.split).documents)[: args.limit]
-    config = AugmentConfig(n_rewrites=args.rewrites, n_qa=args.qa, source=args.source, batch_size=args.batch_size)
-    base = load_base_model(args.model) if args.source == "llm" else None
-    stats = AugmentStats()
-    augmented = augment_documents(docs, config, base=base, corpus=corpus, stats=stats)
-    path = save_augmented(args.out, augmented)
-    print(f"{len(augmented)} documents augmented -> {path}; {asdict(stats)}")
-    return augmented

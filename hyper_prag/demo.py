@@ -3,7 +3,7 @@
 1. Loads SmolLM2-135M-Instruct from the packaged GGUF (converted once, cached).
 2. Takes a slice of the fictional benchmark's *test* documents (facts no model can know) and the
    test questions answerable from that slice, and saves it as a corpus folder.
-3. Runs ``hyper-prag evaluate`` on it with every method: the harness builds the BM25 index, augments
+3. Runs :func:`hyper_prag.api.evaluate` on it with every method: the harness builds the BM25 index, augments
    and encodes the retrieved documents per document into the LoRA store (paper §3.2), generates the
    hypernetwork's LoRAs with the shipped checkpoint, answers every question with every method, and
    prints the comparison table; results.json/results.md and the F1 and latency plots are written.
@@ -13,18 +13,21 @@ Everything is cached: a second run re-uses the converted model, the augmentation
 
 from __future__ import annotations
 
-import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from hyper_prag.corpus import Corpus, save_corpus
 from hyper_prag.errors import HyperPragError
+from hyper_prag.evaluate import Results
+from hyper_prag.methods import METHOD_NAMES, parse_methods
 from hyper_prag.paths import cache_dir
-from hyper_prag.pipeline import DYNAMIC_METHODS
 
 log = logging.getLogger(__name__)
 
-ALL_METHODS = ("closed-book", "rag", "da-rag", "prag", "prag-both", "hypernet", "hypernet-both")
+DEMO_DOCS = 12  # test documents in the demo slice
+DEMO_PER_TYPE = 3  # questions per question type
+DEMO_ENCODE_CONFIG = "configs/encode/demo.yaml"  # per-document settings of the demo's LoRAs
 
 
 def shipped_checkpoint() -> Path | None:
@@ -67,36 +70,34 @@ def demo_slice(corpus: Corpus, n_docs: int, per_type: int) -> Corpus:
                   {d.id: corpus.doc_qa[d.id] for d in docs if d.id in corpus.doc_qa})
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hyper-prag demo``."""
-    parser.add_argument("--docs", type=int, default=12, help="test documents in the demo slice")
-    parser.add_argument("--per-type", type=int, default=3, help="questions per question type")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS + DYNAMIC_METHODS), help="methods to compare")
-    parser.add_argument("--hypernet", default=None, help="hypernetwork checkpoint (default: the shipped one)")
-    parser.add_argument("--encode-config", default="configs/encode/demo.yaml",
-                        help="per-document encoding settings (falls back to the encode defaults if missing)")
-    parser.add_argument("--out", default="results/demo", help="folder for the table, JSON and plots")
+def run_demo(docs: int = DEMO_DOCS, per_type: int = DEMO_PER_TYPE, methods: str | Sequence[str] = METHOD_NAMES,
+             hypernet: str | Path | None = None, encode_config: str | Path | None = DEMO_ENCODE_CONFIG,
+             out: str | Path = "results/demo") -> Results:
+    """Runs the demo: slice the benchmark, then the harness with every method.
 
+    Args:
+        docs: test documents in the slice.
+        per_type: questions per question type.
+        methods: the methods to compare (default: all).
+        hypernet: hypernetwork checkpoint (default: the shipped one; without one the hypernet methods are skipped).
+        encode_config: per-document encoding settings (the encode defaults if the file is missing).
+        out: folder for the table, JSON and plots.
 
-def run_demo(args: argparse.Namespace):
-    """Runs the demo: slice the benchmark, then the harness with every method."""
+    Returns:
+        The harness :class:`~hyper_prag.evaluate.Results`.
+    """
+    from hyper_prag.api import evaluate
     from hyper_prag.benchmark import load_or_make_default
-    from hyper_prag.evaluate import add_evaluate_arguments, run_evaluate
 
-    corpus = demo_slice(load_or_make_default(), args.docs, args.per_type)
+    corpus = demo_slice(load_or_make_default(), docs, per_type)
     if not corpus.questions:
         raise HyperPragError("the demo slice has no questions; raise --docs.")
     folder = save_corpus(corpus, cache_dir("data") / corpus.name)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    checkpoint = args.hypernet or shipped_checkpoint()
-    if checkpoint is None and any(m.startswith("hypernet") for m in methods):
+    names = parse_methods(methods)
+    checkpoint = hypernet or shipped_checkpoint()
+    if checkpoint is None and any(m.startswith("hypernet") for m in names):
         log.warning("no hypernetwork checkpoint shipped or given: skipping the hypernet methods")
-        methods = [m for m in methods if not m.startswith("hypernet")]
-    encode_config = args.encode_config if args.encode_config and Path(args.encode_config).is_file() else None
-    log.info("demo: %d documents, %d questions, methods %s", len(corpus.documents), len(corpus.questions), methods)
-    parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
-    argv = ["--benchmark", str(folder), "--split", "test", "--methods", ",".join(methods), "--out", args.out]
-    argv += ["--hypernet", str(checkpoint)] if checkpoint else []
-    argv += ["--encode-config", encode_config] if encode_config else []
-    return run_evaluate(parser.parse_args(argv))
+        names = [m for m in names if not m.startswith("hypernet")]
+    config = encode_config if encode_config and Path(encode_config).is_file() else None
+    log.info("demo: %d documents, %d questions, methods %s", len(corpus.documents), len(corpus.questions), names)
+    return evaluate(names, benchmark=str(folder), split="test", hypernet=checkpoint, encode_config=config, out=out)

@@ -1,6 +1,6 @@
 """Dynamic retrieval, the paper's baselines that decide *while generating* when and what to retrieve.
 
-:class:`Flare` and :class:`Dragin` are :class:`~hyper_prag.pipeline.Method` s on a
+:class:`Flare` and :class:`Dragin` are :class:`~hyper_prag.methods.Method` s on a
 :class:`~hyper_prag.pipeline.Pipeline`: they reuse its base model, retriever, corpus, ``k``,
 ``max_new_tokens`` and prompt (:func:`hyper_prag.prompts.question_prompt`, retrieved documents as its
 passages), so they are scored on equal terms with the static methods (PRAG paper §4.1). Decoding is
@@ -44,14 +44,14 @@ only the eager attention implementation returns: :func:`eager_attention` switche
 for the method's forward passes (``set_attn_implementation``) and back afterwards;
 :class:`HyperPragError` if the model still returns none (load it with ``attn_implementation="eager"``).
 
-Parametric LoRAs (optional, off by default): with a :class:`~hyper_prag.pipeline.LoraSource`, every
+Parametric LoRAs (optional, off by default): with a :class:`~hyper_prag.methods.LoraSource`, every
 generation that has retrieved documents in its prompt (FLARE: the regenerated sentence; DRAGIN: all
 generation after a retrieval) also runs with those documents' LoRAs combined
 (:func:`hyper_prag.combine.combine`, the pipeline's ``combine_mode``) and applied with the pipeline's
 ``single_mode`` injector (default merged): "combine both", with the LoRAs following the documents.
 The model is restored after each such generation, also when it raises.
 
-Timing (:data:`~hyper_prag.pipeline.STAGES`, seconds per question): ``retrieve`` (retriever calls,
+Timing (:data:`~hyper_prag.methods.STAGES`, seconds per question): ``retrieve`` (retriever calls,
 query formulation, prompt building), ``lora`` (LoRA fetch), ``apply`` (combine + inject + restore),
 ``generate`` (all decoding, including discarded look-aheads and DRAGIN's attention passes).
 ``Answer.retrievals`` counts retriever calls. ``Pipeline.generation_kwargs`` are not used here.
@@ -75,7 +75,8 @@ from hyper_prag.corpus import Document
 from hyper_prag.errors import HyperPragError
 from hyper_prag.inject import injected
 from hyper_prag.model import BaseModel
-from hyper_prag.pipeline import STAGES, Answer, LoraSource, Pipeline
+from hyper_prag.methods import STAGES, Answer, LoraSource
+from hyper_prag.pipeline import Pipeline
 from hyper_prag.prompts import question_prompt
 
 log = logging.getLogger(__name__)

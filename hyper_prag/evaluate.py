@@ -1,33 +1,23 @@
 """The one evaluation harness: every method on the same questions, the same prompt, the same scoring.
 
-Scoring (SQuAD v1.1 style, max over all accepted answer aliases):
-
-- ``normalize_answer``: lower-case; drop thousands separators *inside numbers* ("15,140" → "15140",
-  so it matches "15140" and "15,140"; the PRAG reference code splits at the comma and keeps "15");
-  other punctuation between digits separates two numbers ("3,4", "1990-1995"); delete the remaining
-  punctuation except a decimal point between digits; remove the articles a/an/the; collapse whitespace.
-- ``em``: normalised prediction == normalised alias.
-- ``f1``: token-level F1 between the two normalised strings.
-- ``accuracy`` ("contains"): the normalised alias occurs as whole words inside the normalised
-  prediction (small instruction models are verbose: "It was founded in 1873." contains "1873").
-
-Every mean comes with a seeded percentile-bootstrap 95% confidence interval (1,000 resamples of the
-questions), per question type and in total. Latency is reported per pipeline stage (median and
-mean seconds per question), with peak memory and, when the caller passes them, the offline encoding
-cost per document and store bytes per document. :meth:`Results.write` writes ``results.json``,
-``results.md`` (one row per method) and the PNG plots of :mod:`hyper_prag.plots`.
+:func:`compare` hands the same questions to every :class:`~hyper_prag.methods.Method`, scores each
+answer (:mod:`hyper_prag.scoring`: EM / F1 / answer-contained, max over aliases) and summarises per
+question type and in total with seeded bootstrap 95% confidence intervals. Latency is reported per
+pipeline stage (median and mean seconds per question), with peak memory and, when the caller passes
+them, the offline encoding cost per document and store bytes per document. :meth:`Results.write`
+writes ``results.json``, ``results.md`` (one row per method) and the PNG plots of
+:mod:`hyper_prag.plots`. Building the methods from names is :mod:`hyper_prag.assemble`'s job; the
+whole ``hyper-prag evaluate`` run is :func:`hyper_prag.api.evaluate`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import re
-import string
+import resource
+import sys
 import time
-import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,99 +28,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hyper_prag.errors import HyperPragError
-from hyper_prag.pipeline import STAGES, Answer, Method, peak_memory
+from hyper_prag.methods import STAGES, Answer, Method
+from hyper_prag.scoring import METRICS, TOTAL, score, summarize
 
 log = logging.getLogger(__name__)
-
-METRICS: tuple[str, ...] = ("f1", "em", "accuracy")
-TOTAL = "total"
-
-_NUMBER_COMMA = re.compile(r"(?<=\d),(?=\d{3}\b)")  # thousands separator: 15,140 / 1,000,000
-_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
-_DIGIT_SEPARATOR = re.compile(r"(?<=\d)[^\w\s.](?=\d)")  # "3,4" / "1990-1995": two numbers, not one
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_KEEP = "\x00"  # placeholder protecting decimal points while punctuation is deleted
-
-
-def _is_punctuation(ch: str) -> bool:
-    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation that keeps numbers whole (see the module docstring).
-
-    Args:
-        text: a prediction or an answer alias.
-
-    Returns:
-        The normalised string (lower case, single spaces).
-    """
-    text = text.lower()
-    text = _NUMBER_COMMA.sub("", text)
-    text = _DIGIT_SEPARATOR.sub(" ", text)
-    text = _DECIMAL_POINT.sub(_KEEP, text)
-    text = "".join(ch for ch in text if not _is_punctuation(ch)).replace(_KEEP, ".")
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def _f1(prediction: str, alias: str) -> float:
-    pred, gold = prediction.split(), alias.split()
-    if not pred or not gold:
-        return float(pred == gold)
-    common = Counter(pred) & Counter(gold)
-    overlap = sum(common.values())
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / len(pred), overlap / len(gold)
-    return 2 * precision * recall / (precision + recall)
-
-
-def score(prediction: str, answers: Sequence[str]) -> dict[str, float]:
-    """Scores one prediction against all accepted aliases (max over aliases for every metric).
-
-    Args:
-        prediction: the generated answer.
-        answers: accepted aliases (non-empty).
-
-    Returns:
-        ``{"em": 0|1, "f1": [0, 1], "accuracy": 0|1}``.
-    """
-    if not answers:
-        raise HyperPragError("a question has no accepted answers; every question needs at least one.")
-    pred = normalize_answer(prediction)
-    golds = [normalize_answer(a) for a in answers]
-    padded = f" {pred} "
-    return {
-        "em": float(any(pred == g for g in golds)),
-        "f1": max(_f1(pred, g) for g in golds),
-        "accuracy": float(any(g and f" {g} " in padded for g in golds)),
-    }
-
-
-def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float, float]:
-    """Mean with a percentile-bootstrap confidence interval (resampling questions with replacement).
-
-    Args:
-        values: one score per question.
-        n_resamples: bootstrap resamples.
-        seed: RNG seed (same seed, same interval).
-        level: confidence level.
-
-    Returns:
-        ``(mean, low, high)``; NaNs for no values.
-    """
-    x = np.asarray(values, dtype=np.float64)  # (n,)
-    if x.size == 0:
-        return (math.nan, math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(n_resamples, x.size))  # (B, n)
-    means = x[idx].mean(axis=1)  # (B,)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return (float(x.mean()), float(low), float(high))
-
 
 # --------------------------------------------------------------------------------------------- results
 
@@ -221,18 +122,6 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def _summaries(per_question: list[dict[str, float]], types: list[str], all_types: list[str],
-               n_resamples: int, seed: int) -> dict[str, dict[str, dict[str, float]]]:
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for group in [*all_types, TOTAL]:
-        rows = [s for s, t in zip(per_question, types) if group in (TOTAL, t)]
-        out[group] = {}
-        for metric in METRICS:
-            mean, low, high = bootstrap_ci([r[metric] for r in rows], n_resamples, seed)
-            out[group][metric] = {"mean": mean, "low": low, "high": high, "n": len(rows)}
-    return out
-
-
 def _latency(answers: Sequence[Answer]) -> dict[str, dict[str, float]]:
     table = {s: np.array([a.timing.get(s, 0.0) for a in answers]) for s in STAGES}  # stage -> (n,)
     table["total"] = sum(table.values())  # (n,)
@@ -240,7 +129,23 @@ def _latency(answers: Sequence[Answer]) -> dict[str, dict[str, float]]:
             "mean": {s: float(np.mean(v)) for s, v in table.items()}}
 
 
-def evaluate(
+def peak_memory(device: Any = None) -> dict[str, float]:
+    """Peak memory so far, in MiB: the process's max RSS (monotone), plus CUDA's max allocated on GPU.
+
+    Args:
+        device: the model's device; CUDA peak is reported only for a CUDA device.
+    """
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"max_rss_mib": rss_kb / (1024 * 1024 if sys.platform == "darwin" else 1024)}
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def compare(
     methods: Sequence[Method], questions: Sequence[Any], *, costs: Mapping[str, Mapping[str, float | None]] | None = None,
     n_resamples: int = 1000, seed: int = 0, chunk: int = 8, device: Any = None, progress: bool = True,
     config: Mapping[str, Any] | None = None,
@@ -287,7 +192,7 @@ def evaluate(
         cost = (costs or {}).get(method.name, {})
         results.append(MethodResult(
             name=method.name,
-            scores=_summaries(per_question, types, all_types, n_resamples, seed),
+            scores=summarize(per_question, types, all_types, n_resamples, seed),
             latency=_latency(answers),
             memory=peak_memory(device),
             retrievals=float(np.mean([a.retrievals for a in answers])),
@@ -306,9 +211,6 @@ def evaluate(
     return Results(results, all_types, cfg)
 
 
-# ------------------------------------------------------------------------------------------------- CLI
-
-
 def select_questions(questions: Sequence[Any], per_type: int | None = None, limit: int | None = None) -> list[Any]:
     """The questions a run evaluates: the first ``per_type`` of each type (corpus order kept), then the first ``limit``.
 
@@ -324,128 +226,3 @@ def select_questions(questions: Sequence[Any], per_type: int | None = None, limi
                 kept.append(q)
         chosen = kept
     return chosen[:limit] if limit else chosen
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hyper-prag evaluate``."""
-    from hyper_prag.pipeline import DYNAMIC_METHODS, METHOD_NAMES, add_pipeline_arguments
-
-    parser.add_argument("--methods", default="closed-book,rag,prag",
-                        help=f"comma-separated methods: {','.join(METHOD_NAMES + DYNAMIC_METHODS)}")
-    add_pipeline_arguments(parser)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions of the split")
-    parser.add_argument("--per-type", type=int, default=None,
-                        help="evaluate the first N questions of each question type (before --limit)")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per retrieval/generation batch")
-    parser.add_argument("--chunk-size", type=int, default=4, help="documents per LoRA bank when encoding missing ones")
-    parser.add_argument("--no-encode", action="store_true", help="fail instead of encoding documents missing from the store")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per confidence interval")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--out", default="results/evaluate", help="folder for results.json, results.md and plots")
-
-
-# Settings a run records in its config under the argument's own name (dest); see evaluate_argv.
-REPRODUCED: tuple[str, ...] = ("split", "model", "k", "retriever", "combine", "max_new_tokens", "per_type", "limit",
-                               "encode_config", "hypernet", "store")
-
-
-def evaluate_argv(config: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
-    """The ``hyper-prag evaluate`` arguments that reproduce a run from its recorded ``config``.
-
-    Args:
-        config: ``Results.config`` (``results.json``'s ``"config"``).
-        methods: the methods to run.
-
-    Returns:
-        ``--benchmark``, ``--methods`` and every :data:`REPRODUCED` setting that differs from the CLI default.
-    """
-    parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
-    argv = ["--benchmark", str(config["benchmark"]), "--methods", ",".join(methods)]
-    for key in REPRODUCED:
-        value = config.get(key)
-        if value is not None and value != parser.get_default(key):
-            argv += [f"--{key.replace('_', '-')}", str(value)]
-    return argv
-
-
-def run_evaluate(args: argparse.Namespace) -> Results:
-    """Runs ``hyper-prag evaluate``: builds the pipeline and methods, encodes missing LoRAs, scores, writes files."""
-    from hyper_prag.pipeline import (DYNAMIC_METHODS, RECIPES, HypernetSource, Pipeline, StoreSource, build_augment,
-                                     default_store, load_benchmark, load_model, per_doc_setup)
-    from hyper_prag.retrieve import build_or_load
-
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in RECIPES and m not in DYNAMIC_METHODS]
-    if unknown or not names:
-        raise HyperPragError(f"unknown methods {unknown}; choose from {', '.join([*RECIPES, *DYNAMIC_METHODS])}.")
-    base = load_model(args.model, args.device)
-    full = load_benchmark(args.benchmark)
-    corpus = full.split(args.split) if args.split else full
-    questions = select_questions(corpus.questions, args.per_type, args.limit)
-    if not corpus.documents or not questions:
-        raise HyperPragError(f"benchmark {args.benchmark!r} split {args.split!r} has {len(corpus.documents)} "
-                             f"documents and {len(questions)} questions; choose another --split.")
-    retriever = build_or_load(args.retriever, corpus, device=args.device)
-    recipes = [RECIPES[m] for m in names if m in RECIPES]  # flare/dragin need no LoRAs or augmentation here
-    kinds = {kind for _, _, kind in recipes}
-    contexts = {context for _, context, _ in recipes}
-    # The documents the evaluated questions retrieve: what the prag methods need LoRAs for.
-    hits = retriever.search([q.question for q in questions], args.k)
-    needed = [corpus.document(i) for i in dict.fromkeys(h.doc_id for row in hits for h in row)]
-    costs: dict[str, dict[str, float | None]] = {}
-    sources: dict[str, Any] = {}
-    augment = None
-    if "store" in kinds or "augmented" in contexts:
-        setup = per_doc_setup(base, full, args.encode_config)
-        augment = build_augment(base, full, setup.augment_config)
-        if "augmented" in contexts:
-            start = time.perf_counter()
-            augment(needed)  # augmentation is offline work: done (or read from its cache) before timing
-            costs["da-rag"] = {"encode_seconds_per_doc": (time.perf_counter() - start) / max(1, len(needed)),
-                               "bytes_per_doc": None}
-        if "store" in kinds:
-            from hyper_prag.encode import encode_corpus
-            from hyper_prag.store import LoraStore
-
-            store = LoraStore(args.store or default_store(args.model))
-            source = StoreSource.for_encoder(store, setup.encoder, base, setup.augment_config, setup.spec)
-            missing = store.missing(source.names(needed))
-            if missing and args.no_encode:
-                raise HyperPragError(f"{len(missing)} retrieved documents have no LoRA in {store.root}; "
-                                     "run `hyper-prag encode` or drop --no-encode.")
-            report = encode_corpus(needed, setup.encoder, store, base, setup.augment_config, args.chunk_size,
-                                   corpus=full, spec=setup.spec)
-            stats = store.stats()
-            # The cost of the LoRAs this run uses, as recorded when each was encoded (now or by an earlier run).
-            recorded = [store.meta(key).get("seconds") for key in source.names(needed)]
-            recorded = [s for s in recorded if s is not None]
-            enc = sum(recorded) / len(recorded) if recorded else (report.seconds_per_doc if report.encoded else None)
-            for m in ("prag", "prag-both"):
-                costs[m] = {"encode_seconds_per_doc": enc, "bytes_per_doc": stats.get("bytes_per_document")}
-            sources["store"] = source
-    if "hypernet" in kinds:
-        if not args.hypernet:
-            raise HyperPragError("the hypernet methods need --hypernet CHECKPOINT.")
-        source = HypernetSource.from_checkpoint(args.hypernet, base)
-        start = time.perf_counter()
-        source.loras(needed)  # generation cost per document (the online path pays it in its `lora` stage)
-        per_doc = (time.perf_counter() - start) / max(1, len(needed))
-        for m in ("hypernet", "hypernet-both"):
-            costs[m] = {"encode_seconds_per_doc": per_doc, "bytes_per_doc": None}
-        sources["hypernet"] = source
-    pipeline = Pipeline(base, retriever, corpus, k=args.k, max_new_tokens=args.max_new_tokens,
-                        combine_mode=args.combine, batch_size=args.batch_size, augment=augment)
-    methods = [pipeline.method(m, sources.get(RECIPES[m][2]) if m in RECIPES else None) for m in names]
-    config = {"benchmark": args.benchmark, "split": args.split, "model": args.model, "base_identity": base.identity,
-              "k": args.k, "retriever": args.retriever, "combine": args.combine, "max_new_tokens": args.max_new_tokens,
-              "batch_size": args.batch_size, "limit": args.limit, "per_type": args.per_type, "store": args.store,
-              "hypernet": args.hypernet,
-              "hypernet_sha256": sources["hypernet"].encoder.sha256 if "hypernet" in sources else None,
-              "encode_config": args.encode_config, "documents_retrieved": len(needed)}
-    results = evaluate(methods, questions, costs=costs, n_resamples=args.resamples, seed=args.seed,
-                       chunk=args.batch_size, device=args.device, config=config)
-    paths = results.write(args.out)
-    print(results.to_markdown())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return results

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import matplotlib
 
@@ -15,13 +16,26 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hyper_prag.pipeline import STAGES  # noqa: E402
-
-if TYPE_CHECKING:
-    from hyper_prag.evaluate import Results
+from hyper_prag.methods import STAGES  # noqa: E402
 
 
-def plot_f1(results: "Results", path: str | Path) -> Path:
+class _Scored(Protocol):
+    """One method's row of a harness run (``hyper_prag.evaluate.MethodResult``)."""
+
+    name: str
+    scores: Mapping[str, Mapping[str, Mapping[str, float]]]
+    latency: Mapping[str, Mapping[str, float]]
+
+
+class Scored(Protocol):
+    """What the plots read of a harness run (``hyper_prag.evaluate.Results``)."""
+
+    methods: Sequence[_Scored]
+    types: Sequence[str]
+    config: Mapping[str, Any]
+
+
+def plot_f1(results: Scored, path: str | Path) -> Path:
     """Grouped bars: one group per question type (and "total"), one bar per method, CI error bars.
 
     Args:
@@ -52,7 +66,7 @@ def plot_f1(results: "Results", path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_latency(results: "Results", path: str | Path) -> Path:
+def plot_latency(results: Scored, path: str | Path) -> Path:
     """Stacked bars: median seconds per question of each method, split into retrieve/lora/apply/generate.
 
     Args:

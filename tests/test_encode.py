@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
 import torch
 
-from hyper_prag.encode import EncodeReport, PerDocConfig, PerDocEncoder, add_arguments, encode_corpus, load_config, run_encode
+import hyper_prag.augment as augment
+import hyper_prag.store as store_module
+from hyper_prag.api import encode, load_encode_config
+from hyper_prag.cli import main
+from hyper_prag.corpus import Corpus, Document
+from hyper_prag.encode import EncodeReport, encode_corpus
+from hyper_prag.encoders.per_doc import PerDocConfig, PerDocEncoder
 from hyper_prag.lora import LoraSpec
-
-augment = pytest.importorskip("hyper_prag.augment")
-store_module = pytest.importorskip("hyper_prag.store")
-from hyper_prag.corpus import Corpus, Document  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "encode").glob("*.yaml"))
 TEXTS = [
@@ -93,20 +94,21 @@ def test_resume_after_a_kill_trains_only_the_missing_documents(tiny, corpus, tmp
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_yaml_configs_parse_and_name_their_command(path):
     assert path.read_text().splitlines()[0] == f"# python -m train.encode --config configs/encode/{path.name}"
-    config = load_config(path)
-    assert isinstance(config["trainer"], PerDocConfig)
+    config = load_encode_config(path)
+    assert config["trainer"].lr > 0 and config["trainer"].epochs >= 1
     assert config["model"] in ("tiny", "smollm2-135m-instruct")
     augment.AugmentConfig(**(config["augment"] or {}))  # the augment block is a valid AugmentConfig
 
 
-def test_cli_runs_the_tiny_config(tmp_path):
+def test_encode_runs_the_tiny_config_and_the_cli_maps_onto_it(tmp_path):
     assert len(CONFIGS) >= 2
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--config", "configs/encode/tiny.yaml", "--limit", "2", "--store", str(tmp_path / "s"),
-                              "--chunk-size", "2", "--log-dir", str(tmp_path / "logs")])
-    first = run_encode(args)
+    overrides = ["--limit", "2", "--store", str(tmp_path / "s"), "--chunk_size", "2", "--log_dir", str(tmp_path / "logs")]
+    first = encode(**load_encode_config("configs/encode/tiny.yaml", overrides))
     assert (first.encoded, first.skipped) == (2, 0)
-    second = run_encode(args)
-    assert (second.encoded, second.skipped) == (0, 2)
     assert list((tmp_path / "logs").rglob("metrics.csv"))  # the CSV logger of the YAML wrote the losses
+    code = main(["encode", "--config", "configs/encode/tiny.yaml", "--limit", "2", "--store", str(tmp_path / "s"),
+                 "--chunk-size", "2", "--log-dir", str(tmp_path / "logs")])
+    assert code == 0 and len(store_module.LoraStore(tmp_path / "s")) == 2  # the CLI run found both: nothing added
+    with pytest.raises(SystemExit) as exit_info:  # argparse's one-line usage error, before anything runs
+        main(["encode", "--config", "configs/encode/tiny.yaml", "--limit", "-1"])
+    assert exit_info.value.code == 2

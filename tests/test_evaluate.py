@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -10,9 +9,14 @@ import pytest
 import torch
 
 from hyper_prag.corpus import Corpus, Document, Question, save_corpus
-from hyper_prag.evaluate import (Results, add_evaluate_arguments, bootstrap_ci, evaluate, normalize_answer,
-                                 run_evaluate, score)
-from hyper_prag.pipeline import STAGES, Answer, Pipeline
+from hyper_prag.api import evaluate
+from hyper_prag.assemble import build_method
+from hyper_prag.cli import evaluate_command
+from hyper_prag.errors import HyperPragError
+from hyper_prag.evaluate import compare
+from hyper_prag.methods import STAGES, Answer
+from hyper_prag.pipeline import Pipeline
+from hyper_prag.scoring import bootstrap_ci, normalize_answer, score
 from hyper_prag.retrieve import BM25Retriever
 from tests.test_pipeline import QUESTIONS, TEXTS, DictSource  # noqa: F401  (the shared hand-made corpus)
 from tests.conftest import random_lora
@@ -83,10 +87,10 @@ class Oracle:
         return [Answer(q, self.answers[q], timing={s: 0.01 for s in STAGES}) for q in questions]
 
 
-def test_evaluate_scores_per_type_and_total():
+def test_compare_scores_per_type_and_total():
     gold = Oracle("gold", {q.question: q.answers[0] for q in QUESTIONS})
     half = Oracle("half", {q.question: (q.answers[0] if q.type == "lookup" else "no idea") for q in QUESTIONS})
-    results = evaluate([gold, half], QUESTIONS, costs={"gold": {"encode_seconds_per_doc": 2.5, "bytes_per_doc": 100}},
+    results = compare([gold, half], QUESTIONS, costs={"gold": {"encode_seconds_per_doc": 2.5, "bytes_per_doc": 100}},
                        progress=False, chunk=2)
     assert results.types == ["bridge", "inference", "lookup"]
     g, h = results.method("gold"), results.method("half")
@@ -103,8 +107,8 @@ def test_results_files_are_written(tiny, tmp_path):
     corpus = Corpus(name="tiny-eval", documents=docs, questions=tuple(QUESTIONS))
     source = DictSource({d.id: random_lora(tiny, seed=i) for i, d in enumerate(docs)})
     pipeline = Pipeline(tiny, BM25Retriever.build(corpus), corpus, k=2, max_new_tokens=4)
-    methods = [pipeline.method("closed-book"), pipeline.method("rag"), pipeline.method("prag", source)]
-    results = evaluate(methods, QUESTIONS[:3], costs={"prag": {"encode_seconds_per_doc": 1.0, "bytes_per_doc": 3e4}},
+    methods = [build_method("closed-book", pipeline), build_method("rag", pipeline), build_method("prag", pipeline, source)]
+    results = compare(methods, QUESTIONS[:3], costs={"prag": {"encode_seconds_per_doc": 1.0, "bytes_per_doc": 3e4}},
                        n_resamples=200, progress=False)
     paths = results.write(tmp_path / "out")
     data = json.loads(paths["json"].read_text())
@@ -116,7 +120,7 @@ def test_results_files_are_written(tiny, tmp_path):
     assert "30,000" in table[4] and table[2].count("–") >= 2
     for png in ("f1_png", "latency_png"):
         assert paths[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[png].stat().st_size > 5000
-    assert isinstance(results, Results)
+    assert results.method("prag").predictions[0]["question"] == QUESTIONS[0].question
 
 
 def test_run_evaluate_end_to_end_from_a_corpus_folder(tiny, tmp_path, monkeypatch):
@@ -125,17 +129,15 @@ def test_run_evaluate_end_to_end_from_a_corpus_folder(tiny, tmp_path, monkeypatc
     monkeypatch.setattr(retrieve, "cache_dir", lambda stage: tmp_path / stage)  # the index goes to tmp
     docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())
     folder = save_corpus(Corpus(name="tiny-eval", documents=docs, questions=tuple(QUESTIONS)), tmp_path / "corpus")
-    parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
-    args = parser.parse_args(["--methods", "closed-book,rag", "--benchmark", str(folder), "--model", "tiny",
-                              "--limit", "3", "--max-new-tokens", "3", "--resamples", "100",
-                              "--out", str(tmp_path / "results")])
-    results = run_evaluate(args)
+    results = evaluate("closed-book,rag", benchmark=str(folder), model="tiny", limit=3, max_new_tokens=3,
+                       resamples=100, out=tmp_path / "results", progress=False)
     assert [m.name for m in results.methods] == ["closed-book", "rag"]
     assert results.config["questions"] == 3 and results.config["k"] == 3
     assert (tmp_path / "results" / "results.md").is_file() and (tmp_path / "results" / "latency.png").is_file()
-    with pytest.raises(Exception, match="unknown methods"):
-        run_evaluate(parser.parse_args(["--methods", "rag,nope", "--benchmark", str(folder), "--model", "tiny"]))
+    with pytest.raises(HyperPragError, match="unknown methods"):
+        evaluate("rag,nope", benchmark=str(folder), model="tiny")
+    with pytest.raises(HyperPragError, match="--limit must be at least 1"):
+        evaluate("rag", benchmark=str(folder), model="tiny", limit=0)
 
 
 def test_run_evaluate_hypernet_methods_record_the_checkpoint(tiny, tmp_path, monkeypatch):
@@ -150,12 +152,8 @@ def test_run_evaluate_hypernet_methods_record_the_checkpoint(tiny, tmp_path, mon
     for head in net.head_B.values():
         torch.nn.init.normal_(head.weight, std=0.1)
     checkpoint = save_inference_checkpoint(net, tmp_path / "hn.safetensors")
-    parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
-    results = run_evaluate(parser.parse_args([
-        "--methods", "hypernet,hypernet-both", "--benchmark", str(folder), "--model", "tiny", "--limit", "2",
-        "--k", "2", "--max-new-tokens", "3", "--resamples", "50", "--hypernet", str(checkpoint),
-        "--out", str(tmp_path / "results")]))
+    results = evaluate(["hypernet", "hypernet-both"], benchmark=str(folder), model="tiny", limit=2, k=2,
+                       max_new_tokens=3, resamples=50, hypernet=checkpoint, out=tmp_path / "results", progress=False)
     assert results.config["hypernet_sha256"] == checkpoint_sha256(checkpoint)
     hyper = results.method("hypernet")
     assert hyper.encode_seconds_per_doc > 0 and hyper.bytes_per_doc is None
@@ -163,8 +161,6 @@ def test_run_evaluate_hypernet_methods_record_the_checkpoint(tiny, tmp_path, mon
 
 
 def test_run_evaluate_encodes_missing_loras_then_reuses_them(tiny, tmp_path, monkeypatch):
-    pytest.importorskip("hyper_prag.store")
-    pytest.importorskip("hyper_prag.augment")
     import hyper_prag.retrieve as retrieve
     from pathlib import Path
 
@@ -174,16 +170,16 @@ def test_run_evaluate_encodes_missing_loras_then_reuses_them(tiny, tmp_path, mon
     folder = save_corpus(Corpus(name="tiny-eval", documents=docs, questions=tuple(QUESTIONS), doc_qa=qa),
                          tmp_path / "corpus")
     config = Path(__file__).parents[1] / "configs" / "encode" / "tiny.yaml"
-    parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
-    argv = ["--methods", "closed-book,da-rag,prag,prag-both", "--benchmark", str(folder), "--model", "tiny",
-            "--limit", "2", "--k", "2", "--max-new-tokens", "3", "--resamples", "50", "--store", str(tmp_path / "store"),
-            "--encode-config", str(config), "--out", str(tmp_path / "results")]
-    first = run_evaluate(parser.parse_args(argv))
+    run = dict(benchmark=str(folder), model="tiny", limit=2, k=2, max_new_tokens=3, resamples=50,
+               store=tmp_path / "store", out=tmp_path / "results", progress=False)
+    first = evaluate("closed-book,da-rag,prag,prag-both", encode_config=config, **run)
     prag = first.method("prag")
     assert prag.encode_seconds_per_doc > 0 and prag.bytes_per_doc > 0
     assert all(len(p["lora_names"]) == 2 for p in prag.predictions)
-    second = run_evaluate(parser.parse_args(argv))  # every LoRA is in the store now: nothing is encoded
+    # Every LoRA is in the store now, under the recipe the first run recorded: without the encode config
+    # the second run reads that recipe and encodes nothing.
+    second = evaluate("closed-book,da-rag,prag,prag-both", encode_missing=False, **run)
+    assert second.config["recipe"] == first.config["recipe"]
     # ... and the cost reported is the one the store recorded when the LoRAs were encoded.
     assert second.method("prag").encode_seconds_per_doc == prag.encode_seconds_per_doc
     assert [p["prediction"] for p in second.method("prag").predictions] == [p["prediction"] for p in prag.predictions]
@@ -201,16 +197,18 @@ def test_select_questions_per_type_then_limit():
     assert len(select_questions(qs)) == 12
 
 
-def test_evaluate_argv_reproduces_the_recorded_settings():
-    from hyper_prag.evaluate import REPRODUCED, evaluate_argv
+def test_evaluate_command_reproduces_the_recorded_settings():
+    import shlex
 
-    parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
+    from hyper_prag.cli import build_parser
+
     config = {"benchmark": "squad", "split": "test", "model": "tiny", "k": 5, "retriever": "bm25", "combine": "mean",
               "max_new_tokens": 32, "per_type": 4, "limit": None, "encode_config": "configs/encode/real.yaml",
               "hypernet": None, "store": None, "questions": 8}
-    argv = evaluate_argv(config, ["rag", "prag"])
-    assert argv[:4] == ["--benchmark", "squad", "--methods", "rag,prag"]
-    assert "--split" not in argv and "--retriever" not in argv  # defaults are left out
-    args = parser.parse_args(argv)
-    assert all(getattr(args, key) == config[key] for key in REPRODUCED) and args.methods == "rag,prag"
+    words = shlex.split(evaluate_command(config, ["rag", "prag"]))
+    assert words[:6] == ["hyper-prag", "evaluate", "--benchmark", "squad", "--methods", "rag,prag"]
+    assert "--split" not in words and "--retriever" not in words  # defaults are left out
+    args = build_parser("evaluate").parse_args(words[1:])
+    for key in ("split", "model", "k", "retriever", "combine", "max_new_tokens", "per_type", "limit", "encode_config"):
+        assert getattr(args, key) == config[key], key
+    assert args.methods == "rag,prag"

@@ -10,8 +10,13 @@ import torch
 from hyper_prag.corpus import Corpus, Document, Question
 from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import Lora
-from hyper_prag.pipeline import (METHOD_NAMES, STAGES, Answer, HypernetSource, Pipeline, StoreSource,
-                                 augmented_passage, peak_memory)
+from hyper_prag.assemble import build_method
+from hyper_prag.evaluate import peak_memory
+from hyper_prag.methods import METHOD_NAMES, STAGES
+from hyper_prag.pipeline import Pipeline, augmented_passage
+from hyper_prag.recipes import Recipe
+from hyper_prag.sources import HypernetSource, StoreSource
+from hyper_prag.store import LoraStore
 from hyper_prag.retrieve import BM25Retriever
 from tests.conftest import random_lora
 
@@ -96,7 +101,7 @@ def hypernet_source(tiny) -> HypernetSource:
     with torch.no_grad():
         for head in net.head_B.values():  # a trained hypernet has non-zero B heads
             head.weight.normal_(0.0, 0.05)
-    return HypernetSource(net, tiny)
+    return HypernetSource.from_hypernet(net, tiny)
 
 
 def make(tiny, corpus, retriever, **kwargs) -> Pipeline:
@@ -120,16 +125,16 @@ def questions() -> list[str]:
     return [q.question for q in QUESTIONS]
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", [m for m in METHOD_NAMES if m not in ("flare", "dragin")])
 def test_every_method_runs_end_to_end(tiny, corpus, retriever, source, hypernet_source, name):
     pipeline = make(tiny, corpus, retriever, batch_size=2)
     lora_source = hypernet_source if name.startswith("hypernet") else source
     before = snapshot(tiny)
-    answers = pipeline.method(name, lora_source).answer(questions())
+    answers = build_method(name, pipeline, lora_source).answer(questions())
     assert_restored(tiny, before)
     assert [a.question for a in answers] == questions()
     for a in answers:
-        assert isinstance(a, Answer) and isinstance(a.prediction, str)
+        assert a.prediction == a.prediction.strip()
         assert set(a.timing) == set(STAGES) and all(t >= 0 for t in a.timing.values())
         if name == "closed-book":
             assert a.doc_ids == () and a.lora_names == () and a.retrievals == 0
@@ -158,7 +163,7 @@ def test_prompts_hold_what_each_method_puts_in_context(tiny, corpus, retriever, 
     q = "Who founded Ardent Loom?"
     for name in ("closed-book", "rag", "da-rag", "prag", "prag-both"):
         seen.clear()
-        pipeline.method(name, source).answer([q])
+        build_method(name, pipeline, source).answer([q])
         prompt = seen[0]
         assert q in prompt
         assert (TEXTS["loom"][1] in prompt) == (name in ("rag", "da-rag", "prag-both"))
@@ -167,8 +172,8 @@ def test_prompts_hold_what_each_method_puts_in_context(tiny, corpus, retriever, 
 
 def test_loras_change_the_answers(tiny, corpus, retriever, source):
     pipeline = make(tiny, corpus, retriever)
-    closed = [a.prediction for a in pipeline.method("closed-book").answer(questions())]
-    prag = [a.prediction for a in pipeline.method("prag", source).answer(questions())]
+    closed = [a.prediction for a in build_method("closed-book", pipeline).answer(questions())]
+    prag = [a.prediction for a in build_method("prag", pipeline, source).answer(questions())]
     assert closed != prag
 
 
@@ -177,20 +182,29 @@ def test_batched_path_equals_one_by_one(tiny, corpus, retriever, source):
     single = make(tiny, corpus, retriever, batch_size=1, single_mode="side")
     merged = make(tiny, corpus, retriever, batch_size=1, single_mode="merged")
     for name in ("prag", "prag-both"):
-        a = batched.method(name, source).answer(questions())
-        b = single.method(name, source).answer(questions())
-        c = merged.method(name, source).answer(questions())
+        a = build_method(name, batched, source).answer(questions())
+        b = build_method(name, single, source).answer(questions())
+        c = build_method(name, merged, source).answer(questions())
         assert [x.prediction for x in a] == [x.prediction for x in b] == [x.prediction for x in c]
         assert [x.doc_ids for x in a] == [x.doc_ids for x in b]
         assert all(x.shared == len(QUESTIONS) for x in a) and all(x.shared == 1 for x in b)
 
 
-def test_mixed_ranks_fall_back_to_one_by_one(tiny, corpus, retriever, source):
+def test_mixed_ranks_are_padded_into_one_batch(tiny, corpus, retriever, source, monkeypatch):
     table = dict(source.table)
     table["loom"] = random_lora(tiny, seed=7, rank=4)  # questions retrieving it get a larger combined rank
     mixed = DictSource(table)
-    batched = make(tiny, corpus, retriever, batch_size=len(QUESTIONS)).method("prag", mixed).answer(questions())
-    single = make(tiny, corpus, retriever, batch_size=1, single_mode="side").method("prag", mixed).answer(questions())
+    single = build_method("prag", make(tiny, corpus, retriever, batch_size=1, single_mode="side"), mixed).answer(questions())
+    calls: list[int] = []
+    generate = tiny.generate
+
+    def counting(prompts, max_new_tokens=32, **kw):
+        calls.append(len(prompts))
+        return generate(prompts, max_new_tokens, **kw)
+
+    monkeypatch.setattr(tiny, "generate", counting)
+    batched = build_method("prag", make(tiny, corpus, retriever, batch_size=len(QUESTIONS)), mixed).answer(questions())
+    assert calls == [len(QUESTIONS)]  # one batched generate across ranks
     assert [x.prediction for x in batched] == [x.prediction for x in single]
 
 
@@ -208,20 +222,20 @@ def test_model_restored_when_generation_raises(tiny, corpus, retriever, source, 
     monkeypatch.setattr(tiny, "generate", broken)
     pipeline = make(tiny, corpus, retriever, batch_size=batch_size, single_mode="merged")
     with pytest.raises(RuntimeError, match="generation failed"):
-        pipeline.method("prag", source).answer(questions()[:3])
+        build_method("prag", pipeline, source).answer(questions()[:3])
     assert_restored(tiny, before)
 
 
 def test_method_needs_its_source(tiny, corpus, retriever):
     pipeline = make(tiny, corpus, retriever)
     with pytest.raises(HyperPragError, match="LoRA store"):
-        pipeline.method("prag")
+        build_method("prag", pipeline)
     with pytest.raises(HyperPragError, match="hypernetwork"):
-        pipeline.method("hypernet-both")
+        build_method("hypernet-both", pipeline)
     with pytest.raises(HyperPragError, match="unknown method"):
-        pipeline.method("flare-ish")  # type: ignore[arg-type]
+        build_method("flare-ish", pipeline)  # type: ignore[arg-type]
     with pytest.raises(HyperPragError, match="augmented"):
-        make(tiny, corpus, retriever, augment=None).method("da-rag")
+        build_method("da-rag", make(tiny, corpus, retriever, augment=None))
 
 
 def test_augmented_passage_lists_variants_then_qa():
@@ -229,17 +243,16 @@ def test_augmented_passage_lists_variants_then_qa():
     assert augmented_passage(aug) == "Pell is a dog.\nA dog named Pell.\nQ: What is Pell? A: a dog"
 
 
-def test_store_source_reads_loras_by_key(tiny, corpus, source, tmp_path):
-    store_module = pytest.importorskip("hyper_prag.store")
-    store = store_module.LoraStore(tmp_path / "store", dtype="float32")
-    key_fn = lambda doc: f"key-{doc.id}"  # noqa: E731
+def test_store_source_reads_loras_by_the_recipe_keys(tiny, corpus, source, tmp_path):
+    store = LoraStore(tmp_path / "store", dtype="float32")
+    recipe = Recipe("per-doc", tiny.identity, source.table["quell"].spec, {"n_qa": 3}, {"name": "per-doc", "lr": 1e-3})
     docs = list(corpus.documents[:2])
-    store.put_many([(key_fn(d), source.table[d.id], {"doc_id": d.id}) for d in docs])
-    src = StoreSource(store, key_fn, tiny.identity)
+    store.put_many([(recipe.key(d.text), source.table[d.id], {"doc_id": d.id}) for d in docs])
+    src = StoreSource(store, recipe)
     got = src.loras(docs)
     for doc, lora in zip(docs, got):
         assert all(torch.equal(lora.A[m], source.table[doc.id].A[m]) for m in lora.spec.target_modules)
-    assert src.names(docs) == ["key-quell", "key-loom"]
+    assert src.names(docs) == [recipe.key(d.text) for d in docs] and len(set(src.names(docs))) == 2
     with pytest.raises(HyperPragError, match="encode them first"):
         src.loras(list(corpus.documents))
 

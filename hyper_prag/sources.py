@@ -1,0 +1,89 @@
+"""LoRA sources: where the online path gets one LoRA per retrieved document.
+
+- :class:`StoreSource`: per-document LoRAs read from the LoRA store, by the keys of the
+  :class:`~hyper_prag.recipes.Recipe` that ``encode`` recorded (reading only: nothing is trained).
+- :class:`HypernetSource`: LoRAs generated on the fly by a hypernetwork, one batched forward per call.
+
+Both implement :class:`hyper_prag.methods.LoraSource`; the pipeline does not know which it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hyper_prag.corpus import Document
+from hyper_prag.errors import HyperPragError
+from hyper_prag.lora import Lora
+from hyper_prag.model import BaseModel
+from hyper_prag.recipes import Recipe
+
+if TYPE_CHECKING:
+    from hyper_prag.hypernet import Hypernet, HypernetEncoder
+    from hyper_prag.store import LoraStore
+
+
+class StoreSource:
+    """Per-document LoRAs read from a :class:`~hyper_prag.store.LoraStore` under one recipe's keys."""
+
+    name = "store"
+
+    def __init__(self, store: "LoraStore", recipe: Recipe) -> None:
+        """
+        Args:
+            store: the LoRA store.
+            recipe: the recipe the LoRAs were encoded with (its base model is checked on every read).
+        """
+        self.store, self.recipe = store, recipe
+
+    @property
+    def base_model(self) -> str:
+        return self.recipe.base_identity
+
+    def names(self, documents: Sequence[Document]) -> list[str]:
+        return [self.recipe.key(doc.text) for doc in documents]
+
+    def loras(self, documents: Sequence[Document]) -> list[Lora]:
+        keys = self.names(documents)
+        missing = set(self.store.missing(keys))
+        if missing:
+            ids = [doc.id for doc, key in zip(documents, keys) if key in missing]
+            raise HyperPragError(
+                f"{len(ids)} retrieved documents have no LoRA in the store {self.store.root} (e.g. {ids[:3]}): "
+                f"encode them first with `hyper-prag encode` using recipe {self.recipe.id}'s settings, or let "
+                "`hyper-prag evaluate` encode them."
+            )
+        return self.store.get_many(keys, base_model=self.base_model)
+
+
+class HypernetSource:
+    """LoRAs generated on the fly by a hypernetwork (one batched forward per call; no store)."""
+
+    name = "hypernet"
+
+    def __init__(self, encoder: "HypernetEncoder") -> None:
+        """
+        Args:
+            encoder: a :class:`~hyper_prag.hypernet.HypernetEncoder` (hypernetwork + base model).
+        """
+        self.encoder = encoder
+
+    @classmethod
+    def from_hypernet(cls, hypernet: "Hypernet", base: BaseModel) -> "HypernetSource":
+        """A source around an in-memory hypernetwork (e.g. one being trained)."""
+        from hyper_prag.hypernet import HypernetEncoder
+
+        return cls(HypernetEncoder(hypernet, base, checkpoint_sha256="in-memory"))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, base: BaseModel) -> "HypernetSource":
+        from hyper_prag.hypernet import HypernetEncoder
+
+        return cls(HypernetEncoder.from_checkpoint(checkpoint, base))
+
+    def names(self, documents: Sequence[Document]) -> list[str]:
+        return [f"hypernet:{doc.id}" for doc in documents]
+
+    def loras(self, documents: Sequence[Document]) -> list[Lora]:
+        return self.encoder.generate([doc.text for doc in documents])

@@ -1,0 +1,77 @@
+"""The typed API: ``ask`` only reads what ``encode`` recorded (no training, no encode YAML), recipes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hyper_prag.api as api
+from hyper_prag.corpus import Corpus, Document, save_corpus
+from hyper_prag.errors import HyperPragError
+from hyper_prag.encoders.per_doc import PerDocConfig
+from hyper_prag.recipes import find_recipe, list_recipes, load_warmup
+from tests.test_pipeline import QUESTIONS, TEXTS
+
+HELD_OUT = {"h1": ("Varn", "Varn is a lake north of Brask."), "h2": ("Tessa", "Tessa Lind painted the Varn in 1902.")}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())
+    docs += tuple(Document(id=i, title=t, text=x, split="train") for i, (t, x) in HELD_OUT.items())
+    qa = {i: ((f"What is {t}?", x.split(".")[0]),) for i, (t, x) in {**TEXTS, **HELD_OUT}.items()}
+    return save_corpus(Corpus("tiny-api", docs, tuple(QUESTIONS), qa), tmp_path / "corpus")
+
+
+def encode_warmup_store(folder, store, **extra):
+    return api.encode(model="tiny", corpus=str(folder), split="test", store=str(store), chunk_size=3,
+                      store_dtype="float32", trainer=PerDocConfig(init="warmup", epochs=1), augment={"source": "template"},
+                      warmup_split="train", warmup_docs=2, warmup_steps=3, runner="loop", logger="none",
+                      progress=False, **extra)
+
+
+def test_ask_on_a_warmup_store_trains_nothing_and_reads_no_yaml(folder, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    report = encode_warmup_store(folder, store)
+    assert report.encoded == len(TEXTS)
+    recipe = find_recipe(store, api.assemble.load_model("tiny").identity)
+    assert recipe.uses_warmup and load_warmup(store, recipe).spec.rank == 2
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the online path must not train or parse an encode config")
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", refuse)  # no optimizer is ever constructed
+    monkeypatch.setattr(api, "load_encode_config", refuse)
+    monkeypatch.setattr(api, "encode_config_parser", refuse)
+    answer = api.ask("Who founded Ardent Loom?", "prag", benchmark=str(folder), model="tiny", store=store,
+                     max_new_tokens=3)
+    assert answer.doc_ids and list(answer.lora_names) == [recipe.key(TEXTS[d][1]) for d in answer.doc_ids]
+
+
+def test_encode_again_reuses_the_recorded_warmup(folder, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    encode_warmup_store(folder, store, limit=2)
+    import hyper_prag.encoders.per_doc as per_doc
+
+    monkeypatch.setattr(per_doc, "train_warmup_lora", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    report = encode_warmup_store(folder, store)  # the rest of the split, same keys: the same recipe
+    assert (report.encoded, report.skipped) == (len(TEXTS) - 2, 2)
+    assert len(list_recipes(store)) == 1
+
+
+def test_ask_names_the_recipes_when_the_store_holds_several(folder, tmp_path):
+    store = tmp_path / "store"
+    with pytest.raises(HyperPragError, match="hyper-prag encode"):
+        api.ask("Who founded Ardent Loom?", "prag", benchmark=str(folder), model="tiny", store=store)
+    for lr in (1e-3, 2e-3):
+        api.encode(model="tiny", corpus=str(folder), store=str(store), limit=1, trainer=PerDocConfig(lr=lr),
+                   augment={"source": "template"}, runner="loop", logger="none", progress=False)
+    recipes = list_recipes(store)
+    assert len(recipes) == 2
+    with pytest.raises(HyperPragError, match="--recipe") as err:
+        api.ask("Who founded Ardent Loom?", "prag", benchmark=str(folder), model="tiny", store=store)
+    assert all(r.id in str(err.value) for r in recipes)
+    answer = api.ask("Who founded Ardent Loom?", "closed-book", benchmark=str(folder), model="tiny", max_new_tokens=2)
+    assert answer.doc_ids == () and answer.retrievals == 0
+    with pytest.raises(HyperPragError, match="--max-new-tokens must be at least 1"):
+        api.ask("Who?", "closed-book", benchmark=str(folder), model="tiny", max_new_tokens=0)
