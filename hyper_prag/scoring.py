@@ -1,15 +1,16 @@
-"""Scoring answers: SQuAD-style EM / F1 / answer-contained, and bootstrap confidence intervals.
+"""Scoring answers: the official SQuAD v1.1 EM / F1, answer-contained, and bootstrap confidence intervals.
 
-Scoring (max over all accepted answer aliases):
+Scoring (max over all accepted answer aliases), exactly as the official SQuAD v1.1 evaluation script
+(``evaluate-v1.1.py``) does, so our SQuAD numbers compare with published ones:
 
-- ``normalize_answer``: lower-case; drop thousands separators *inside numbers* ("15,140" → "15140",
-  so it matches "15140" and "15,140"; the PRAG reference code splits at the comma and keeps "15");
-  other punctuation between digits separates two numbers ("3,4", "1990-1995"); delete the remaining
-  punctuation except a decimal point between digits; remove the articles a/an/the; collapse whitespace.
+- :func:`normalize_answer`: lower-case; delete every ASCII punctuation character (``string.punctuation``:
+  "15,140" → "15140", "3.5" → "35", "Jean-Luc" → "jeanluc"; curly quotes and other Unicode
+  punctuation are kept); remove the articles a/an/the; collapse whitespace.
 - ``em``: normalised prediction == normalised alias.
-- ``f1``: token-level F1 between the two normalised strings.
-- ``accuracy`` ("contains"): the normalised alias occurs as whole words inside the normalised
-  prediction (small instruction models are verbose: "It was founded in 1873." contains "1873").
+- ``f1``: token-level F1 between the two normalised strings (0 when they share no token, also when
+  both are empty, as in v1.1).
+- ``accuracy`` ("answer contained", ours): the normalised alias occurs as whole words inside the
+  normalised prediction (small instruction models are verbose: "It was founded in 1873." contains "1873").
 
 Every mean comes with a seeded percentile-bootstrap 95% confidence interval (resamples of the
 questions), per question type and in total (:func:`summarize`).
@@ -20,7 +21,6 @@ from __future__ import annotations
 import math
 import re
 import string
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
@@ -31,45 +31,36 @@ from hyper_prag.errors import HyperPragError
 METRICS: tuple[str, ...] = ("f1", "em", "accuracy")
 TOTAL = "total"
 
-_NUMBER_COMMA = re.compile(r"(?<=\d),(?=\d{3}\b)")  # thousands separator: 15,140 / 1,000,000
-_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
-_DIGIT_SEPARATOR = re.compile(r"(?<=\d)[^\w\s.](?=\d)")  # "3,4" / "1990-1995": two numbers, not one
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_KEEP = "\x00"  # placeholder protecting decimal points while punctuation is deleted
-
-
-def _is_punctuation(ch: str) -> bool:
-    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD normalisation that keeps numbers whole (see the module docstring).
+    """The official SQuAD v1.1 normalisation: lower case, no ASCII punctuation, no articles, single spaces.
 
     Args:
         text: a prediction or an answer alias.
 
     Returns:
-        The normalised string (lower case, single spaces).
+        The normalised string.
     """
-    text = text.lower()
-    text = _NUMBER_COMMA.sub("", text)
-    text = _DIGIT_SEPARATOR.sub(" ", text)
-    text = _DECIMAL_POINT.sub(_KEEP, text)
-    text = "".join(ch for ch in text if not _is_punctuation(ch)).replace(_KEEP, ".")
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
-def _f1(prediction: str, alias: str) -> float:
-    pred, gold = prediction.split(), alias.split()
-    if not pred or not gold:
-        return float(pred == gold)
-    common = Counter(pred) & Counter(gold)
-    overlap = sum(common.values())
+def f1_score(prediction: str, ground_truth: str) -> float:
+    """The official SQuAD v1.1 token F1 of two strings (normalised here)."""
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(ground_truth).split()
+    overlap = sum((Counter(pred) & Counter(gold)).values())
     if overlap == 0:
         return 0.0
     precision, recall = overlap / len(pred), overlap / len(gold)
     return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, ground_truth: str) -> float:
+    """The official SQuAD v1.1 exact match of two strings (normalised here)."""
+    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
 
 
 def score(prediction: str, answers: Sequence[str]) -> dict[str, float]:
@@ -84,13 +75,11 @@ def score(prediction: str, answers: Sequence[str]) -> dict[str, float]:
     """
     if not answers:
         raise HyperPragError("a question has no accepted answers; every question needs at least one.")
-    pred = normalize_answer(prediction)
-    golds = [normalize_answer(a) for a in answers]
-    padded = f" {pred} "
+    padded = f" {normalize_answer(prediction)} "
     return {
-        "em": float(any(pred == g for g in golds)),
-        "f1": max(_f1(pred, g) for g in golds),
-        "accuracy": float(any(g and f" {g} " in padded for g in golds)),
+        "em": max(exact_match(prediction, a) for a in answers),
+        "f1": max(f1_score(prediction, a) for a in answers),
+        "accuracy": float(any(g and f" {g} " in padded for g in map(normalize_answer, answers))),
     }
 
 
