@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="efficiency-store-")
     if args.store:
         store = assemble.open_store(args.store)
-        source = StoreSource(store, assemble.per_doc_from_store(base, store.root, args.recipe))
+        source = StoreSource(store, assemble.per_doc_from_store(base, store.root, args.recipe), corpus.doc_qa)
         lora_kind = f"encoded ({args.store})"
     else:
         source = random_store_source(base, needed, Path(tmp.name))

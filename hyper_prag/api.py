@@ -232,7 +232,7 @@ def ask(
         if spec.context == "augmented":
             augment = assemble.augment_function(base, full, _augment_config(found.augment))
         if spec.lora == "store":
-            source = StoreSource(lora_store, found)
+            source = StoreSource(lora_store, found, full.doc_qa)
     elif spec.lora == "hypernet":
         source = assemble.hypernet_source(hypernet, base)
     pipeline = Pipeline(base, retriever_, corpus, k=k, max_new_tokens=max_new_tokens, combine_mode=combine,
@@ -344,7 +344,7 @@ def evaluate(
             costs["da-rag"] = {"encode_seconds_per_doc": (time.perf_counter() - start) / max(1, len(needed)),
                                "bytes_per_doc": None}
         if "store" in kinds:
-            source = StoreSource(lora_store, per_doc.recipe)
+            source = StoreSource(lora_store, per_doc.recipe, full.doc_qa)
             missing = lora_store.missing(source.names(needed))
             if missing and not encode_missing:
                 raise HyperPragError(f"{len(missing)} retrieved documents have no LoRA in {lora_store.root}; "

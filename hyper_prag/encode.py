@@ -120,8 +120,9 @@ def encode_corpus(
         raise HyperPragError(f"chunk_size must be >= 1, got {chunk_size}.")
     recipe = recipe or recipe_for(encoder, base, augment_config, spec)
     keys: dict[str, "Document"] = {}
-    for doc in documents:  # identical texts share one key: encode once
-        keys.setdefault(recipe.key(doc.text), doc)
+    doc_qa = corpus.doc_qa if corpus is not None else {}
+    for doc in documents:  # identical documents share one key: encode once
+        keys.setdefault(recipe.key(doc.text, doc_qa.get(doc.id)), doc)
     if fabric is None or fabric.global_rank == 0:
         record_recipe(store.root, recipe, warmup=getattr(encoder, "warmup", None) if recipe.uses_warmup else None)
     bytes_before = store.stats()["bytes"]

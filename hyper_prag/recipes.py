@@ -1,8 +1,8 @@
 """Recipes: what ``encode`` records in a LoRA store so that the online path only reads.
 
-A store key (:func:`hyper_prag.store.store_key`) hashes a document's text with everything else that
-made its LoRA: the base model's identity, the LoRA spec, the augmentation settings and the encoder's
-settings (per-document: the trainer's hyper-parameters and, with warm-up initialisation, the sha256
+A store key (:func:`hyper_prag.store.store_key`) hashes a document's text (and, with templated
+augmentation, the content of its question-answer pairs) with everything else that made its LoRA: the
+base model's identity, the LoRA spec, the augmentation settings and the encoder's settings (per-document: the trainer's hyper-parameters and, with warm-up initialisation, the sha256
 of the warm-up LoRA; hypernetwork: the checkpoint's sha256). Everything but the text is one
 :class:`Recipe`. ``encode`` writes its recipe into the store, beside the LoRAs it made::
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,9 +50,19 @@ class Recipe:
     augment: Mapping[str, Any] | None = None  # AugmentConfig fields (per-doc), to augment again
     provenance: Mapping[str, Any] = field(default_factory=dict)  # how it was made (not in the key)
 
-    def key(self, text: str) -> str:
-        """The store key of the LoRA this recipe makes for a document with text ``text``."""
-        return store_key(text, self.base_identity, self.spec, self.augmentation, self.settings)
+    def key(self, text: str, pairs: Sequence[Sequence[str]] | None = None) -> str:
+        """The store key of the LoRA this recipe makes for a document.
+
+        Args:
+            text: the document's text.
+            pairs: the corpus's own (question, answer) pairs of the document (``Corpus.doc_qa``). With
+                templated augmentation they are the training data, so their content enters the key: a
+                document whose pairs were edited gets a new key and is encoded again.
+        """
+        augmentation = dict(self.augmentation)
+        if pairs and augmentation.get("source") == "template":
+            augmentation["pairs_sha256"] = hashlib.sha256(_canonical([list(p) for p in pairs]).encode()).hexdigest()
+        return store_key(text, self.base_identity, self.spec, augmentation, self.settings)
 
     @property
     def id(self) -> str:

@@ -9,7 +9,7 @@ Both implement :class:`hyper_prag.methods.LoraSource`; the pipeline does not kno
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,20 +29,23 @@ class StoreSource:
 
     name = "store"
 
-    def __init__(self, store: "LoraStore", recipe: Recipe) -> None:
+    def __init__(self, store: "LoraStore", recipe: Recipe,
+                 doc_qa: Mapping[str, Sequence[Sequence[str]]] | None = None) -> None:
         """
         Args:
             store: the LoRA store.
             recipe: the recipe the LoRAs were encoded with (its base model is checked on every read).
+            doc_qa: the corpus's question-answer pairs per document id (``Corpus.doc_qa``): with templated
+                augmentation their content is part of each key.
         """
-        self.store, self.recipe = store, recipe
+        self.store, self.recipe, self.doc_qa = store, recipe, dict(doc_qa or {})
 
     @property
     def base_model(self) -> str:
         return self.recipe.base_identity
 
     def names(self, documents: Sequence[Document]) -> list[str]:
-        return [self.recipe.key(doc.text) for doc in documents]
+        return [self.recipe.key(doc.text, self.doc_qa.get(doc.id)) for doc in documents]
 
     def loras(self, documents: Sequence[Document]) -> list[Lora]:
         keys = self.names(documents)

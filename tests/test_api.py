@@ -45,7 +45,8 @@ def test_ask_on_a_warmup_store_trains_nothing_and_reads_no_yaml(folder, tmp_path
     monkeypatch.setattr(api, "encode_config_parser", refuse)
     answer = api.ask("Who founded Ardent Loom?", "prag", benchmark=str(folder), model="tiny", store=store,
                      max_new_tokens=3)
-    assert answer.doc_ids and list(answer.lora_names) == [recipe.key(TEXTS[d][1]) for d in answer.doc_ids]
+    qa = api.assemble.load_corpus(str(folder)).doc_qa
+    assert answer.doc_ids and list(answer.lora_names) == [recipe.key(TEXTS[d][1], qa[d]) for d in answer.doc_ids]
 
 
 def test_encode_again_reuses_the_recorded_warmup(folder, tmp_path, monkeypatch):

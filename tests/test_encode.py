@@ -61,6 +61,17 @@ def test_re_encoding_is_a_cache_hit(tiny, corpus, tmp_path):
     assert run(tiny, corpus, store, encoder=other).encoded == 5
 
 
+def test_editing_a_documents_pairs_re_encodes_it(tiny, corpus, tmp_path):
+    from dataclasses import replace
+
+    store = store_module.LoraStore(tmp_path / "store", dtype="float32")
+    assert run(tiny, corpus, store).encoded == len(TEXTS)
+    edited = dict(corpus.doc_qa)
+    edited["d1"] = (("Who founded Ardent Loom?", "Tessa Lind"),)  # same text, other training pairs
+    again = run(tiny, replace(corpus, doc_qa=edited), store)
+    assert (again.encoded, again.skipped) == (1, len(TEXTS) - 1)  # the stale LoRA is not re-used
+
+
 def test_resume_after_a_kill_trains_only_the_missing_documents(tiny, corpus, tmp_path):
     store = store_module.LoraStore(tmp_path / "store", dtype="float32")
 
@@ -81,11 +92,12 @@ def test_resume_after_a_kill_trains_only_the_missing_documents(tiny, corpus, tmp
     # Every LoRA equals the one an uninterrupted run makes (a LoRA does not depend on its chunk).
     clean = store_module.LoraStore(tmp_path / "clean", dtype="float32")
     run(tiny, corpus, clean)
-    from hyper_prag.store import store_key
+    from hyper_prag.recipes import recipe_for
 
-    spec = LoraSpec().for_model(tiny)
+    recipe = recipe_for(encoder, tiny, template())
+    spec = recipe.spec
     for doc in corpus.documents:
-        key = store_key(doc.text, tiny.identity, spec, template().settings(), encoder.settings())
+        key = recipe.key(doc.text, corpus.doc_qa[doc.id])
         a, b = store.get(key), clean.get(key)
         for m in spec.target_modules:
             assert torch.allclose(a.A[m], b.A[m], atol=1e-5) and torch.allclose(a.B[m], b.B[m], atol=1e-5)
