@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         from hyper_prag.lora import LoraSpec
 
         augmented = augment_documents(docs, AugmentConfig(source="template"), base=base, corpus=corpus)
-        per_doc = PerDocEncoder(base, LoraSpec().for_model(base), PerDocConfig(lr=args.per_doc_lr, epochs=args.per_doc_epochs), runner="loop")
+        per_doc = PerDocEncoder(base, LoraSpec().for_model(base), PerDocConfig(lr=args.per_doc_lr, epochs=args.per_doc_epochs))
         order = sorted(range(len(docs)), key=lambda i: len(docs[i].text))  # chunk by length: little padding
         trained: dict[str, Lora] = {}
         start = time.perf_counter()

@@ -37,13 +37,14 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
 from tqdm.auto import tqdm
 
-from hyper_prag.encoders.per_doc import PerDocConfig, PerDocEncoder, Runner, train_warmup_lora
+from hyper_prag.encoders import Encoder
+from hyper_prag.encoders.per_doc import FitBank, PerDocConfig, PerDocEncoder, fit_steps, train_warmup_lora
 from hyper_prag.errors import HyperPragError
-from hyper_prag.lora import Lora, LoraSpec
+from hyper_prag.lora import LoraSpec
 from hyper_prag.model import BaseModel
 
 if TYPE_CHECKING:
@@ -57,21 +58,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Encoder", "EncodeReport", "PerDocEncoder", "PerDocConfig", "encode_corpus", "encode_from_config",
            "launch", "add_arguments", "run_encode", "config_parser"]
-
-
-class Encoder(Protocol):
-    """Anything that maps documents to LoRAs for one base model."""
-
-    name: str  # "per-doc" | "hypernet"
-    uses_augmentation: bool  # per-doc: True; hypernet: False (reads the document text only)
-
-    def settings(self) -> dict:
-        """Encoder identity + settings; enters the store key (hypernet: checkpoint sha256)."""
-        ...
-
-    def encode(self, documents: Sequence["AugmentedDocument"]) -> list[Lora]:
-        """One LoRA per document, for the encoder's base model."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -274,11 +260,12 @@ def encode_from_config(
     warmup_split: str = "train",
     warmup_docs: int = 16,
     warmup_steps: int = 64,
-    runner: Runner = "lightning",
+    runner: Literal["lightning", "loop"] = "lightning",
     logger: Literal["csv", "wandb", "none"] = "csv",
     log_dir: str = "runs/encode",
     offline: bool = True,
     progress: bool = True,
+    fit: FitBank | None = None,
 ) -> EncodeReport:
     """Encodes a corpus split into a LoRA store with the per-document trainer or a hypernetwork (the YAML schema).
 
@@ -305,11 +292,13 @@ def encode_from_config(
         warmup_split: for ``trainer.init="warmup"``: the held-out split the warm-up LoRA trains on.
         warmup_docs: held-out documents used for the warm-up.
         warmup_steps: warm-up sequences (steps).
-        runner: ``lightning`` (lightning.Trainer per chunk) or ``loop`` (same step code, no Trainer).
+        runner: read by ``python -m train.encode``: ``lightning`` (it passes its lightning.Trainer runner as
+            ``fit``) or ``loop``. This function trains with ``fit`` whatever the value (identical LoRAs).
         logger: Lightning logger for per-step losses: ``csv`` (default), ``wandb`` or ``none`` (rank 0 logs).
         log_dir: logger folder.
         offline: W&B offline mode (no network here).
         progress: tqdm bar over documents.
+        fit: the runner of each chunk's LoRA bank (not a YAML key); ``None``: the plain loop (``fit_steps``).
 
     Returns:
         The :class:`EncodeReport` (of the whole run, on every rank).
@@ -351,7 +340,8 @@ def encode_from_config(
         if fabric is not None:  # one warm-up LoRA for all ranks: its hash is part of every store key
             warmup = fabric.broadcast(warmup, src=0)
     lightning_logger = _make_logger(logger, log_dir, offline, name=f"encode-{Path(str(model)).name}") or None
-    per_doc = PerDocEncoder(base, spec, trainer, warmup=warmup, runner=runner, logger=lightning_logger)
+    per_doc = PerDocEncoder(base, spec, trainer, warmup=warmup, fit=fit or fit_steps,
+                           logger=lightning_logger)
     report = encode_corpus(documents, per_doc, LoraStore(store_root, dtype=store_dtype), base, augment_config,
                            chunk_size, corpus=full, spec=spec, progress=progress, fabric=fabric)
     if lightning_logger:
@@ -370,7 +360,7 @@ def config_parser():
 
     parser = ArgumentParser(prog="python -m train.encode", description="Per-document LoRA encoding (paper §3.2).")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/encode/*.yaml)")
-    parser.add_function_arguments(encode_from_config)
+    parser.add_function_arguments(encode_from_config, skip={"fit"})
     return parser
 
 

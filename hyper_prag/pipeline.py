@@ -462,7 +462,7 @@ def per_doc_setup(base: BaseModel, corpus: Corpus, encode_config: str | Path | N
             raise HyperPragError(f"init='warmup' needs documents in split {cfg['warmup_split']!r}.")
         held_aug = augment_documents(held, augment_config, base=base, corpus=corpus)
         warmup = train_warmup_lora(base, spec, held_aug, trainer, max_steps=cfg["warmup_steps"])
-    encoder = PerDocEncoder(base, spec, trainer, warmup=warmup, runner=cfg.get("runner", "loop"))
+    encoder = PerDocEncoder(base, spec, trainer, warmup=warmup)
     return PerDocSetup(encoder, augment_config, spec, corpus)
 
 
