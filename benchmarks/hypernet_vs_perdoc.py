@@ -39,7 +39,7 @@ import torch
 
 from hyper_prag.combine import combine
 from hyper_prag.evaluate import score as score_answer
-from hyper_prag.hypernet import SHIPPED_CHECKPOINT
+from hyper_prag.encoders.hypernet import SHIPPED_CHECKPOINT
 from hyper_prag.inject import injected
 from hyper_prag.lora import Lora
 from hyper_prag.prompts import question_prompt
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
 
     from hyper_prag.benchmark import load_or_make_default
-    from hyper_prag.hypernet import HypernetEncoder
+    from hyper_prag.encoders.hypernet import HypernetEncoder
     from hyper_prag.model import load_base_model, tiny_base_model
 
     base = tiny_base_model() if args.model == "tiny" else load_base_model(args.model)

@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
             "answer one question: retrieve, apply LoRAs, generate; shows documents and LoRAs used"),
     "evaluate": ("hyper_prag.evaluate", "add_evaluate_arguments", "run_evaluate",
                  "compare methods on a benchmark: F1/EM with CIs, latency, encoding cost, storage"),
-    "export-hypernet": ("hyper_prag.hypernet_train", "add_export_arguments", "run_export_hypernet",
+    "export-hypernet": ("hyper_prag.encoders.hypernet", "add_export_arguments", "run_export_hypernet",
                         "turn a hypernet training checkpoint (.ckpt) into the shippable inference checkpoint"),
     "demo": ("hyper_prag.demo", "add_arguments", "run_demo",
              "the end-to-end demo on SmolLM2 and the fictional benchmark (what `make demo` runs)"),

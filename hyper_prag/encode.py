@@ -321,7 +321,7 @@ def encode_from_config(
     spec = LoraSpec(rank=rank, alpha=alpha).for_model(base)
     store_root = store or cache_dir("lora_store") / Path(str(model)).name
     if encoder == "hypernet":
-        from hyper_prag.hypernet import HypernetEncoder
+        from hyper_prag.encoders.hypernet import HypernetEncoder
 
         if checkpoint is None:
             raise HyperPragError("encoder 'hypernet' needs a checkpoint: pass --checkpoint PATH (see hypernet training).")

@@ -62,7 +62,8 @@ from hyper_prag.prompts import question_prompt
 
 if TYPE_CHECKING:
     from hyper_prag.augment import AugmentConfig
-    from hyper_prag.hypernet import Hypernet, HypernetEncoder
+    from hyper_prag.encoders.hypernet import HypernetEncoder
+    from hyper_prag.hypernet import Hypernet
     from hyper_prag.retrieve import Hit, Retriever
     from hyper_prag.store import LoraStore
 
@@ -207,7 +208,7 @@ class HypernetSource:
             hypernet: a :class:`~hyper_prag.hypernet.HypernetEncoder`, or a bare ``Hypernet`` with ``base``.
             base: the base model (needed with a bare ``Hypernet``).
         """
-        from hyper_prag.hypernet import HypernetEncoder
+        from hyper_prag.encoders.hypernet import HypernetEncoder
 
         if not isinstance(hypernet, HypernetEncoder):
             if base is None:
@@ -217,7 +218,7 @@ class HypernetSource:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, base: BaseModel) -> "HypernetSource":
-        from hyper_prag.hypernet import HypernetEncoder
+        from hyper_prag.encoders.hypernet import HypernetEncoder
 
         return cls(HypernetEncoder.from_checkpoint(checkpoint, base))
 

@@ -1,4 +1,4 @@
-"""Beyond one machine (issue 8): encoding and hypernet training with Lightning's DDP on 2 CPU processes (gloo).
+"""Beyond one machine: encoding and hypernet training with Lightning's DDP on 2 CPU processes (gloo).
 
 Every distributed run is a real launch of an entry point as a subprocess with ``--strategy ddp --devices 2``:
 ``python -m train.encode …`` and ``python -m train.hypernet fit …``, where Lightning's launcher starts the
@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 
 from hyper_prag.benchmark import load_or_make_default
 from hyper_prag.encode import encode_from_config, load_config
-from hyper_prag.hypernet import EmbeddingCache, doc_embeddings, load_hypernet, text_hash
+from hyper_prag.encoders.hypernet import load_hypernet
+from hyper_prag.hypernet import EmbeddingCache, doc_embeddings, text_hash
 from hyper_prag.store import LoraStore
 
 ROOT = Path(__file__).parents[1]
@@ -146,7 +147,7 @@ def test_hypernet_trains_with_ddp_and_writes_a_loadable_checkpoint(tmp_path, cac
     assert len(ckpts) == 1, ckpts  # rank 0 alone logs and checkpoints: one run folder
     metrics = (ckpts[0].parents[1] / "metrics.csv").read_text()
     assert "val/loss" in metrics and "train/lm" in metrics
-    assert torch.load(ckpts[0], map_location="cpu", weights_only=False)["global_step"] == 4
+    assert torch.load(ckpts[0], map_location="cpu", weights_only=True)["global_step"] == 4
     hypernet = load_hypernet(ckpts[0], tiny)
     assert any(head.weight.abs().max() > 0 for head in hypernet.head_B.values())  # trained: B heads start at 0
     # The cache holds the doc embeddings of the 16 training and every validation document (prepare_data).

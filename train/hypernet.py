@@ -14,9 +14,12 @@ a document's own QA pair is asked under its LoRA, a multi-document benchmark que
 default. Documents are split by the corpus: train on ``train``, validate on ``val``; the datamodule
 refuses ``test`` documents. Doc embeddings are computed once with the frozen LLM (cached on disk).
 
-Entry point: ``python -m train.hypernet fit --config configs/hypernet/<name>.yaml`` (:class:`HypernetCLI`).
+Entry point: ``python -m train.hypernet fit --config configs/hypernet/<name>.yaml`` (:class:`HypernetCLI`);
+``hyper-prag export-hypernet CKPT OUT`` then turns a ``.ckpt`` into the shippable inference checkpoint
+(:func:`hyper_prag.encoders.hypernet.export_hypernet`). The sequences and their loss on labelled tokens are
+the library's (:mod:`hyper_prag.sequences`), shared with the per-document trainer.
 
-Data-parallel training (issue 8) needs no other config: ``--trainer.strategy ddp --trainer.devices N
+Data-parallel training needs no other config: ``--trainer.strategy ddp --trainer.devices N
 --trainer.num_nodes M`` (gloo on CPU, nccl on GPUs; torchrun and SLURM's srun are detected by Lightning).
 Every rank loads its own frozen base model (:func:`shared_base`, once per process); the doc embeddings are
 computed once per machine in :meth:`HypernetDataModule.prepare_data` and read from the cache by every
@@ -26,15 +29,12 @@ rank's ``setup``; DDP averages the hypernet's gradients; validation metrics are 
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -44,19 +44,17 @@ from lightning.pytorch.cli import LightningCLI
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from hyper_prag.encoders.hypernet import CKPT_KEY, load_hypernet
 from hyper_prag.errors import HyperPragError
-from hyper_prag.hypernet import (
-    EmbeddingCache, Hypernet, HypernetConfig, load_hypernet, pad_states, save_inference_checkpoint,
-)
-from hyper_prag.inject import injected
+from hyper_prag.hypernet import EmbeddingCache, Hypernet, HypernetConfig, pad_states
 from hyper_prag.lora import Lora, stack
 from hyper_prag.model import BaseModel
 from hyper_prag.prompts import qa_sequence
+from hyper_prag.sequences import (
+    LossOn, TokenSequence, labelled_logits, per_sample_mean, right_pad, sequence_losses, tokenize,
+)
 
 log = logging.getLogger(__name__)
-
-IGNORE = -100  # label of a position that carries no loss (HF convention)
-LossOn = Literal["answer", "all"]
 
 _BASES: dict[tuple[str, str], BaseModel] = {}
 
@@ -127,35 +125,6 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, floor: float) -
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def answer_logits(base: BaseModel, lora: Lora | None, input_ids: Tensor, attention_mask: Tensor,
-                  labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits at the labelled positions of each sequence, with sample n under LoRA n (or no LoRA).
-
-    Returns:
-        ``(logits (K, V), targets (K,), owner (K,))``: K labelled positions over the batch, owner = sample index.
-    """
-    def hidden() -> Tensor:
-        return base.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-    if lora is None:
-        h = hidden()  # (N, T, H)
-    else:
-        with injected(base, lora, mode="batched"):
-            h = hidden()  # (N, T, H)
-    targets = labels[:, 1:]  # (N, T-1): token t+1 is predicted at position t
-    labelled = targets != IGNORE  # (N, T-1)
-    logits = base.model.lm_head(h[:, :-1][labelled]).float()  # (K, V)
-    owner = torch.arange(len(targets), device=labels.device)[:, None].expand_as(targets)[labelled]  # (K,)
-    return logits, targets[labelled], owner
-
-
-def per_sample_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
-    """Mean of ``values`` (K,) per sample (``owner`` (K,) in 0..n-1) → ``(n,)``."""
-    total = torch.zeros(n, device=values.device, dtype=values.dtype).index_add(0, owner, values)  # (n,)
-    count = torch.zeros(n, device=values.device, dtype=values.dtype).index_add(0, owner, torch.ones_like(values))
-    return total / count.clamp(min=1)  # (n,)
-
-
 # -------------------------------------------------------------------------------------------------- data
 
 
@@ -210,30 +179,26 @@ def sum_groups(lora: Lora, groups: Tensor) -> Lora:
     return Lora(replace(spec, rank=K * r, alpha=spec.scaling * K * r), A, B)
 
 
-def tokenize_qa(base: BaseModel, question: str, answer: str, loss_on: LossOn) -> tuple[list[int], list[int]]:
-    """Token ids and labels of ``qa_sequence(question, answer)`` (prompt and answer tokenized apart)."""
-    prefix, target = qa_sequence(base, question, answer)
-    p = base.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-    a = base.tokenizer(target, add_special_tokens=False)["input_ids"]
-    return p + a, ([IGNORE] * len(p) if loss_on == "answer" else list(p)) + list(a)
+def tokenize_qa(base: BaseModel, question: str, answer: str, loss_on: LossOn) -> TokenSequence:
+    """Token ids and labels of ``qa_sequence(question, answer)`` (prompt and answer tokenized apart, no truncation)."""
+    return tokenize(base, *qa_sequence(base, question, answer), loss_on)
 
 
-def collate(items: list[tuple[tuple[int, ...], list[int], list[int]]], embeddings: Tensor | Sequence[Tensor],
-            pad_id: int, teachers: Sequence[Lora] | None = None) -> HypernetBatch:
-    """Pads a list of ``(doc_rows, input_ids, labels)`` into a :class:`HypernetBatch`.
+Item = tuple[tuple[int, ...], TokenSequence]  # the documents a sequence is asked about (rows of the split), the sequence
+
+
+def collate(items: list[Item], embeddings: Tensor | Sequence[Tensor], pad_id: int,
+            teachers: Sequence[Lora] | None = None) -> HypernetBatch:
+    """Pads a list of ``(doc_rows, sequence)`` into a :class:`HypernetBatch`.
 
     Args:
-        items: the documents each sequence is asked about (rows of the split's table; an ``int`` = one), its
-            token ids and labels.
+        items: the documents each sequence is asked about (rows of the split's table) and the sequence.
         embeddings: the split's pooled ``(D, E)`` embeddings, or its per-document token states ``D × (T_i, E)``.
+        pad_id: token id of the right padding.
+        teachers: per-document LoRAs of the split's documents (distillation), or ``None``.
     """
-    T = max(len(ids) for _, ids, _ in items)
-    ids = torch.full((len(items), T), pad_id, dtype=torch.long)  # (N, T)
-    labels = torch.full((len(items), T), IGNORE, dtype=torch.long)  # (N, T)
-    mask = torch.zeros((len(items), T), dtype=torch.long)  # (N, T)
-    for i, (_, seq, lab) in enumerate(items):
-        ids[i, : len(seq)], labels[i, : len(lab)], mask[i, : len(seq)] = torch.tensor(seq), torch.tensor(lab), 1
-    per_item = [(row,) if isinstance(row, int) else tuple(row) for row, _, _ in items]
+    ids, mask, labels = right_pad([seq for _, seq in items], pad_id)  # each (N, T)
+    per_item = [tuple(rows) for rows, _ in items]
     unique = sorted({r for rows in per_item for r in rows})
     where = {r: u for u, r in enumerate(unique)}
     groups = torch.full((len(items), max(map(len, per_item))), -1, dtype=torch.long)  # (N, K)
@@ -331,10 +296,10 @@ class HypernetDataModule(pl.LightningDataModule):
                                  "or set delta_weight and kl_weight to 0.")
         return store.get_many(keys, base_model=base.identity)
 
-    def _question_items(self, corpus, split: str, docs, base: BaseModel) -> list:
-        """``(doc_rows, ids, labels)`` of the split's benchmark questions whose documents are all in ``docs``."""
+    def _question_items(self, corpus, split: str, docs, base: BaseModel) -> list[Item]:
+        """``(doc_rows, sequence)`` of the split's benchmark questions whose documents are all in ``docs``."""
         row = {d.id: i for i, d in enumerate(docs)}
-        return [(tuple(row[d] for d in q.doc_ids), *tokenize_qa(base, q.question, q.answers[0], self.hparams.loss_on))
+        return [(tuple(row[d] for d in q.doc_ids), tokenize_qa(base, q.question, q.answers[0], self.hparams.loss_on))
                 for q in corpus.split(split).questions if q.doc_ids and all(d in row for d in q.doc_ids)]
 
     def _documents(self, corpus, split: str) -> list:
@@ -380,7 +345,7 @@ class HypernetDataModule(pl.LightningDataModule):
             if not docs:
                 raise HyperPragError(f"corpus {corpus.name!r} has no {split!r} documents to train the hypernet on.")
             qa = self._qa(corpus, docs, base)
-            items = [((row,), *tokenize_qa(base, q, a, hp.loss_on)) for row, pairs in enumerate(qa) for q, a in pairs]
+            items = [((row,), tokenize_qa(base, q, a, hp.loss_on)) for row, pairs in enumerate(qa) for q, a in pairs]
             if hp.questions:
                 items += self._question_items(corpus, split, docs, base)
             if not items:
@@ -501,7 +466,8 @@ class HypernetModule(pl.LightningModule):
             generated = self.hypernet(batch.doc_embedding, batch.doc_mask)  # (U, L, …)
         lora = sum_groups(generated, batch.groups)  # (N, L, …)
         n = len(batch.input_ids)
-        logits, targets, owner = answer_logits(self.base, lora, batch.input_ids, batch.attention_mask, batch.labels)
+        logits, targets, owner = labelled_logits(self.base, lora, batch.input_ids, batch.attention_mask,
+                                                 batch.labels)  # (K, V), (K,), (K,)
         lm = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
         out = {"lm": lm, "loss": hp.lm_weight * lm}
         if hp.delta_weight or hp.kl_weight:
@@ -513,8 +479,8 @@ class HypernetModule(pl.LightningModule):
                 out["loss"] = out["loss"] + hp.delta_weight * out["delta"]
             if hp.kl_weight:
                 with torch.no_grad():
-                    t_logits, _, _ = answer_logits(self.base, teacher, batch.input_ids, batch.attention_mask,
-                                                   batch.labels)  # (K, V)
+                    t_logits, _, _ = labelled_logits(self.base, teacher, batch.input_ids, batch.attention_mask,
+                                                     batch.labels)  # (K, V)
                 kl = F.kl_div(logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True,
                               reduction="none").sum(-1)  # (K,)
                 out["kl"] = per_sample_mean(kl, owner, n).mean()
@@ -533,13 +499,11 @@ class HypernetModule(pl.LightningModule):
         n = len(batch.input_ids)
         generated = self.hypernet(batch.doc_embedding, batch.doc_mask)
         out = self.losses(batch, generated)
-        logits, targets, owner = answer_logits(self.base, None, batch.input_ids, batch.attention_mask, batch.labels)
-        closed = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
+        closed = sequence_losses(self.base, None, batch.input_ids, batch.attention_mask, batch.labels).mean()
         # Each question under the LoRAs of the *previous* sequence's documents: the gap to val/loss is what the
         # generated LoRAs carry about their own documents (beyond answer format and corpus-wide priors).
         wrong = sum_groups(generated, batch.groups.roll(1, dims=0))
-        logits, targets, owner = answer_logits(self.base, wrong, batch.input_ids, batch.attention_mask, batch.labels)
-        wrong_doc = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
+        wrong_doc = sequence_losses(self.base, wrong, batch.input_ids, batch.attention_mask, batch.labels).mean()
         self.log_dict({"val/loss": out["lm"], "val/loss_closed_book": closed, "val/loss_wrong_doc": wrong_doc,
                        "val/delta_norm": out["delta_norm"]}, prog_bar=True, batch_size=n,
                       sync_dist=True)  # DDP: the mean over every rank's share of the val set
@@ -557,10 +521,10 @@ class HypernetModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["hyper_prag_hypernet"] = self.hypernet.describe()  # lets load_hypernet read a .ckpt alone
+        checkpoint[CKPT_KEY] = self.hypernet.describe()  # lets load_hypernet read a .ckpt alone
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("hyper_prag_hypernet", {}).get("base_model")
+        saved = checkpoint.get(CKPT_KEY, {}).get("base_model")
         if saved and saved != self.base.identity:
             raise HyperPragError(f"checkpoint was trained for base model '{saved}', not '{self.base.identity}'.")
 
@@ -579,58 +543,5 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> HypernetCLI:
                        save_config_kwargs={"overwrite": True})
 
 
-# ------------------------------------------------------------------------------------------------ export
-
-
-def export_checkpoint(ckpt: str | Path, out: str | Path, extra: dict | None = None) -> Path:
-    """Turns a Lightning training checkpoint into the shippable inference checkpoint folder.
-
-    Args:
-        ckpt: ``.ckpt`` written during ``fit``.
-        out: output folder (``hypernet.safetensors`` + ``config.json``) or ``NAME.safetensors`` (+ ``NAME.json``).
-        extra: more facts for ``config.json`` (e.g. metrics).
-
-    Returns:
-        The weights file written.
-    """
-    meta = torch.load(ckpt, map_location="cpu", weights_only=False)
-    hparams = dict(meta.get("hyper_parameters", {}))
-    base = shared_base(hparams.get("model", "tiny"))
-    hypernet = load_hypernet(ckpt, base)
-    info = {"base_model_name": base.name, "module_hparams": hparams, "global_step": meta.get("global_step"),
-            "source_checkpoint": Path(ckpt).name, **(extra or {})}
-    return save_inference_checkpoint(hypernet, out, json.loads(json.dumps(info, default=str)))
-
-
-def validation_curve(metrics_csvs: Sequence[str | Path]) -> list[dict]:
-    """The ``val/*`` rows of Lightning CSV logs (several: one per resumed run, in order), one dict per step."""
-    import csv
-
-    curve: list[dict] = []
-    for path in metrics_csvs:
-        with open(path, newline="") as handle:
-            for row in csv.DictReader(handle):
-                values = {k: float(v) for k, v in row.items() if k.startswith("val/") and v}
-                if values:
-                    curve.append({"step": int(row["step"]), **values})
-    return curve
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hyper-prag export-hypernet``."""
-    parser.add_argument("ckpt", type=Path, help="Lightning .ckpt from `python -m train.hypernet fit`")
-    parser.add_argument("out", type=Path, help="output folder for hypernet.safetensors + config.json, or NAME.safetensors")
-    parser.add_argument("--metrics", type=Path, nargs="*", default=[],
-                        help="the run's CSV logs (metrics.csv; one per resumed phase, in order): recorded as the validation curve")
-    parser.add_argument("--command", action="append", default=[], dest="commands",
-                        help="a command that trained it (repeat for resumed phases): recorded as training_commands")
-    parser.add_argument("--note", default=None, help="free text recorded in the JSON (what the metrics mean, caveats)")
-
-
-def run_export_hypernet(args: argparse.Namespace) -> None:
-    """Runs ``hyper-prag export-hypernet CKPT OUT [--metrics CSV ...] [--command CMD ...] [--note TEXT]``."""
-    extra = {"validation_curve": validation_curve(args.metrics)} if args.metrics else {}
-    extra |= {"training_commands": args.commands} if args.commands else {}
-    extra |= {"note": args.note} if args.note else {}
-    path = export_checkpoint(args.ckpt, args.out, extra)
-    log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
+if __name__ == "__main__":
+    main()
