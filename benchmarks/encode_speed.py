@@ -65,7 +65,7 @@ def run_mode(mode: str, model: str, n_docs: int, chunk_size: int, epochs: int, s
     spec = LoraSpec().for_model(base)
     start = time.perf_counter()
     if mode == "batched":
-        encoder = PerDocEncoder(base, spec, config, runner="loop")
+        encoder = PerDocEncoder(base, spec, config)
         losses, doc_steps = [], 0
         for c in range(0, len(augmented), chunk_size):
             encoder.encode(augmented[c : c + chunk_size])

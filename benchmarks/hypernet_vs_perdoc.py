@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from hyper_prag.corpus import Corpus
-from hyper_prag.hypernet import SHIPPED_CHECKPOINT
+from hyper_prag.encoders.hypernet import SHIPPED_CHECKPOINT
 from hyper_prag.lora import Lora
 from hyper_prag.pipeline import Pipeline
 from hyper_prag.scoring import score as score_answer
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
 
     from hyper_prag import assemble
-    from hyper_prag.hypernet import HypernetEncoder
+    from hyper_prag.encoders.hypernet import HypernetEncoder
 
     base = assemble.load_model(args.model)
     corpus = assemble.load_corpus("fictional")

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from hyper_prag import assemble
 from hyper_prag.combine import CombineMode
 from hyper_prag.encode import EncodeReport, encode_corpus, launch
-from hyper_prag.encoders.per_doc import PerDocConfig, Runner
+from hyper_prag.encoders.per_doc import FitBank, PerDocConfig, fit_steps
 from hyper_prag.errors import HyperPragError
 from hyper_prag.evaluate import Results, compare, select_questions
 from hyper_prag.lora import LoraSpec
@@ -37,6 +37,7 @@ from hyper_prag.pipeline import Pipeline
 log = logging.getLogger(__name__)
 
 RetrieverName = Literal["bm25", "dense"]
+Runner = Literal["lightning", "loop"]  # which trainer python -m train.encode runs each bank with
 
 
 # ----------------------------------------------------------------------------------------------- encode
@@ -68,6 +69,7 @@ def encode(
     log_dir: str = "runs/encode",
     offline: bool = True,
     progress: bool = True,
+    fit: FitBank | None = None,
 ) -> EncodeReport:
     """Encodes a corpus split into a LoRA store with the per-document trainer or a hypernetwork (the YAML schema).
 
@@ -94,11 +96,14 @@ def encode(
         warmup_split: for ``trainer.init="warmup"``: the held-out split the warm-up LoRA trains on.
         warmup_docs: held-out documents used for the warm-up.
         warmup_steps: warm-up sequences (steps).
-        runner: ``lightning`` (lightning.Trainer per chunk) or ``loop`` (same step code, no Trainer).
+        runner: read by ``python -m train.encode``: ``lightning`` trains each chunk's bank under a
+            ``lightning.Trainer``, ``loop`` with the library's plain loop; both give bit-identical LoRAs.
+            This function trains with ``fit`` whatever the value.
         logger: Lightning logger for per-step losses: ``csv`` (default), ``wandb`` or ``none`` (rank 0 logs).
         log_dir: logger folder.
         offline: W&B offline mode (no network here).
         progress: tqdm bar over documents.
+        fit: the runner of each chunk's LoRA bank (not a YAML key); ``None``: the plain loop (``fit_steps``).
 
     Returns:
         The :class:`EncodeReport` (of the whole run, on every rank).
@@ -134,7 +139,7 @@ def encode(
         warmup = fabric.broadcast(warmup, src=0)
     per_doc = assemble.per_doc_from_config(base, full, config, lora_store.root, warmup=warmup)
     lightning_logger = _make_logger(logger, log_dir, offline, name=f"encode-{Path(str(model)).name}") or None
-    per_doc.encoder.runner, per_doc.encoder.logger = runner, lightning_logger
+    per_doc.encoder.fit, per_doc.encoder.logger = fit or fit_steps, lightning_logger
     report = encode_corpus(documents, per_doc.encoder, lora_store, base, per_doc.augment_config, chunk_size,
                            corpus=full, progress=progress, fabric=fabric, recipe=per_doc.recipe)
     if lightning_logger:
@@ -165,7 +170,7 @@ def encode_config_parser():
 
     parser = ArgumentParser(prog="python -m train.encode", description="Per-document LoRA encoding (paper §3.2).")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/encode/*.yaml)")
-    parser.add_function_arguments(encode)
+    parser.add_function_arguments(encode, skip={"fit"})
     return parser
 
 

@@ -285,13 +285,13 @@ def _run_index(args: argparse.Namespace) -> None:
 
 
 def _export_hypernet_arguments(parser: argparse.ArgumentParser) -> None:
-    from hyper_prag.hypernet_train import add_export_arguments
+    from hyper_prag.encoders.hypernet import add_export_arguments
 
     add_export_arguments(parser)
 
 
 def _run_export_hypernet(args: argparse.Namespace) -> None:
-    from hyper_prag.hypernet_train import run_export_hypernet
+    from hyper_prag.encoders.hypernet import run_export_hypernet
 
     run_export_hypernet(args)
 

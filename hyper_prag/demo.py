@@ -32,7 +32,7 @@ DEMO_ENCODE_CONFIG = "configs/encode/demo.yaml"  # per-document settings of the 
 
 def shipped_checkpoint() -> Path | None:
     """The hypernetwork checkpoint shipped in the package for SmolLM2, if there is one."""
-    from hyper_prag.hypernet import SHIPPED_CHECKPOINT
+    from hyper_prag.encoders.hypernet import SHIPPED_CHECKPOINT
 
     return SHIPPED_CHECKPOINT if SHIPPED_CHECKPOINT.is_file() else None
 

@@ -1,6 +1,6 @@
 """Encoding: turn every document of a corpus into a LoRA in the LoRA store (offline stage of P-RAG).
 
-An :class:`Encoder` maps (augmented) documents to LoRAs: the paper's per-document trainer
+An :class:`~hyper_prag.encoders.Encoder` maps (augmented) documents to LoRAs: the paper's per-document trainer
 (:class:`~hyper_prag.encoders.per_doc.PerDocEncoder`, batched) or a hypernetwork. The driver
 :func:`encode_corpus` is the same for both::
 
@@ -36,12 +36,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
 from tqdm.auto import tqdm
 
+from hyper_prag.encoders import Encoder
 from hyper_prag.errors import HyperPragError
-from hyper_prag.lora import Lora, LoraSpec
+from hyper_prag.lora import LoraSpec
 from hyper_prag.model import BaseModel
 from hyper_prag.recipes import Recipe, record_recipe, recipe_for
 
@@ -55,21 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["Encoder", "EncodeReport", "encode_corpus", "launch"]
-
-
-class Encoder(Protocol):
-    """Anything that maps documents to LoRAs for one base model."""
-
-    name: str  # "per-doc" | "hypernet"
-    uses_augmentation: bool  # per-doc: True; hypernet: False (reads the document text only)
-
-    def settings(self) -> dict:
-        """Encoder identity + settings; enters the store key (hypernet: checkpoint sha256)."""
-        ...
-
-    def encode(self, documents: Sequence["AugmentedDocument"]) -> list[Lora]:
-        """One LoRA per document, for the encoder's base model."""
-        ...
 
 
 @dataclass(frozen=True)

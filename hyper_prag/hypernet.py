@@ -24,15 +24,14 @@ average of all of them.
 The output is a :class:`~hyper_prag.lora.Lora` batch (A: (N, L, r, d_in), B: (N, L, d_out, r)) with
 the same rank/alpha scaling as per-document LoRAs, bound to the base model's identity; nothing
 downstream knows which encoder made it. The base LLM is frozen; only the hypernet trains
-(:mod:`hyper_prag.hypernet_train`).
+(``python -m train.hypernet fit``, ``train/hypernet.py``).
 
 Doc embeddings only need the base model up to the deepest chosen layer (early layers: cheap
 encoding), and are cached on disk by (base identity, layers, max tokens, kind, sha256 of the text).
 
-Shipping: :func:`save_inference_checkpoint` writes ``hypernet.safetensors`` (weights + config as
-metadata) and ``config.json`` (config, LoRA spec, base identity) into a folder; :func:`load_hypernet`
-reads that folder, the safetensors file alone, or a Lightning ``.ckpt``, and refuses a checkpoint
-made for another base model.
+This module is the network definition: config, doc embeddings and the ``nn.Module``. Using a trained
+one is :mod:`hyper_prag.encoders.hypernet`: the ``HypernetEncoder``, and the checkpoint files
+(save, load, export of a training checkpoint), which record :meth:`Hypernet.describe`.
 """
 
 from __future__ import annotations
@@ -44,14 +43,13 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from hyper_prag.errors import HyperPragError
@@ -59,17 +57,10 @@ from hyper_prag.lora import Lora, LoraSpec
 from hyper_prag.model import BaseModel
 from hyper_prag.paths import cache_dir
 
-if TYPE_CHECKING:
-    from hyper_prag.augment import AugmentedDocument
-
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "hyper-prag-hypernet/1"
+FORMAT_VERSION = "hyper-prag-hypernet/1"  # recorded by Hypernet.describe() in every checkpoint file
 READOUTS = ("mean", "attention")
-WEIGHTS_FILE = "hypernet.safetensors"
-CONFIG_FILE = "config.json"
-# The shipped checkpoint for the default base model (SmolLM2-135M-Instruct), trained by configs/hypernet/smollm2.yaml.
-SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "hypernet-smollm2.safetensors"
 
 
 def default_embed_layers(num_layers: int) -> tuple[int, ...]:
@@ -418,196 +409,3 @@ class Hypernet(nn.Module):
         return {"format": FORMAT_VERSION, "config": self.config.to_dict(), "spec": json.loads(self.spec.to_json()),
                 "dims": {m: list(d) for m, d in self.dims.items()}, "embed_dim": self.embed_dim,
                 "base_model": self.spec.base_model, "num_parameters": self.num_parameters()}
-
-
-# ----------------------------------------------------------------------------------- checkpoint files
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex of a file's bytes (the checkpoint identity in the store key)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def save_inference_checkpoint(hypernet: Hypernet, folder: str | Path, extra: dict | None = None) -> Path:
-    """Writes the shippable checkpoint: float32 weights (config in the metadata) + a JSON description.
-
-    Args:
-        hypernet: the trained hypernet.
-        folder: output folder (gets ``hypernet.safetensors`` + ``config.json``), or a ``NAME.safetensors``
-            file path (gets ``NAME.json`` beside it).
-        extra: more JSON-able facts for the JSON file (training config, metrics, base model name).
-
-    Returns:
-        The path of the weights file.
-    """
-    target = Path(folder)
-    if target.suffix == ".safetensors":
-        folder, path, config_path = target.parent, target, target.with_suffix(".json")
-    else:
-        folder, path, config_path = target, target / WEIGHTS_FILE, target / CONFIG_FILE
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = hypernet.describe()
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hypernet.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=".hypernet-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        # One metadata entry (the description carries "format"): safetensors writes several entries in a
-        # per-process hash order, and the file's sha256 is the checkpoint identity in store keys.
-        save_file(tensors, tmp, metadata={"hypernet": json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    config_path.write_text(json.dumps({**meta, "weights_sha256": file_sha256(path), **(extra or {})},
-                                                 indent=2, sort_keys=True))
-    return path
-
-
-def _build(meta: dict, state: dict[str, Tensor], base: BaseModel, source: str) -> Hypernet:
-    spec = LoraSpec.from_json(json.dumps(meta["spec"]))
-    if spec.base_model != base.identity:
-        raise HyperPragError(
-            f"hypernet checkpoint {source} was trained for base model '{spec.base_model}' but the loaded base "
-            f"model is '{base.identity}' ({base.name}). A hypernet only works with the exact model it was trained "
-            "for: load that model, or train a hypernet for this one (python -m train.hypernet fit --config ...)."
-        )
-    config = HypernetConfig.from_dict(meta["config"])
-    dims = {m: tuple(d) for m, d in meta["dims"].items()}
-    net = Hypernet(config, spec, dims, int(meta["embed_dim"]))
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as err:
-        raise HyperPragError(f"hypernet checkpoint {source} does not match its own config ({err}); it is corrupted.") from err
-    return net.eval()
-
-
-def load_hypernet(checkpoint: str | Path, base: BaseModel) -> Hypernet:
-    """Loads a hypernet for ``base`` from an inference checkpoint (folder or ``.safetensors``) or a Lightning ``.ckpt``.
-
-    Args:
-        checkpoint: a folder holding ``hypernet.safetensors``, that file itself, or a ``.ckpt`` written by
-            :class:`~hyper_prag.hypernet_train.HypernetModule` training.
-        base: the loaded base model; must be the one the hypernet was trained for.
-
-    Returns:
-        The :class:`Hypernet` in eval mode on CPU.
-
-    Raises:
-        HyperPragError: missing/corrupted file, or a checkpoint trained for another base model.
-    """
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / WEIGHTS_FILE
-    if not path.is_file():
-        raise HyperPragError(f"hypernet checkpoint {path} does not exist; pass the folder shipped in "
-                             "hyper_prag/checkpoints/ or a .ckpt from training.")
-    if path.suffix == ".ckpt":
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            meta = ckpt["hyper_prag_hypernet"]
-        except (OSError, RuntimeError, KeyError, EOFError) as err:
-            raise HyperPragError(f"{path} is not a readable hypernet training checkpoint ({err!r}).") from err
-        state = {k.removeprefix("hypernet."): v for k, v in ckpt["state_dict"].items() if k.startswith("hypernet.")}
-        return _build(meta, state, base, str(path))
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise HyperPragError(f"hypernet checkpoint {path} is truncated or corrupted ({err}).") from err
-    try:
-        meta = json.loads(metadata.get("hypernet", "{}"))
-    except json.JSONDecodeError as err:
-        raise HyperPragError(f"hypernet checkpoint {path} has a corrupted description ({err}).") from err
-    found = metadata.get("format", meta.get("format"))  # files written before the single entry have both
-    if found != FORMAT_VERSION:
-        raise HyperPragError(f"{path} is not a hyper-prag hypernet checkpoint (format {found!r}).")
-    return _build(meta, state, base, str(path))
-
-
-def checkpoint_sha256(checkpoint: str | Path) -> str:
-    """sha256 of the weights file a checkpoint path refers to (folder → its ``hypernet.safetensors``)."""
-    path = Path(checkpoint)
-    return file_sha256(path / WEIGHTS_FILE if path.is_dir() else path)
-
-
-# --------------------------------------------------------------------------------------------- encoder
-
-
-class HypernetEncoder:
-    """The amortized encoder: one hypernet forward per chunk of documents, no augmentation, no training.
-
-    Implements the ``Encoder`` protocol of :mod:`hyper_prag.encode`.
-    """
-
-    name = "hypernet"
-    uses_augmentation = False
-
-    def __init__(self, hypernet: Hypernet, base: BaseModel, checkpoint_sha256: str, batch_size: int = 32,
-                 cache: EmbeddingCache | None = None) -> None:
-        """
-        Args:
-            hypernet: a trained hypernet for ``base``.
-            base: the frozen base model (computes the doc embeddings).
-            checkpoint_sha256: identity of the hypernet's weights (enters the store key).
-            batch_size: documents per embedding forward.
-            cache: optional doc-embedding cache.
-        """
-        if hypernet.spec.base_model != base.identity:
-            raise HyperPragError(f"hypernet was trained for base model '{hypernet.spec.base_model}', not "
-                                 f"'{base.identity}'; load the matching checkpoint.")
-        self.hypernet, self.base, self.sha256 = hypernet.eval(), base, checkpoint_sha256
-        self.batch_size, self.cache = batch_size, cache
-        self.spec = hypernet.spec
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, base: BaseModel, **kwargs) -> "HypernetEncoder":
-        """Loads ``checkpoint`` (see :func:`load_hypernet`) and wraps it as an encoder."""
-        return cls(load_hypernet(checkpoint, base).to(base.device), base, checkpoint_sha256(checkpoint), **kwargs)
-
-    def settings(self) -> dict:
-        """Encoder identity: name, checkpoint sha256 and architecture (enter the store key)."""
-        return {"name": self.name, "checkpoint_sha256": self.sha256, **self.hypernet.config.to_dict()}
-
-    def embed(self, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
-        """The hypernet's input for ``texts`` (through the cache if one is set).
-
-        Returns:
-            ``(doc_embedding, mask)``: pooled ``(N, E)`` and ``None``, or for the attention readout padded
-            token states ``(N, T, E)`` and their ``(N, T)`` mask.
-        """
-        config, tokens = self.hypernet.config, self.hypernet.reads_tokens
-        args = (self.base, texts, config.embed_layers, config.max_doc_tokens, self.batch_size)
-        if self.cache is not None:
-            emb = self.cache.get(*args, tokens=tokens)
-        else:
-            emb = doc_token_states(*args) if tokens else doc_embeddings(*args)
-        return pad_states(emb) if tokens else (emb, None)
-
-    @torch.no_grad()
-    def generate(self, texts: Sequence[str]) -> list[Lora]:
-        """One LoRA per document text (float32, CPU)."""
-        if not texts:
-            return []
-        device = next(self.hypernet.parameters()).device
-        loras = []
-        for i in range(0, len(texts), self.batch_size):
-            emb, mask = self.embed(texts[i : i + self.batch_size])  # (n, E) | (n, T, E) + (n, T)
-            lora = self.hypernet(emb.to(device), None if mask is None else mask.to(device))
-            loras += lora.to("cpu").detach().unbind()
-        return loras
-
-    def encode(self, documents: Sequence["AugmentedDocument"]) -> list[Lora]:
-        """One LoRA per document, reading only ``doc.text`` (augmentation is not used).
-
-        Args:
-            documents: (augmented) documents.
-
-        Returns:
-            One single LoRA per document, in order.
-        """
-        return self.generate([doc.text for doc in documents])

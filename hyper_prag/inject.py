@@ -1,7 +1,10 @@
 """The injector: apply LoRAs to the FFN linears of a Hugging Face causal LM, and restore it after.
 
-Small and ours (STYLE.md principle 3): PEFT cannot give each sample of a batch its own LoRA, nor
-let gradients flow into LoRA tensors that a hypernetwork just generated. Three modes:
+Small and ours because of two needs: gradients must flow through the frozen LLM into LoRA tensors
+that a hypernetwork has just *generated* (outputs of another network, not parameters of an adapter
+layer), and many documents must train in one step, each under its own LoRA of one batched bank.
+PEFT stays the interchange format (:mod:`hyper_prag.lora`) and the reference per-document trainer
+(:mod:`hyper_prag.encoders.peft_reference`). Three modes:
 
 ``side``     one LoRA as an unmerged side path: y = W x + s · B (A x). Differentiable in A, B.
 ``batched``  a batch of N LoRAs; sample n of the input uses LoRA n:

@@ -20,7 +20,8 @@ from hyper_prag.model import BaseModel
 from hyper_prag.recipes import Recipe
 
 if TYPE_CHECKING:
-    from hyper_prag.hypernet import Hypernet, HypernetEncoder
+    from hyper_prag.encoders.hypernet import HypernetEncoder
+    from hyper_prag.hypernet import Hypernet
     from hyper_prag.store import LoraStore
 
 
@@ -75,13 +76,13 @@ class HypernetSource:
     @classmethod
     def from_hypernet(cls, hypernet: "Hypernet", base: BaseModel) -> "HypernetSource":
         """A source around an in-memory hypernetwork (e.g. one being trained)."""
-        from hyper_prag.hypernet import HypernetEncoder
+        from hyper_prag.encoders.hypernet import HypernetEncoder
 
         return cls(HypernetEncoder(hypernet, base, checkpoint_sha256="in-memory"))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, base: BaseModel) -> "HypernetSource":
-        from hyper_prag.hypernet import HypernetEncoder
+        from hyper_prag.encoders.hypernet import HypernetEncoder
 
         return cls(HypernetEncoder.from_checkpoint(checkpoint, base))
 

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 
 from hyper_prag.benchmark import load_or_make_default
 from hyper_prag.api import encode as encode_corpus_split, load_encode_config
-from hyper_prag.hypernet import EmbeddingCache, doc_embeddings, load_hypernet, text_hash
+from hyper_prag.encoders.hypernet import load_hypernet
+from hyper_prag.hypernet import EmbeddingCache, doc_embeddings, text_hash
 from hyper_prag.store import LoraStore
 
 ROOT = Path(__file__).parents[1]

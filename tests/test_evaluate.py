@@ -158,7 +158,8 @@ def test_run_evaluate_end_to_end_from_a_corpus_folder(tiny, tmp_path, monkeypatc
 
 def test_run_evaluate_hypernet_methods_record_the_checkpoint(tiny, tmp_path, monkeypatch):
     import hyper_prag.retrieve as retrieve
-    from hyper_prag.hypernet import Hypernet, HypernetConfig, checkpoint_sha256, save_inference_checkpoint
+    from hyper_prag.encoders.hypernet import checkpoint_sha256, save_inference_checkpoint
+    from hyper_prag.hypernet import Hypernet, HypernetConfig
 
     monkeypatch.setattr(retrieve, "cache_dir", lambda stage: tmp_path / stage)
     docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())

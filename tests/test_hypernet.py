@@ -4,25 +4,29 @@ loss, factor-based distances, checkpoints (round trip, wrong base refused), YAML
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from hyper_prag.combine import combine
 from hyper_prag.errors import HyperPragError
-from hyper_prag.hypernet import (
-    EmbeddingCache, Hypernet, HypernetConfig, HypernetEncoder, checkpoint_sha256, doc_embeddings, doc_token_states,
-    load_hypernet, pad_states, save_inference_checkpoint,
+from hyper_prag.encoders.hypernet import (
+    HypernetEncoder, checkpoint_sha256, export_hypernet, load_hypernet, save_inference_checkpoint,
 )
-from hyper_prag.hypernet_train import (
-    HypernetDataModule, HypernetModule, answer_logits, collate, delta_distance, delta_norm, export_checkpoint, lr_factor,
-    main, sum_groups, tokenize_qa,
-)
+from hyper_prag.hypernet import EmbeddingCache, Hypernet, HypernetConfig, doc_embeddings, doc_token_states, pad_states
 from hyper_prag.inject import injected
 from hyper_prag.lora import stack
 from hyper_prag.model import tiny_base_model
+from hyper_prag.sequences import IGNORE, labelled_logits
+from train.hypernet import (
+    HypernetDataModule, HypernetModule, collate, delta_distance, delta_norm, lr_factor, main, shared_base, sum_groups,
+    tokenize_qa,
+)
 
 from .conftest import random_lora, token_batch
 
@@ -36,8 +40,6 @@ QA = [("Who founded Ardent Loom?", "Mira Castell"), ("What colour is zorvath?", 
 
 
 def data_base():
-    from hyper_prag.hypernet_train import shared_base
-
     return shared_base("tiny")
 
 
@@ -50,7 +52,7 @@ def fixed_batch(module: HypernetModule):
     base = module.base
     layers = module.hypernet.config.embed_layers
     emb = doc_token_states(base, DOCS, layers) if module.hypernet.reads_tokens else doc_embeddings(base, DOCS, layers)
-    items = [(i, *tokenize_qa(base, q, a, "answer")) for i, (q, a) in enumerate(QA)]
+    items = [((i,), tokenize_qa(base, q, a, "answer")) for i, (q, a) in enumerate(QA)]
     return collate(items, emb, base.tokenizer.pad_token_id)
 
 
@@ -65,7 +67,11 @@ def test_generated_lora_matches_contract(tiny):
     assert (lora.spec.rank, lora.spec.alpha) == (2, 32.0)
     for single in lora.unbind():
         single.validate({m: tiny.module_dims(m) for m in tiny.target_modules})
-    assert net.num_parameters() == sum(p.numel() for p in net.parameters()) > 0
+    # One LoRA per document: each depends on its own document only, not on the others in the batch.
+    alone = net(emb[1:2])
+    for m in lora.spec.target_modules:
+        torch.testing.assert_close(lora.A[m][1], alone.A[m][0], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(lora.A[m][0], lora.A[m][1])
 
 
 def test_initial_delta_is_zero_and_changes_nothing(tiny):
@@ -269,9 +275,9 @@ def test_multi_document_questions_train_under_summed_loras(tmp_path):
 
     corpus = load_or_make_default()
     docs = corpus.split("train").documents[:40]
-    for rows, ids, labels in multi:  # every multi-document item is a benchmark question over these documents
+    for rows, seq in multi:  # every multi-document item is a benchmark question over these documents
         q = next(q for q in corpus.split("train").questions if q.doc_ids == tuple(docs[r].id for r in rows))
-        assert (ids, labels) == tokenize_qa(data_base(), q.question, q.answers[0], "answer")
+        assert seq == tokenize_qa(data_base(), q.question, q.answers[0], "answer")
     chosen = multi[:2] + items[:2]
     batch = collate(chosen, data.tables["train"]["embeddings"], data.pad_id)
     assert batch.groups.shape == (4, max(len(it[0]) for it in multi[:2])) and (batch.groups[2:, 1:] == -1).all()
@@ -284,7 +290,7 @@ def test_multi_document_questions_train_under_summed_loras(tmp_path):
     for n, item in enumerate(chosen):
         one = collate([item], data.tables["train"]["embeddings"], data.pad_id)
         want = combine([per_doc[u] for u in batch.groups[n].tolist() if u >= 0], mode="sum")
-        logits, targets, _ = answer_logits(module.base, stack([want]), one.input_ids, one.attention_mask, one.labels)
+        logits, targets, _ = labelled_logits(module.base, stack([want]), one.input_ids, one.attention_mask, one.labels)
         got = module.losses(one)["lm"]
         torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits, targets), rtol=1e-4, atol=1e-5)
     module.validation_step(batch, 0)  # the wrong-document control rolls whole groups
@@ -302,16 +308,17 @@ def test_datamodule_never_uses_test_documents(tmp_path):
     assert data.tables["train"]["docs"] == 6 and len(data.tables["val"]["items"]) == 5
     assert data.tables["val"]["docs"] == len(corpus.split("val").documents)
     batch = next(iter(data.train_dataloader()))
-    assert batch.input_ids.shape[0] == 4 and (batch.labels != -100).any(1).all()
+    assert batch.input_ids.shape[0] == 4 and (batch.labels != IGNORE).any(1).all()
     # Only answer tokens carry a loss: every position of qa_sequence's prompt is IGNORE.
     from hyper_prag.prompts import qa_sequence
 
     doc = corpus.split("train").documents[0]
     q, a = corpus.doc_qa[doc.id][0]
-    ids, labels = tokenize_qa(data_base(), q, a, "answer")
+    seq = tokenize_qa(data_base(), q, a, "answer")
+    ids, labels = list(seq.input_ids), list(seq.labels)
     prompt = len(data_base().tokenizer(qa_sequence(data_base(), q, a)[0], add_special_tokens=False)["input_ids"])
-    assert labels[:prompt] == [-100] * prompt and -100 not in labels[prompt:] and len(labels) == len(ids) > prompt
-    assert data.tables["train"]["items"][0] == ((0,), ids, labels)
+    assert labels[:prompt] == [IGNORE] * prompt and IGNORE not in labels[prompt:] and len(labels) == len(ids) > prompt
+    assert data.tables["train"]["items"][0] == ((0,), seq)
 
 
 def test_inference_checkpoint_round_trip_and_wrong_base(tiny, tmp_path):
@@ -333,9 +340,85 @@ def test_inference_checkpoint_round_trip_and_wrong_base(tiny, tmp_path):
                                                                      a.B["down_proj"])
     with pytest.raises(HyperPragError, match="base model"):
         load_hypernet(path, tiny_base_model(seed=1))
-    path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(HyperPragError, match="corrupted"):
-        load_hypernet(path, tiny)
+    (tmp_path / "flat" / "hn.json").unlink()  # a bare weights file (no JSON to check it against) still loads ...
+    assert torch.equal(load_hypernet(single, tiny)(emb).B["down_proj"], a.B["down_proj"])
+    single.write_bytes(single.read_bytes()[:100])  # ... unless it is truncated
+    with pytest.raises(HyperPragError, match="truncated or corrupted"):
+        load_hypernet(single, tiny)
+
+
+def test_weights_that_do_not_match_their_recorded_sha256_are_refused(tiny, tmp_path):
+    net = Hypernet.for_model(tiny, SMALL)
+    path = save_inference_checkpoint(net, tmp_path / "hn")
+    assert json.loads((tmp_path / "hn" / "config.json").read_text())["weights_sha256"] == checkpoint_sha256(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1.0  # same shapes, same description: a valid file with other weights
+    save_file(tensors, str(path), metadata=metadata)
+    for checkpoint in (tmp_path / "hn", path):
+        with pytest.raises(HyperPragError, match="modified or corrupted after export"):
+            load_hypernet(checkpoint, tiny)
+    with pytest.raises(HyperPragError, match="modified or corrupted after export"):
+        HypernetEncoder.from_checkpoint(tmp_path / "hn", tiny)
+
+
+def test_shipped_checkpoint_matches_its_recorded_sha256():
+    from hyper_prag.encoders.hypernet import SHIPPED_CHECKPOINT, file_sha256
+
+    described = json.loads(SHIPPED_CHECKPOINT.with_suffix(".json").read_text())
+    assert file_sha256(SHIPPED_CHECKPOINT) == described["weights_sha256"]
+
+
+class _RunsCode:
+    """Unpickling this calls ``exec``: what a crafted checkpoint does to run code on whoever loads it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_crafted_ckpt_is_refused_before_its_code_runs(tiny, tmp_path):
+    marker = tmp_path / "marker"
+    payload = {"state_dict": {}, "hyper_prag_hypernet": {"evil": _RunsCode(marker)}}
+    zipped, legacy = tmp_path / "zip.ckpt", tmp_path / "legacy.ckpt"
+    torch.save(payload, zipped)  # torch's zip format
+    legacy.write_bytes(pickle.dumps(payload, protocol=2))  # a bare pickle (torch.load reads those too)
+    for crafted in (zipped, legacy):
+        with pytest.raises(HyperPragError, match="refused"):
+            load_hypernet(crafted, tiny)
+        with pytest.raises(HyperPragError, match="refused"):
+            export_hypernet(crafted, tmp_path / "out", base=tiny)
+        with pytest.raises(HyperPragError, match="refused"):
+            HypernetEncoder.from_checkpoint(crafted, tiny)
+        from hyper_prag.cli import main as cli
+
+        assert cli(["export-hypernet", str(crafted), str(tmp_path / "cli-out")]) == 2  # one error line, no traceback
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    pickle.loads(legacy.read_bytes())  # the payload is live: plain unpickling runs it
+    assert marker.read_text() == "ran"
+
+
+def test_garbage_or_foreign_ckpt_gives_a_clear_error(tiny, tmp_path):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(HyperPragError, match="garbage.ckpt"):
+        load_hypernet(garbage, tiny)
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(HyperPragError, match="empty.ckpt"):
+        load_hypernet(empty, tiny)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 1}, foreign)  # plain data, but no hypernet in it
+    with pytest.raises(HyperPragError, match="not a hypernet training checkpoint"):
+        load_hypernet(foreign, tiny)
+    bad_description = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}, "hyper_prag_hypernet": {"spec": 3}}, bad_description)
+    with pytest.raises(HyperPragError, match="invalid description"):
+        load_hypernet(bad_description, tiny)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -356,7 +439,7 @@ def test_tiny_fit_checkpoint_export_and_encoder(tmp_path, tiny, readout):
     assert ckpts, list(tmp_path.rglob("*"))
     metrics = (ckpts[0].parents[1] / "metrics.csv").read_text()
     assert "val/loss" in metrics and "train/lm" in metrics
-    out = export_checkpoint(ckpts[0], tmp_path / "export")
+    out = export_hypernet(ckpts[0], tmp_path / "export")
     assert out.stat().st_size < 30e6
     from hyper_prag.cli import main as cli
 
@@ -383,7 +466,7 @@ def test_tiny_fit_checkpoint_export_and_encoder(tmp_path, tiny, readout):
 
 @pytest.mark.slow
 def test_shipped_checkpoint_loads_on_smollm2():
-    from hyper_prag.hypernet import SHIPPED_CHECKPOINT
+    from hyper_prag.encoders.hypernet import SHIPPED_CHECKPOINT
     from hyper_prag.model import load_base_model
 
     assert SHIPPED_CHECKPOINT.stat().st_size <= 30e6

@@ -1,18 +1,22 @@
-"""Per-document trainer: batched bank == each document alone, == the PEFT reference loop; schedule; warm-up."""
+"""Per-document trainer: batched bank == each document alone, == the PEFT reference loop; schedule; warm-up.
+
+(The Lightning runner of ``train/encode.py`` gives the same LoRAs as the loop: tests/test_train_encode.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from hyper_prag.augment import AugmentedDocument
 from hyper_prag.encoders.peft_reference import train_reference
 from hyper_prag.encoders.per_doc import (
-    IGNORE, PerDocConfig, initial_loras, step_schedule, tokenize_sequence, train_bank, train_warmup_lora,
+    PerDocConfig, PerDocEncoder, document_sequences, initial_loras, step_schedule, train_bank, train_warmup_lora,
 )
 from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import LoraSpec, stack
 from hyper_prag.model import weights_fingerprint
 from hyper_prag.prompts import training_sequence
+from hyper_prag.sequences import IGNORE, tokenize
 
 # Four documents with different lengths and different numbers of sequences (3, 1, 2, 5).
 DOCS = [
@@ -33,7 +37,7 @@ QA = [
 
 
 def sequences(base, config):
-    return [[tokenize_sequence(base, *training_sequence(base, d, q, a), config.loss_on, config.max_length)
+    return [[tokenize(base, *training_sequence(base, d, q, a), config.loss_on, config.max_length)
              for q, a in qa] for d, qa in zip(DOCS, QA)]
 
 
@@ -62,16 +66,6 @@ def test_batched_bank_equals_each_document_alone(tiny, loss_on):
         alone, _ = train_bank(tiny, [seqs[n]], initial_loras([DOCS[n]], spec, dims_of(tiny, spec), config), config)
         assert max_diff(together, n, alone, 0, spec) <= 1e-4
         assert max_diff(together, n, initial, n, spec) > 1e-5  # it did train
-
-
-def test_lightning_trainer_runs_the_same_steps_as_the_loop(tiny):
-    config = PerDocConfig(epochs=1)
-    spec, seqs, initial = setup(tiny, config)
-    loop, loop_losses = train_bank(tiny, seqs, initial, config, runner="loop")
-    trained, lightning_losses = train_bank(tiny, seqs, initial, config, runner="lightning")
-    assert len(loop_losses) == len(lightning_losses) == 5
-    for n in range(len(DOCS)):
-        assert max_diff(loop, n, trained, n, spec) <= 1e-6
 
 
 def test_peft_reference_agrees_and_restores_the_base_model(tiny):
@@ -126,20 +120,18 @@ def test_schedule_pads_each_step_to_its_longest_and_marks_last_steps(tiny):
 
 def test_answer_only_loss_masks_the_prefix(tiny):
     prefix, target = training_sequence(tiny, DOCS[1], *QA[1][0])
-    everything = tokenize_sequence(tiny, prefix, target, "all", 3000)
-    answer = tokenize_sequence(tiny, prefix, target, "answer", 3000)
+    everything = tokenize(tiny, prefix, target, "all", 3000)
+    answer = tokenize(tiny, prefix, target, "answer", 3000)
     n_answer = len(tiny.tokenizer(target, add_special_tokens=False)["input_ids"])
     assert everything.input_ids == answer.input_ids
     assert list(everything.labels) == list(everything.input_ids)
     assert answer.labels[-n_answer:] == answer.input_ids[-n_answer:]
     assert set(answer.labels[:-n_answer]) == {IGNORE}
-    short = tokenize_sequence(tiny, prefix, target, "all", 16)
+    short = tokenize(tiny, prefix, target, "all", 16)
     assert short.input_ids == everything.input_ids[-16:]
 
 
 def test_warmup_initialisation_starts_every_document_from_the_warmup_lora(tiny):
-    AugmentedDocument = pytest.importorskip("hyper_prag.augment").AugmentedDocument
-
     spec = LoraSpec().for_model(tiny)
     held = [AugmentedDocument(doc_id=f"h{i}", text=d, rewrites=(), qa=tuple(qa)) for i, (d, qa) in enumerate(zip(DOCS, QA))]
     warmup = train_warmup_lora(tiny, spec, held, PerDocConfig(), max_steps=4)
@@ -166,9 +158,6 @@ def test_random_init_depends_on_the_document_not_its_chunk(tiny):
 
 def test_document_without_qa_pairs_trains_on_its_text(tiny):
     # The LLM's augmentation can leave a document with no parseable QA pair; it is still encoded.
-    from hyper_prag.augment import AugmentedDocument
-    from hyper_prag.encoders.per_doc import PerDocEncoder, document_sequences
-
     config = PerDocConfig(loss_on="answer")
     aug = AugmentedDocument(doc_id="bare", text=DOCS[1], rewrites=("Mira Castell founded Ardent Loom in 1873.",), qa=())
     seqs = document_sequences(tiny, aug, config)
@@ -176,5 +165,5 @@ def test_document_without_qa_pairs_trains_on_its_text(tiny):
     assert tiny.tokenizer.decode(seqs[0].input_ids).startswith(DOCS[1])
     assert all(label != IGNORE for s in seqs for label in s.labels)  # the whole text is the target
     spec = LoraSpec().for_model(tiny)
-    lora = PerDocEncoder(tiny, spec, config, runner="loop").encode([aug])[0]
+    lora = PerDocEncoder(tiny, spec, config).encode([aug])[0]
     assert max(b.abs().max().item() for b in lora.B.values()) > 0  # it trained

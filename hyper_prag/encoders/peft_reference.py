@@ -29,9 +29,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import Tensor
 
-from hyper_prag.encoders.per_doc import IGNORE, PerDocConfig, TokenSequence
+from hyper_prag.encoders.per_doc import PerDocConfig
 from hyper_prag.lora import Lora, LoraSpec
 from hyper_prag.model import BaseModel
+from hyper_prag.sequences import IGNORE, TokenSequence
 
 
 def _lora_modules(peft_model, spec: LoraSpec) -> dict[tuple[str, int], object]:

@@ -22,13 +22,17 @@ Why this equals training each document alone (exact up to float rounding; tested
   its last step**. A finished document leaves the batch (no compute); its bank rows still get a
   zero gradient and AdamW would keep moving them by momentum, but that copy is never used.
   (Masking a document *in the middle* of its schedule would not be exact: AdamW moves a
-  parameter with zero gradient and advances its step count. This is why the Lightning trainer
-  runs ``max_epochs=1`` over a schedule that already contains every epoch.)
+  parameter with zero gradient and advances its step count. This is why a runner makes one pass
+  (Lightning: ``max_epochs=1``) over a schedule that already contains every epoch.)
 * Dynamic padding: each step is right-padded to its own longest sequence; padded positions are
-  masked in attention and carry no loss, and logits are computed only at positions with a label.
+  masked in attention and carry no loss, and logits are computed only at positions with a label
+  (:mod:`hyper_prag.sequences`).
 
-The step code (:meth:`PerDocLoraModule.training_step` + :meth:`PerDocLoraModule.on_train_batch_end`)
-is shared by the Lightning ``Trainer`` runner and the plain loop runner (:func:`fit_steps`).
+The step code lives in :class:`LoraBank` (:meth:`~LoraBank.loss`, :meth:`~LoraBank.read_out`,
+:meth:`~LoraBank.make_optimizer`). A *runner* (:data:`FitBank`) drives it over the schedule: the
+library's plain loop :func:`fit_steps` (the default), or any other with the same calls in the same
+order, such as the ``lightning.Trainer`` runner of ``train/encode.py``, passed to
+:class:`PerDocEncoder` as ``fit``. Both give bit-identical LoRAs.
 """
 
 from __future__ import annotations
@@ -36,30 +40,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from hyper_prag.errors import HyperPragError
-from hyper_prag.inject import injected
 from hyper_prag.lora import Lora, LoraSpec, init_lora, stack
 from hyper_prag.model import BaseModel
 from hyper_prag.prompts import training_sequence
+from hyper_prag.sequences import LossOn, TokenSequence, right_pad, sequence_losses, tokenize
 
 if TYPE_CHECKING:
     from hyper_prag.augment import AugmentedDocument
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100  # label of a position that carries no loss (HF convention)
-Runner = Literal["lightning", "loop"]
 
 
 @dataclass(frozen=True)
@@ -69,21 +67,13 @@ class PerDocConfig:
     lr: float = 3e-4  # AdamW learning rate (paper: 3e-4)
     epochs: int = 1  # passes over each document's augmented set (paper: 1–2)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    loss_on: Literal["all", "answer"] = "all"  # paper: causal-LM loss over the whole d ⊕ q ⊕ a
+    loss_on: LossOn = "all"  # paper: causal-LM loss over the whole d ⊕ q ⊕ a
     init: Literal["random", "warmup"] = "random"  # paper Table 2: warm-up initialisation is better
     max_length: int = 3000  # tokens per sequence; longer ones keep their last max_length tokens
     seed: int = 0  # random init: each document's A is drawn from a generator seeded by (seed, its text)
 
     def settings(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class TokenSequence:
-    """One tokenized training sequence ``d ⊕ q ⊕ a`` with its labels (IGNORE where no loss)."""
-
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
 
 
 @dataclass
@@ -96,30 +86,12 @@ class StepBatch:
     labels: Tensor  # (n, T) IGNORE at padding (and at the prefix for loss_on="answer")
     finished: Tensor  # (f,) bank rows whose last step this is: read them out after the optimizer step
 
+    def to(self, device: torch.device | str) -> "StepBatch":
+        return StepBatch(self.rows.to(device), self.input_ids.to(device), self.attention_mask.to(device),
+                         self.labels.to(device), self.finished.to(device))
+
 
 # ----------------------------------------------------------------------------------------------- data
-
-
-def tokenize_sequence(base: BaseModel, prefix: str, target: str, loss_on: Literal["all", "answer"],
-                      max_length: int) -> TokenSequence:
-    """Tokenizes ``prefix ⊕ target`` (prefix and target separately, so the answer span is exact).
-
-    Args:
-        base: the model whose tokenizer is used.
-        prefix: document (or rewrite) plus the closed-book question prompt.
-        target: the answer plus end-of-turn token.
-        loss_on: ``"all"`` (paper) or ``"answer"`` (prefix positions get no loss).
-        max_length: the sequence keeps its last ``max_length`` tokens (the question and answer survive).
-
-    Returns:
-        The :class:`TokenSequence`.
-    """
-    tok = base.tokenizer
-    p = tok(prefix, add_special_tokens=False)["input_ids"]
-    a = tok(target, add_special_tokens=False)["input_ids"]
-    ids = (p + a)[-max_length:]
-    labels = ([IGNORE] * len(p) if loss_on == "answer" else list(p)) + list(a)
-    return TokenSequence(tuple(ids), tuple(labels[-max_length:]))
 
 
 def document_sequences(base: BaseModel, aug: "AugmentedDocument", config: PerDocConfig) -> list[TokenSequence]:
@@ -141,9 +113,8 @@ def document_sequences(base: BaseModel, aug: "AugmentedDocument", config: PerDoc
     if not pairs:
         log.warning("document %r has no augmented QA pair: training its LoRA on its text alone", aug.doc_id)
         eos = base.tokenizer.eos_token or ""
-        return [tokenize_sequence(base, "", f"{d.strip()}{eos}", "all", config.max_length) for d in aug.variants]
-    return [tokenize_sequence(base, *training_sequence(base, d, q, a), config.loss_on, config.max_length)
-            for d, q, a in pairs]
+        return [tokenize(base, "", f"{d.strip()}{eos}", "all", config.max_length) for d in aug.variants]
+    return [tokenize(base, *training_sequence(base, d, q, a), config.loss_on, config.max_length) for d, q, a in pairs]
 
 
 def step_schedule(sequences: Sequence[Sequence[TokenSequence]], epochs: int, pad_id: int) -> list[StepBatch]:
@@ -166,76 +137,47 @@ def step_schedule(sequences: Sequence[Sequence[TokenSequence]], epochs: int, pad
     steps = []
     for t in range(max(len(seqs) for seqs in per_doc)):
         rows = [n for n, seqs in enumerate(per_doc) if t < len(seqs)]
-        batch = [per_doc[n][t] for n in rows]
-        T = max(len(s.input_ids) for s in batch)
-        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (n, T)
-        labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)  # (n, T)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)  # (n, T)
-        for i, s in enumerate(batch):
-            ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
-            labels[i, : len(s.labels)] = torch.tensor(s.labels)
-            mask[i, : len(s.input_ids)] = 1
+        ids, mask, labels = right_pad([per_doc[n][t] for n in rows], pad_id)  # each (n, T)
         finished = [n for n in rows if t == len(per_doc[n]) - 1]
         steps.append(StepBatch(torch.tensor(rows), ids, mask, labels, torch.tensor(finished, dtype=torch.long)))
     return steps
 
 
-# ----------------------------------------------------------------------------------------------- loss
-
-
-def per_document_loss(base: BaseModel, bank: Lora, batch: StepBatch) -> Tensor:
-    """Causal-LM loss of each sample under its own LoRA, each a mean over that sample's labelled tokens.
-
-    Args:
-        base: the frozen base model.
-        bank: a batch of n LoRAs, one per row of ``batch`` (differentiable).
-        batch: the step's tokens.
-
-    Returns:
-        ``(n,)`` per-document losses; their sum is what the bank minimises.
-    """
-    with injected(base, bank, mode="batched"):
-        hidden = base.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  use_cache=False).last_hidden_state  # (n, T, H)
-    targets = batch.labels[:, 1:]  # (n, T-1): token t+1 is predicted at position t
-    labelled = targets != IGNORE  # (n, T-1)
-    logits = base.model.lm_head(hidden[:, :-1][labelled])  # (K, V): only positions with a label
-    nll = F.cross_entropy(logits.float(), targets[labelled], reduction="none")  # (K,)
-    owner = torch.arange(len(targets), device=nll.device)[:, None].expand_as(targets)[labelled]  # (K,)
-    total = torch.zeros(len(targets), device=nll.device, dtype=nll.dtype).index_add(0, owner, nll)  # (n,)
-    return total / labelled.sum(1).clamp(min=1)  # (n,)
-
-
 # ------------------------------------------------------------------------------------------- the bank
 
 
-class PerDocLoraModule(pl.LightningModule):
-    """The LoRA bank of one chunk of documents as a LightningModule: the bank is its only parameters.
+class MetricsLogger(Protocol):
+    """Where the bank writes its per-step losses: any Lightning logger (CSV, W&B) has this method."""
 
-    The frozen base model is held as a plain attribute (not a sub-module), so Lightning neither
-    trains, moves nor switches it to train mode. :meth:`result` returns every document's LoRA as read
-    out right after its own last step.
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+class LoraBank(nn.Module):
+    """The LoRA bank of one chunk of documents: its A and B are the only parameters; the step code of every runner.
+
+    The frozen base model is held as a plain attribute (not a sub-module), so no runner trains, moves
+    or switches it to train mode. :meth:`result` returns every document's LoRA as read out right after
+    its own last step. A runner makes, per step of the schedule: ``optimizer.zero_grad()``,
+    ``loss(batch).backward()``, ``optimizer.step()``, ``read_out(batch, t)`` (:func:`fit_steps`).
     """
 
     def __init__(self, base: BaseModel, initial: Lora, lr: float = 3e-4, weight_decay: float = 0.0,
-                 metrics_logger=None, step_offset: int = 0) -> None:
+                 metrics_logger: MetricsLogger | None = None, step_offset: int = 0) -> None:
         """
         Args:
             base: the frozen base model.
             initial: the N starting LoRAs (batched).
             lr: AdamW learning rate.
             weight_decay: AdamW weight decay.
-            metrics_logger: a Lightning logger for per-step losses (shared by all chunks of a run).
+            metrics_logger: a logger for per-step losses (shared by all chunks of a run).
             step_offset: global step of this bank's first step in that logger (chunks continue the count).
         """
         super().__init__()
-        self.metrics_logger, self.step_offset = metrics_logger, step_offset
         if initial.batch_size is None:
-            raise HyperPragError("PerDocLoraModule needs a batch of initial LoRAs (one per document); stack() them.")
-        self.base = base
-        self.spec = initial.spec
+            raise HyperPragError("LoraBank needs a batch of initial LoRAs (one per document); stack() them.")
+        self.base, self.spec = base, initial.spec
         self.lr, self.weight_decay = lr, weight_decay
-        self.save_hyperparameters("lr", "weight_decay", "step_offset")
+        self.metrics_logger, self.step_offset = metrics_logger, step_offset
         device, dtype = base.device, next(base.model.parameters()).dtype
         self.A = nn.ParameterDict({m: nn.Parameter(a.detach().to(device, dtype).clone()) for m, a in initial.A.items()})
         self.B = nn.ParameterDict({m: nn.Parameter(b.detach().to(device, dtype).clone()) for m, b in initial.B.items()})
@@ -244,32 +186,31 @@ class PerDocLoraModule(pl.LightningModule):
                            {m: t.to("cpu", torch.float32).clone() for m, t in start.B.items()})  # filled as docs finish
         self.losses: list[Tensor] = []  # (n,) per-document losses of each step, detached, for logs and tests
 
-    def bank(self, rows: Tensor | None = None) -> Lora:
+    def lora(self, rows: Tensor | None = None) -> Lora:
         """The bank as a (differentiable) batched :class:`Lora`, or only ``rows`` of it."""
         if rows is None or len(rows) == self.A[self.spec.target_modules[0]].shape[0]:
             return Lora(self.spec, dict(self.A), dict(self.B))
         return Lora(self.spec, {m: a[rows] for m, a in self.A.items()}, {m: b[rows] for m, b in self.B.items()})
 
-    def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor:
-        """One step of every active document: the sum of their per-document losses."""
-        per_doc = per_document_loss(self.base, self.bank(batch.rows), batch)  # (n,)
+    def loss(self, batch: StepBatch) -> Tensor:
+        """One step of every active document: the sum of their per-document losses (each a mean over its tokens)."""
+        per_doc = sequence_losses(self.base, self.lora(batch.rows), batch.input_ids, batch.attention_mask,
+                                  batch.labels)  # (n,)
         self.losses.append(per_doc.detach().cpu())
-        loss = per_doc.sum()
-        if self._trainer is not None:
-            self.log("loss", loss.detach() / len(per_doc), prog_bar=True, logger=False, batch_size=len(per_doc))
-        return loss
+        return per_doc.sum()
 
-    def on_train_batch_end(self, outputs, batch: StepBatch, batch_idx: int) -> None:
-        """Reads out the LoRAs of documents whose last step this was (after the optimizer step)."""
+    @torch.no_grad()
+    def read_out(self, batch: StepBatch, step: int) -> None:
+        """After the optimizer step: logs the step's losses and reads out the LoRAs of documents whose last step it was."""
         if self.metrics_logger:
             per_doc = self.losses[-1]
             self.metrics_logger.log_metrics({"encode/loss": per_doc.mean().item(), "encode/docs_in_step": len(per_doc)},
-                                            step=self.step_offset + batch_idx)
+                                            step=self.step_offset + step)
         for m in self.spec.target_modules:
             self._final.A[m][batch.finished.cpu()] = self.A[m].detach()[batch.finished].float().cpu()
             self._final.B[m][batch.finished.cpu()] = self.B[m].detach()[batch.finished].float().cpu()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def make_optimizer(self) -> torch.optim.Optimizer:
         # No gradient clipping: a global norm over the bank would couple documents.
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
@@ -278,79 +219,26 @@ class PerDocLoraModule(pl.LightningModule):
         return self._final
 
 
-class StepDataModule(pl.LightningDataModule):
-    """Yields the precomputed :class:`StepBatch` es of one bank, in order (one batch per step)."""
-
-    def __init__(self, steps: list[StepBatch]) -> None:
-        super().__init__()
-        self.steps = steps
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.steps, batch_size=None, shuffle=False, collate_fn=lambda step: step)
+FitBank = Callable[[LoraBank, list[StepBatch]], None]  # a runner: trains a bank over its schedule, in order
 
 
-def _to(batch: StepBatch, device: torch.device) -> StepBatch:
-    return StepBatch(*(getattr(batch, f).to(device) for f in ("rows", "input_ids", "attention_mask", "labels", "finished")))
-
-
-def fit_steps(module: PerDocLoraModule, steps: list[StepBatch]) -> None:
-    """Runs the bank's steps without a Lightning Trainer: the same calls, in the order Lightning makes them.
+def fit_steps(bank: LoraBank, steps: list[StepBatch]) -> None:
+    """The plain loop runner: the bank's steps in order, the calls a Lightning ``Trainer`` makes, without it.
 
     Args:
-        module: the bank.
+        bank: the bank.
         steps: its schedule (:func:`step_schedule`).
     """
-    module.to(module.base.device)
-    optimizer = module.configure_optimizers()
+    device = bank.base.device
+    bank.to(device)
+    optimizer = bank.make_optimizer()
     for t, batch in enumerate(steps):
-        batch = _to(batch, module.base.device)
+        batch = batch.to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = module.training_step(batch, t)
+        loss = bank.loss(batch)
         loss.backward()
         optimizer.step()
-        module.on_train_batch_end(loss, batch, t)
-
-
-def fit_lightning(module: PerDocLoraModule, steps: list[StepBatch], progress: bool = True,
-                  callbacks: Sequence[pl.Callback] = ()) -> None:
-    """Runs the bank's steps with ``lightning.Trainer`` (one epoch over a schedule that holds all epochs).
-
-    The Trainer gets ``logger=False``: one Trainer runs per chunk and would restart its step count at 0,
-    so the module logs its losses itself to the run's shared logger, at global steps.
-
-    Args:
-        module: the bank.
-        steps: its schedule.
-        progress: show Lightning's progress bar.
-        callbacks: extra Lightning callbacks.
-    """
-    device = module.base.device
-    if device.type == "cuda":  # the base model's own GPU: cuda:<local rank> on a rank of a distributed encode
-        accelerator, devices = "gpu", [device.index if device.index is not None else torch.cuda.current_device()]
-    else:
-        accelerator, devices = "cpu", 1
-    with _quiet_lightning():
-        trainer = pl.Trainer(
-            max_epochs=1, logger=False, enable_checkpointing=False, devices=devices, accelerator=accelerator,
-            enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-            callbacks=list(callbacks), log_every_n_steps=1,
-        )
-        trainer.fit(module, datamodule=StepDataModule(steps))
-
-
-@contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Silences Lightning's per-Trainer INFO banners (one Trainer runs per chunk), restoring the levels after."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch.utilities.rank_zero",
-                                                     "lightning.pytorch.accelerators.cuda")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        bank.read_out(batch, t)
 
 
 # ---------------------------------------------------------------------------------------- public API
@@ -387,8 +275,8 @@ def initial_loras(texts: Sequence[str], spec: LoraSpec, dims: dict[str, tuple[in
 
 
 def train_bank(base: BaseModel, sequences: Sequence[Sequence[TokenSequence]], initial: Lora, config: PerDocConfig,
-               runner: Runner = "loop", logger=None, step_offset: int = 0, progress: bool = False,
-               callbacks: Sequence[pl.Callback] = ()) -> tuple[Lora, list[Tensor]]:
+               fit: FitBank = fit_steps, logger: MetricsLogger | None = None, step_offset: int = 0
+               ) -> tuple[Lora, list[Tensor]]:
     """Trains one LoRA per document, all documents in one bank (see the module docstring).
 
     Args:
@@ -396,11 +284,9 @@ def train_bank(base: BaseModel, sequences: Sequence[Sequence[TokenSequence]], in
         sequences: per document, its tokenized training sequences.
         initial: the N starting LoRAs (:func:`initial_loras`).
         config: trainer settings.
-        runner: ``"lightning"`` (``lightning.Trainer``) or ``"loop"`` (same step code, no Trainer overhead).
-        logger: Lightning logger for per-step losses (either runner).
+        fit: the runner (:func:`fit_steps`, or e.g. the ``lightning.Trainer`` runner of ``train/encode.py``).
+        logger: logger for per-step losses (any Lightning logger).
         step_offset: global step of the first step in that logger.
-        progress: Lightning progress bar.
-        callbacks: extra Lightning callbacks.
 
     Returns:
         ``(loras, losses)``: the N trained LoRAs batched (float32, CPU) and each step's (n,) per-document losses.
@@ -408,13 +294,10 @@ def train_bank(base: BaseModel, sequences: Sequence[Sequence[TokenSequence]], in
     if initial.batch_size != len(sequences):
         raise HyperPragError(f"{len(sequences)} documents but {initial.batch_size} initial LoRAs.")
     steps = step_schedule(sequences, config.epochs, base.tokenizer.pad_token_id)
-    module = PerDocLoraModule(base, initial, lr=config.lr, weight_decay=config.weight_decay,
-                              metrics_logger=logger, step_offset=step_offset)
-    if runner == "lightning":
-        fit_lightning(module, steps, progress=progress, callbacks=callbacks)
-    else:
-        fit_steps(module, steps)
-    return module.result(), module.losses
+    bank = LoraBank(base, initial, lr=config.lr, weight_decay=config.weight_decay, metrics_logger=logger,
+                    step_offset=step_offset)
+    fit(bank, steps)
+    return bank.result(), bank.losses
 
 
 def train_warmup_lora(base: BaseModel, spec: LoraSpec, held_out: Sequence["AugmentedDocument"],
@@ -447,28 +330,26 @@ def train_warmup_lora(base: BaseModel, spec: LoraSpec, held_out: Sequence["Augme
 class PerDocEncoder:
     """The paper's per-document encoder f_φ, batched: ``encode`` trains one LoRA per augmented document.
 
-    Implements the ``Encoder`` protocol of :mod:`hyper_prag.encode`.
+    Implements :class:`hyper_prag.encoders.Encoder`.
     """
 
     name = "per-doc"
     uses_augmentation = True
 
     def __init__(self, base: BaseModel, spec: LoraSpec = LoraSpec(), config: PerDocConfig = PerDocConfig(),
-                 warmup: Lora | None = None, runner: Runner = "loop", logger=None, progress: bool = False,
-                 callbacks: Sequence[pl.Callback] = ()) -> None:
+                 warmup: Lora | None = None, fit: FitBank = fit_steps, logger: MetricsLogger | None = None) -> None:
         """
         Args:
             base: the frozen base model.
             spec: LoRA rank/alpha/targets (bound to ``base`` here).
             config: trainer settings.
             warmup: the warm-up LoRA for ``config.init="warmup"``.
-            runner: ``"lightning"`` or ``"loop"`` (identical step code).
-            logger: Lightning logger for per-step losses (global steps across chunks).
-            progress: Lightning progress bar per chunk.
-            callbacks: extra Lightning callbacks.
+            fit: the runner of each chunk's bank: :func:`fit_steps` (plain loop) or another with the same calls
+                (``train/encode.py`` passes its ``lightning.Trainer`` runner); the LoRAs are the same.
+            logger: logger for per-step losses, any Lightning logger (global steps across chunks).
         """
         self.base, self.spec, self.config = base, spec.for_model(base), config
-        self.warmup, self.runner, self.logger, self.progress, self.callbacks = warmup, runner, logger, progress, callbacks
+        self.warmup, self.fit, self.logger = warmup, fit, logger
         if config.init == "warmup" and warmup is None:
             raise HyperPragError("init='warmup' needs a warm-up LoRA (train_warmup_lora), or use init='random'.")
         self.last_losses: list[Tensor] = []
@@ -500,9 +381,8 @@ class PerDocEncoder:
         sequences = [document_sequences(self.base, aug, self.config) for aug in documents]
         dims = {m: self.base.module_dims(m) for m in self.spec.target_modules}
         initial = initial_loras([aug.text for aug in documents], self.spec, dims, self.config, self.warmup)
-        loras, self.last_losses = train_bank(self.base, sequences, initial, self.config, runner=self.runner,
-                                             logger=self.logger, step_offset=self.steps_done, progress=self.progress,
-                                             callbacks=self.callbacks)
+        loras, self.last_losses = train_bank(self.base, sequences, initial, self.config, fit=self.fit,
+                                             logger=self.logger, step_offset=self.steps_done)
         self.steps_done += len(self.last_losses)
         log.debug("trained %d LoRAs in %.1f s", len(documents), time.perf_counter() - start)
         return [lora.detach() for lora in loras.unbind()]

@@ -1,0 +1,154 @@
+"""Training sequences for the causal-LM loss: tokenisation, right-pad collate, the loss on labelled tokens.
+
+Both trainers learn from the same kind of sequence, a *prefix* followed by a *target*:
+
+* the per-document trainer (:mod:`hyper_prag.encoders.per_doc`, paper §3.2): prefix = d ⊕ q (the document
+  or a rewrite with the closed-book question prompt), target = a (the answer and the end-of-turn token);
+* the hypernet trainer (``train/hypernet.py``): prefix = the question prompt alone, target = a.
+
+Prefix and target are tokenised apart and concatenated, so the target span is exact. Every position
+carries a label: the next-token id it must predict, or :data:`IGNORE` (no loss)::
+
+    input_ids  [p_1 … p_P  a_1 … a_A  pad … pad]
+    labels     [p_1 … p_P  a_1 … a_A  IGN … IGN]     loss_on="all"    (paper: the whole d ⊕ q ⊕ a)
+    labels     [IGN … IGN  a_1 … a_A  IGN … IGN]     loss_on="answer"
+
+Sequence n of a right-padded batch under LoRA n (``inject.injected(mode="batched")``) has the loss
+
+    loss_n = 1/|K_n| Σ_{t ∈ K_n} −log p(labels[n, t+1] | input_ids[n, ≤ t]; W + ΔW_n)
+
+where K_n = the positions t whose *next* label is not IGNORE: a mean over that sequence's labelled tokens,
+not over the batch, so summing the loss_n gives each sequence exactly its own gradient. Logits are
+computed only at the K = Σ_n |K_n| labelled positions (the (N, T, V) logits tensor is never formed).
+Right padding after the real tokens of a causal model, masked in attention and labelled IGNORE, changes
+nothing before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hyper_prag.inject import injected
+from hyper_prag.lora import Lora
+from hyper_prag.model import BaseModel
+
+IGNORE = -100  # label of a position that carries no loss (Hugging Face's convention)
+LossOn = Literal["all", "answer"]
+
+
+@dataclass(frozen=True)
+class TokenSequence:
+    """One tokenised training sequence ``prefix ⊕ target`` with its labels (IGNORE where no loss)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+def tokenize(base: BaseModel, prefix: str, target: str, loss_on: LossOn, max_length: int | None = None
+             ) -> TokenSequence:
+    """Tokenises ``prefix ⊕ target`` (prefix and target separately, so the target span is exact).
+
+    Args:
+        base: the model whose tokenizer is used (no special tokens are added: the chat template has them).
+        prefix: what the model reads before the target (may be empty).
+        target: the tokens to learn (the answer and its end-of-turn token).
+        loss_on: ``"all"``: every position carries a loss; ``"answer"``: the prefix positions are IGNORE.
+        max_length: keep the last ``max_length`` tokens (the question and answer survive); ``None``: all.
+
+    Returns:
+        The :class:`TokenSequence`.
+    """
+    tok = base.tokenizer
+    p = tok(prefix, add_special_tokens=False)["input_ids"]
+    a = tok(target, add_special_tokens=False)["input_ids"]
+    ids = p + a
+    labels = ([IGNORE] * len(p) if loss_on == "answer" else list(p)) + list(a)
+    if max_length is not None:
+        ids, labels = ids[-max_length:], labels[-max_length:]
+    return TokenSequence(tuple(ids), tuple(labels))
+
+
+def right_pad(sequences: Sequence[TokenSequence], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-pads sequences to the longest one (dynamic padding: each batch to its own longest).
+
+    Args:
+        sequences: the N sequences of one batch.
+        pad_id: token id of the padding.
+
+    Returns:
+        ``(input_ids (N, T), attention_mask (N, T) 1 = real token, labels (N, T) IGNORE at padding)``, int64.
+    """
+    T = max(len(s.input_ids) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)  # (N, T)
+    labels = torch.full((len(sequences), T), IGNORE, dtype=torch.long)  # (N, T)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)  # (N, T)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        labels[i, : len(s.labels)] = torch.tensor(s.labels)
+        mask[i, : len(s.input_ids)] = 1
+    return ids, mask, labels
+
+
+def labelled_logits(base: BaseModel, lora: Lora | None, input_ids: Tensor, attention_mask: Tensor,
+                    labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits at the labelled positions of each sequence, with sequence n under LoRA n (or under no LoRA).
+
+    Args:
+        base: the frozen base model.
+        lora: a batch of N LoRAs, one per sequence (differentiable), or ``None`` for the plain model.
+        input_ids: ``(N, T)``.
+        attention_mask: ``(N, T)``, 1 = real token.
+        labels: ``(N, T)``, IGNORE where no loss.
+
+    Returns:
+        ``(logits (K, V) float32, targets (K,), owner (K,))``: the K labelled positions of the batch, and the
+        sequence each belongs to.
+    """
+    def hidden() -> Tensor:
+        return base.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    if lora is None:
+        h = hidden()  # (N, T, H)
+    else:
+        with injected(base, lora, mode="batched"):
+            h = hidden()  # (N, T, H)
+    targets = labels[:, 1:]  # (N, T-1): token t+1 is predicted at position t
+    labelled = targets != IGNORE  # (N, T-1)
+    logits = base.model.lm_head(h[:, :-1][labelled]).float()  # (K, V): only positions with a label
+    owner = torch.arange(len(targets), device=labels.device)[:, None].expand_as(targets)[labelled]  # (K,)
+    return logits, targets[labelled], owner
+
+
+def per_sample_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
+    """Mean of ``values`` ``(K,)`` per sample (``owner`` ``(K,)`` in 0 … n−1) → ``(n,)``; 0 for a sample with none."""
+    total = torch.zeros(n, device=values.device, dtype=values.dtype).index_add(0, owner, values)  # (n,)
+    count = torch.zeros(n, device=values.device, dtype=values.dtype).index_add(0, owner, torch.ones_like(values))
+    return total / count.clamp(min=1)  # (n,)
+
+
+def sequence_losses(base: BaseModel, lora: Lora | None, input_ids: Tensor, attention_mask: Tensor,
+                    labels: Tensor) -> Tensor:
+    """The causal-LM loss of each sequence under its own LoRA: a mean over its labelled tokens (module docstring).
+
+    Args:
+        base: the frozen base model.
+        lora: a batch of N LoRAs (differentiable), or ``None`` for the plain model.
+        input_ids: ``(N, T)``.
+        attention_mask: ``(N, T)``.
+        labels: ``(N, T)``.
+
+    Returns:
+        ``(N,)`` losses; a trainer sums them (one gradient per sequence) or averages them.
+    """
+    logits, targets, owner = labelled_logits(base, lora, input_ids, attention_mask, labels)  # (K, V), (K,), (K,)
+    return per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, len(input_ids))  # (N,)
+
+
+__all__ = ["IGNORE", "LossOn", "TokenSequence", "tokenize", "right_pad", "labelled_logits", "per_sample_mean",
+           "sequence_losses"]
