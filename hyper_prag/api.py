@@ -284,6 +284,9 @@ def evaluate(
     seed: int = 0,
     out: str | Path | None = "results/evaluate",
     progress: bool = True,
+    wandb_project: str = "hyper-prag",
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline",
+    wandb_dir: str | Path = "runs/wandb",
 ) -> Results:
     """Compares methods on the same questions: builds the pipeline and methods, encodes missing LoRAs, scores.
 
@@ -311,6 +314,10 @@ def evaluate(
         seed: bootstrap seed.
         out: folder for results.json, results.md and the plots (``None``: write nothing).
         progress: progress bars.
+        wandb_project: W&B project of the run (the training runs' project by default).
+        wandb_mode: ``offline`` (default: written under ``wandb_dir``, ``wandb sync`` uploads it), ``online``
+            or ``disabled`` (see :mod:`hyper_prag.tracking`).
+        wandb_dir: folder that receives the W&B run.
 
     Returns:
         The :class:`~hyper_prag.evaluate.Results`.
@@ -386,9 +393,44 @@ def evaluate(
               "documents_retrieved": len(needed)}
     results = compare(built, questions, costs=costs, n_resamples=resamples, seed=seed, chunk=batch_size,
                       device=device, config=config, progress=progress)
-    if out is not None:
-        results.write(out)
+    paths = results.write(out) if out is not None else {}
+    if wandb_mode != "disabled":
+        from hyper_prag.tracking import log_results
+
+        log_results(results, plots={k: v for k, v in paths.items() if k.endswith("_png")}, project=wandb_project,
+                    mode=wandb_mode, save_dir=wandb_dir)
     return results
+
+
+# ------------------------------------------------------------------------------------------ export-lora
+
+
+def export_lora(doc_id: str, out: str | Path, *, benchmark: str = assemble.DEFAULT_CORPUS, model: str = DEFAULT_MODEL,
+                store: str | Path | None = None, recipe: str | None = None) -> Path:
+    """Writes one document's stored LoRA as a PEFT adapter folder (``peft.PeftModel.from_pretrained`` loads it).
+
+    Args:
+        doc_id: the document's id in ``benchmark``.
+        out: the adapter folder to write.
+        benchmark: corpus name or folder that holds the document.
+        model: the base model the LoRA was encoded for.
+        store: LoRA store folder (default: the cache's store of ``model``).
+        recipe: which recorded per-document recipe to read (only when the store holds several).
+
+    Returns:
+        The adapter folder.
+    """
+    from hyper_prag.lora import export_peft
+    from hyper_prag.sources import StoreSource
+
+    base = assemble.load_model(model)
+    corpus = assemble.load_corpus(benchmark)
+    lora_store = assemble.open_store(store, model)
+    source = StoreSource(lora_store, assemble.per_doc_from_store(base, lora_store.root, recipe), corpus.doc_qa)
+    (lora,) = source.loras([corpus.document(doc_id)])
+    folder = export_peft(lora, out, base_model_name_or_path=str(getattr(base, "path", "") or model))
+    log.info("LoRA of document %s (key %s) -> %s", doc_id, source.names([corpus.document(doc_id)])[0], folder)
+    return folder
 
 
 # Settings an evaluate run records in its config under its own keyword (see recorded_settings).

@@ -99,6 +99,14 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples per confidence interval")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--out", default="results/evaluate", help="folder for results.json, results.md and plots")
+    _wandb_arguments(parser)
+
+
+def _wandb_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wandb-project", default="hyper-prag", help="W&B project (the training runs' project)")
+    parser.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default="offline",
+                        help="W&B run of the comparison: offline (default; `wandb sync` uploads it later), online, disabled")
+    parser.add_argument("--wandb-dir", default="runs/wandb", help="folder that receives the W&B run")
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
@@ -109,7 +117,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
                        recipe=args.recipe, hypernet=args.hypernet, combine=args.combine,
                        max_new_tokens=args.max_new_tokens, limit=args.limit, per_type=args.per_type,
                        batch_size=args.batch_size, chunk_size=args.chunk_size, encode_missing=not args.no_encode,
-                       resamples=args.resamples, seed=args.seed, out=args.out)
+                       resamples=args.resamples, seed=args.seed, out=args.out, wandb_project=args.wandb_project,
+                       wandb_mode=args.wandb_mode, wandb_dir=args.wandb_dir)
     print(results.to_markdown())
     print(f"wrote {args.out}/results.json, results.md, f1.png, latency.png")
 
@@ -191,13 +200,15 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encode-config", default=DEMO_ENCODE_CONFIG,
                         help="per-document encoding settings (falls back to the encode defaults if missing)")
     parser.add_argument("--out", default="results/demo", help="folder for the table, JSON and plots")
+    _wandb_arguments(parser)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
     from hyper_prag.demo import run_demo
 
     results = run_demo(docs=args.docs, per_type=args.per_type, methods=args.methods, hypernet=args.hypernet,
-                       encode_config=args.encode_config, out=args.out)
+                       encode_config=args.encode_config, out=args.out, wandb_project=args.wandb_project,
+                       wandb_mode=args.wandb_mode, wandb_dir=args.wandb_dir)
     print(results.to_markdown())
     print(f"wrote {args.out}/results.json, results.md, f1.png, latency.png")
 
@@ -284,6 +295,22 @@ def _run_index(args: argparse.Namespace) -> None:
     run_index(args)
 
 
+def _export_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--doc", required=True, help="id of the document whose stored LoRA is exported")
+    parser.add_argument("--out", required=True, help="adapter folder to write (adapter_config.json + safetensors)")
+    parser.add_argument("--benchmark", default="fictional", help="fictional | squad | hotpotqa | corpus folder")
+    parser.add_argument("--model", default=_default_model(), help="base model the LoRA was encoded for")
+    parser.add_argument("--store", default=None, help="LoRA store folder (default: cache)")
+    parser.add_argument("--recipe", default=None, help="recorded recipe to read (only if the store holds several)")
+
+
+def _run_export_lora(args: argparse.Namespace) -> None:
+    from hyper_prag.api import export_lora
+
+    print(export_lora(args.doc, args.out, benchmark=args.benchmark, model=args.model, store=args.store,
+                      recipe=args.recipe))
+
+
 def _export_hypernet_arguments(parser: argparse.ArgumentParser) -> None:
     from hyper_prag.encoders.hypernet import add_export_arguments
 
@@ -311,6 +338,8 @@ COMMANDS: dict[str, Command] = {
     "ask": (_ask_arguments, _run_ask, "answer one question: retrieve, apply LoRAs, generate; shows documents and LoRAs used"),
     "evaluate": (_evaluate_arguments, _run_evaluate,
                  "compare methods on a benchmark: F1/EM with CIs, latency, encoding cost, storage"),
+    "export-lora": (_export_lora_arguments, _run_export_lora,
+                    "write one document's stored LoRA as a PEFT adapter folder (peft.PeftModel.from_pretrained)"),
     "export-hypernet": (_export_hypernet_arguments, _run_export_hypernet,
                         "turn a hypernet training checkpoint (.ckpt) into the shippable inference checkpoint"),
     "demo": (_demo_arguments, _run_demo,

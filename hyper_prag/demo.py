@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hyper_prag.corpus import Corpus, save_corpus
 from hyper_prag.errors import HyperPragError
@@ -72,7 +73,7 @@ def demo_slice(corpus: Corpus, n_docs: int, per_type: int) -> Corpus:
 
 def run_demo(docs: int = DEMO_DOCS, per_type: int = DEMO_PER_TYPE, methods: str | Sequence[str] = METHOD_NAMES,
              hypernet: str | Path | None = None, encode_config: str | Path | None = DEMO_ENCODE_CONFIG,
-             out: str | Path = "results/demo") -> Results:
+             out: str | Path = "results/demo", **tracking: Any) -> Results:
     """Runs the demo: slice the benchmark, then the harness with every method.
 
     Args:
@@ -82,6 +83,7 @@ def run_demo(docs: int = DEMO_DOCS, per_type: int = DEMO_PER_TYPE, methods: str 
         hypernet: hypernetwork checkpoint (default: the shipped one; without one the hypernet methods are skipped).
         encode_config: per-document encoding settings (the encode defaults if the file is missing).
         out: folder for the table, JSON and plots.
+        tracking: ``wandb_project`` / ``wandb_mode`` / ``wandb_dir`` of :func:`hyper_prag.api.evaluate`.
 
     Returns:
         The harness :class:`~hyper_prag.evaluate.Results`.
@@ -100,4 +102,5 @@ def run_demo(docs: int = DEMO_DOCS, per_type: int = DEMO_PER_TYPE, methods: str 
         names = [m for m in names if not m.startswith("hypernet")]
     config = encode_config if encode_config and Path(encode_config).is_file() else None
     log.info("demo: %d documents, %d questions, methods %s", len(corpus.documents), len(corpus.questions), names)
-    return evaluate(names, benchmark=str(folder), split="test", hypernet=checkpoint, encode_config=config, out=out)
+    return evaluate(names, benchmark=str(folder), split="test", hypernet=checkpoint, encode_config=config, out=out,
+                    **tracking)

@@ -241,7 +241,7 @@ def test_run_evaluate_with_flare_and_dragin(tmp_path, monkeypatch, corpus):
     monkeypatch.setattr(retrieve, "cache_dir", lambda stage: tmp_path / stage)  # the index goes to tmp
     folder = save_corpus(corpus, tmp_path / "corpus")
     results = evaluate("closed-book,flare,dragin", benchmark=str(folder), model="tiny", limit=2, max_new_tokens=3,
-                       resamples=50, out=tmp_path / "results", progress=False)
+                       resamples=50, out=tmp_path / "results", progress=False, wandb_mode="disabled")
     assert [m.name for m in results.methods] == ["closed-book", "flare", "dragin"]
     flare = results.method("flare")
     assert flare.retrievals >= 1  # the tiny model is unsure of every token (p << FLARE's default 0.4)

@@ -125,7 +125,7 @@ def test_results_files_are_written(tiny, tmp_path):
     pipeline = Pipeline(tiny, BM25Retriever.build(corpus), corpus, k=2, max_new_tokens=4)
     methods = [build_method("closed-book", pipeline), build_method("rag", pipeline), build_method("prag", pipeline, source)]
     results = compare(methods, QUESTIONS[:3], costs={"prag": {"encode_seconds_per_doc": 1.0, "bytes_per_doc": 3e4}},
-                       n_resamples=200, progress=False)
+                       n_resamples=200, progress=False, wandb_mode="disabled")
     paths = results.write(tmp_path / "out")
     data = json.loads(paths["json"].read_text())
     assert [m["name"] for m in data["methods"]] == ["closed-book", "rag", "prag"]
@@ -146,7 +146,7 @@ def test_run_evaluate_end_to_end_from_a_corpus_folder(tiny, tmp_path, monkeypatc
     docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())
     folder = save_corpus(Corpus(name="tiny-eval", documents=docs, questions=tuple(QUESTIONS)), tmp_path / "corpus")
     results = evaluate("closed-book,rag", benchmark=str(folder), model="tiny", limit=3, max_new_tokens=3,
-                       resamples=100, out=tmp_path / "results", progress=False)
+                       resamples=100, out=tmp_path / "results", progress=False, wandb_mode="disabled")
     assert [m.name for m in results.methods] == ["closed-book", "rag"]
     assert results.config["questions"] == 3 and results.config["k"] == 3
     assert (tmp_path / "results" / "results.md").is_file() and (tmp_path / "results" / "latency.png").is_file()
@@ -170,7 +170,7 @@ def test_run_evaluate_hypernet_methods_record_the_checkpoint(tiny, tmp_path, mon
         torch.nn.init.normal_(head.weight, std=0.1)
     checkpoint = save_inference_checkpoint(net, tmp_path / "hn.safetensors")
     results = evaluate(["hypernet", "hypernet-both"], benchmark=str(folder), model="tiny", limit=2, k=2,
-                       max_new_tokens=3, resamples=50, hypernet=checkpoint, out=tmp_path / "results", progress=False)
+                       max_new_tokens=3, resamples=50, hypernet=checkpoint, out=tmp_path / "results", progress=False, wandb_mode="disabled")
     assert results.config["hypernet_sha256"] == checkpoint_sha256(checkpoint)
     hyper = results.method("hypernet")
     assert hyper.encode_seconds_per_doc > 0 and hyper.bytes_per_doc is None
@@ -188,7 +188,7 @@ def test_run_evaluate_encodes_missing_loras_then_reuses_them(tiny, tmp_path, mon
                          tmp_path / "corpus")
     config = Path(__file__).parents[1] / "configs" / "encode" / "tiny.yaml"
     run = dict(benchmark=str(folder), model="tiny", limit=2, k=2, max_new_tokens=3, resamples=50,
-               store=tmp_path / "store", out=tmp_path / "results", progress=False)
+               store=tmp_path / "store", out=tmp_path / "results", progress=False, wandb_mode="disabled")
     first = evaluate("closed-book,da-rag,prag,prag-both", encode_config=config, **run)
     prag = first.method("prag")
     assert prag.encode_seconds_per_doc > 0 and prag.bytes_per_doc > 0

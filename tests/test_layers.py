@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
     "encode": 4, "sources": 4, "pipeline": 4,
     "dynamic": 5, "plots": 5,
     "evaluate": 6,
-    "assemble": 7,
+    "assemble": 7, "tracking": 7,
     "api": 8,
     "demo": 9, "cli": 9, "__init__": 9,
 }
