@@ -76,3 +76,32 @@ def test_ask_names_the_recipes_when_the_store_holds_several(folder, tmp_path):
     assert answer.doc_ids == () and answer.retrievals == 0
     with pytest.raises(HyperPragError, match="--max-new-tokens must be at least 1"):
         api.ask("Who?", "closed-book", benchmark=str(folder), model="tiny", max_new_tokens=0)
+
+
+def test_export_lora_writes_a_peft_adapter_plain_peft_loads(folder, tmp_path):
+    from peft import PeftModel
+
+    from hyper_prag.cli import main
+    from hyper_prag.inject import injected
+
+    store = tmp_path / "store"
+    api.encode(model="tiny", corpus=str(folder), store=str(store), store_dtype="float32", limit=2,
+               trainer=PerDocConfig(lr=1e-2), augment={"source": "template"}, logger="none", progress=False)
+    assert main(["export-lora", "--doc", "quell", "--out", str(tmp_path / "adapter"), "--benchmark", str(folder),
+                 "--model", "tiny", "--store", str(store)]) == 0
+    base = api.assemble.load_model("tiny")
+    recipe = find_recipe(store, base.identity)
+    corpus = api.assemble.load_corpus(str(folder))
+    from hyper_prag.store import LoraStore
+
+    lora = LoraStore(store).get(recipe.key(TEXTS["quell"][1], corpus.doc_qa["quell"]))
+    ids = base.tokenizer("The river Quellmar", return_tensors="pt").input_ids
+    with torch.no_grad(), injected(base, lora, mode="side"):
+        ours = base.model(ids).logits
+    peft_model = PeftModel.from_pretrained(base.model, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    peft_model.unload()
+    assert (ours - theirs).abs().max() <= 1e-5
+    assert main(["export-lora", "--doc", "nope", "--out", str(tmp_path / "x"), "--benchmark", str(folder),
+                 "--model", "tiny", "--store", str(store)]) == 2
