@@ -325,7 +325,8 @@ class _Episode:
     def prompt(self, docs: Sequence[Document]) -> tuple[list[int], list[bool]]:
         """The prompt's token ids with ``docs`` as passages, and which of its tokens belong to the question."""
         with self.timed("retrieve"):
-            text = question_prompt(self.pipeline.base, self.question, [d.text for d in docs])
+            passages = self.pipeline.fit_passages(self.question, [d.id for d in docs], [d.text for d in docs])
+            text = question_prompt(self.pipeline.base, self.question, passages)
             enc = self.pipeline.base.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             start = text.rfind(self.question.strip())  # the question stands after the passages
             end = start + len(self.question.strip())

@@ -77,7 +77,7 @@ class HypernetConfig:
     """Architecture of a hypernet (all of it enters the checkpoint and the encoder's store key)."""
 
     embed_layers: tuple[int, ...] = ()  # decoder layers mean-pooled into the doc embedding; (): default_embed_layers
-    max_doc_tokens: int = 512  # document tokens read (longer documents keep their first max_doc_tokens)
+    max_doc_tokens: int = 512  # document tokens read at once (longer documents are read piece by piece)
     doc_dim: int = 256  # width of the projected doc embedding
     emb_dim: int = 32  # width of the learned layer and module embeddings
     width: int = 256  # trunk width

@@ -113,6 +113,48 @@ class Pipeline:
                                           [list(d) for d in documents[i : i + self.batch_size]], context, source, 0.0, 0)
         return answers
 
+    def fit_passages(self, question: str, doc_ids: Sequence[str], passages: Sequence[str]) -> list[str]:
+        """The passages, cut so that the prompt and ``max_new_tokens`` fit the model's positions.
+
+        The lowest-ranked passages are cut first (shortened, then dropped); a warning names what was cut.
+        A question that alone does not fit is an error.
+
+        Args:
+            question: the question.
+            doc_ids: the passages' document ids (for the warning).
+            passages: the passages, best first.
+        """
+        limit = getattr(self.base.model.config, "max_position_embeddings", None)
+        out = list(passages)
+        if not limit or not out:
+            return out
+        budget = int(limit) - self.max_new_tokens
+        tokenizer = self.base.tokenizer
+        cut: dict[str, int] = {}
+        for _ in range(4):  # token counts of a passage alone and inside the prompt differ by a few: re-check
+            over = len(tokenizer(question_prompt(self.base, question, out), add_special_tokens=False).input_ids) - budget
+            if over <= 0:
+                break
+            for i in reversed(range(len(out))):
+                offsets = tokenizer(out[i], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                keep = max(0, len(offsets) - over - 8)  # 8: margin for the cut's own tokens
+                doc = doc_ids[i] if i < len(doc_ids) else str(i)
+                cut[doc] = cut.get(doc, 0) + len(offsets) - keep
+                over -= len(offsets) - keep
+                out[i] = out[i][: offsets[keep][0]] if keep else ""
+                if over <= 0:
+                    break
+            out = [p for p in out if p.strip()]
+            if not out:
+                break
+        if len(tokenizer(question_prompt(self.base, question, out), add_special_tokens=False).input_ids) > budget:
+            raise HyperPragError(f"the question alone does not fit the model's {limit} positions with "
+                                 f"max_new_tokens={self.max_new_tokens}; shorten it or lower --max-new-tokens.")
+        if cut:
+            log.warning("prompt for %r cut to the model's %d positions: %s", question[:60], limit,
+                        ", ".join(f"{doc} lost {n} tokens" for doc, n in cut.items()))
+        return out
+
     # -------------------------------------------------------------------------------- internals
 
     def _passages(self, docs: list[Document], context: Context) -> list[str]:
@@ -126,7 +168,8 @@ class Pipeline:
                       source: LoraSource | None, retrieve_s: float, retrievals: int) -> list[Answer]:
         n = len(questions)
         start = time.perf_counter()
-        prompts = [question_prompt(self.base, q, self._passages(d, context)) for q, d in zip(questions, docs)]
+        prompts = [question_prompt(self.base, q, self.fit_passages(q, [x.id for x in d], self._passages(d, context)))
+                   for q, d in zip(questions, docs)]
         batch_time = {"retrieve": retrieve_s + time.perf_counter() - start, "lora": 0.0}
 
         names: list[tuple[str, ...]] = [() for _ in questions]

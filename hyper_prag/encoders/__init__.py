@@ -10,6 +10,12 @@
 Every encoder emits the same :class:`~hyper_prag.lora.Lora` contract for one base model, so the store,
 ``combine`` and the injector never know which encoder made a LoRA; its :meth:`Encoder.settings` enter
 the store key, so another encoder or setting is another key.
+
+Long documents: an encoder reads at most a window of tokens at once (per-document: its training
+sequence length; hypernetwork: the tokens it reads). A longer document is cut into consecutive pieces
+of at most that many tokens (:func:`split_text`, at token boundaries, no character lost), each piece is
+encoded, and the pieces' LoRAs are summed (:func:`hyper_prag.combine.combine`, rank concatenation), as
+the online path sums the LoRAs of several documents. No text is dropped silently.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import Lora
 
 if TYPE_CHECKING:
     from hyper_prag.augment import AugmentedDocument
+    from hyper_prag.model import BaseModel
 
 
 class Encoder(Protocol):
@@ -38,4 +46,26 @@ class Encoder(Protocol):
         ...
 
 
-__all__ = ["Encoder"]
+def split_text(base: "BaseModel", text: str, window: int) -> list[str]:
+    """Cuts ``text`` into consecutive pieces of at most ``window`` tokens (one piece if it fits).
+
+    Args:
+        base: the base model (its tokenizer counts the tokens).
+        text: the document text.
+        window: tokens per piece (≥ 1).
+
+    Returns:
+        The pieces; joined they give ``text`` back exactly (cuts fall on token starts).
+    """
+    if window < 1:
+        raise HyperPragError(f"an encoder window must hold at least one token, got {window}.")
+    enc = base.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]  # [(start, end)] per token
+    if len(offsets) <= window:
+        return [text]
+    cuts = [offsets[i][0] for i in range(window, len(offsets), window)]
+    bounds = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if text[a:b].strip()]
+
+
+__all__ = ["Encoder", "split_text"]

@@ -40,6 +40,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from hyper_prag.combine import combine
+from hyper_prag.encoders import split_text
 from hyper_prag.errors import HyperPragError
 from hyper_prag.hypernet import (
     FORMAT_VERSION, EmbeddingCache, Hypernet, HypernetConfig, doc_embeddings, doc_token_states, pad_states,
@@ -354,18 +356,34 @@ class HypernetEncoder:
             emb = doc_token_states(*args) if tokens else doc_embeddings(*args)
         return pad_states(emb) if tokens else (emb, None)
 
+    @property
+    def window(self) -> int:
+        """Tokens of a document the hypernetwork reads at once; longer documents are read piece by piece."""
+        return int(self.hypernet.config.max_doc_tokens)
+
     @torch.no_grad()
     def generate(self, texts: Sequence[str]) -> list[Lora]:
-        """One LoRA per document text (float32, CPU)."""
+        """One LoRA per document text (float32, CPU).
+
+        A text longer than :attr:`window` tokens is cut into pieces (:func:`~hyper_prag.encoders.split_text`);
+        its LoRA is the sum of the pieces' LoRAs (rank concatenation), so no part of it goes unread.
+        """
         if not texts:
             return []
+        pieces = [split_text(self.base, text, self.window) for text in texts]
+        flat = [p for ps in pieces for p in ps]
         device = next(self.hypernet.parameters()).device
-        loras = []
-        for i in range(0, len(texts), self.batch_size):
-            emb, mask = self.embed(texts[i : i + self.batch_size])  # (n, E) | (n, T, E) + (n, T)
+        loras: list[Lora] = []
+        for i in range(0, len(flat), self.batch_size):
+            emb, mask = self.embed(flat[i : i + self.batch_size])  # (n, E) | (n, T, E) + (n, T)
             lora = self.hypernet(emb.to(device), None if mask is None else mask.to(device))
             loras += lora.to("cpu").detach().unbind()
-        return loras
+        out, start = [], 0
+        for ps in pieces:
+            part = loras[start : start + len(ps)]
+            out.append(part[0] if len(part) == 1 else combine(part, "sum"))
+            start += len(ps)
+        return out
 
     def encode(self, documents: Sequence["AugmentedDocument"]) -> list[Lora]:
         """One LoRA per document, reading only ``doc.text`` (augmentation is not used).

@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
+from hyper_prag.combine import combine
+from hyper_prag.encoders import split_text
 from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import Lora, LoraSpec, init_lora, stack
 from hyper_prag.model import BaseModel
@@ -58,6 +60,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+
+QA_ROOM = 256  # tokens of a training sequence kept for the chat template, a question and its answer
 
 
 @dataclass(frozen=True)
@@ -366,8 +371,32 @@ class PerDocEncoder:
             settings["warmup_sha256"] = digest.hexdigest()
         return settings
 
+    @property
+    def window(self) -> int:
+        """Document tokens one training sequence holds beside a question and its answer (``max_length`` − 256)."""
+        return max(1, self.config.max_length - QA_ROOM if self.config.max_length > 2 * QA_ROOM else self.config.max_length // 2)
+
+    def pieces(self, aug: "AugmentedDocument") -> list["AugmentedDocument"]:
+        """The document itself if it fits :attr:`window`, else its pieces (see :mod:`hyper_prag.encoders`).
+
+        Each QA pair goes to the piece that contains its answer (the first piece when none does); the
+        rewrites, which restate the whole document, go to the first piece.
+        """
+        from hyper_prag.augment import AugmentedDocument
+
+        texts = split_text(self.base, aug.text, self.window)
+        if len(texts) == 1:
+            return [aug]
+        owner = [next((i for i, t in enumerate(texts) if a.strip().lower() in t.lower()), 0) for _, a in aug.qa]
+        return [AugmentedDocument(doc_id=f"{aug.doc_id}#{i}", text=t, rewrites=aug.rewrites if i == 0 else (),
+                                  qa=tuple(pair for pair, o in zip(aug.qa, owner) if o == i))
+                for i, t in enumerate(texts)]
+
     def encode(self, documents: Sequence["AugmentedDocument"]) -> list[Lora]:
         """Trains one LoRA per augmented document, all in one bank.
+
+        A document longer than :attr:`window` tokens trains one LoRA per piece (:meth:`pieces`), and its
+        LoRA is their sum (rank concatenation): every part of it is in some training sequence.
 
         Args:
             documents: augmented documents (one chunk).
@@ -378,12 +407,23 @@ class PerDocEncoder:
         if not documents:
             return []
         start = time.perf_counter()
-        sequences = [document_sequences(self.base, aug, self.config) for aug in documents]
+        pieces = [self.pieces(aug) for aug in documents]
+        flat = [p for ps in pieces for p in ps]
+        if len(flat) > len(documents):
+            log.info("%d long documents cut into %d pieces of at most %d tokens",
+                     sum(len(ps) > 1 for ps in pieces), sum(len(ps) for ps in pieces if len(ps) > 1), self.window)
+        sequences = [document_sequences(self.base, aug, self.config) for aug in flat]
         dims = {m: self.base.module_dims(m) for m in self.spec.target_modules}
-        initial = initial_loras([aug.text for aug in documents], self.spec, dims, self.config, self.warmup)
+        initial = initial_loras([aug.text for aug in flat], self.spec, dims, self.config, self.warmup)
         loras, self.last_losses = train_bank(self.base, sequences, initial, self.config, fit=self.fit,
                                              logger=self.logger, step_offset=self.steps_done)
         self.steps_done += len(self.last_losses)
-        log.debug("trained %d LoRAs in %.1f s", len(documents), time.perf_counter() - start)
-        return [lora.detach() for lora in loras.unbind()]
+        log.debug("trained %d LoRAs in %.1f s", len(flat), time.perf_counter() - start)
+        trained = [lora.detach() for lora in loras.unbind()]
+        out, at = [], 0
+        for ps in pieces:
+            part = trained[at : at + len(ps)]
+            out.append(part[0] if len(part) == 1 else combine(part, "sum"))
+            at += len(ps)
+        return out
 
