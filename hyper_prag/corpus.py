@@ -7,7 +7,15 @@ A corpus is a folder::
     questions.jsonl | .parquet         {"id", "question", "answers": [...], "type", "doc_ids": [...], "split"}
     doc_qa.jsonl | .parquet            {"doc_id", "question", "answer"}    (optional augmentation pairs)
 
-Any user corpus in that form works. :func:`load_corpus` validates every record and raises
+Any user corpus in that form works. Documents can also come from ``datasets``: a folder written by
+``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or a hub dataset id read through the
+``datasets`` cache (nothing is downloaded unless ``local_files_only=False``), with a column mapping
+``{"id": ..., "text": ..., "title": ..., "split": ...}`` from our fields to the dataset's columns
+(:func:`parse_columns` reads ``"id=doc_id,text=body"``). Integer ids become strings, a missing
+title column gives empty titles, and a ``DatasetDict``'s split names become the documents' splits
+unless a split column is mapped. Such a corpus has documents only (no questions, no doc_qa).
+
+:func:`load_corpus` validates every record and raises
 :class:`HyperPragError` naming the file and the 1-based line (JSONL) or row (Parquet) of the first
 problem: missing or mistyped field, empty text, duplicate id, a question's unknown ``doc_ids``, empty
 answers, non-UTF-8 bytes, a malformed JSON line. Nothing is silently dropped (blank JSONL lines
@@ -21,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -221,20 +230,149 @@ def _strings(row: dict[str, Any], key: str, path: Path, n: int) -> tuple[str, ..
     return tuple(out)
 
 
-def load_corpus(path: str | Path) -> Corpus:
-    """Loads and validates a corpus folder (format: module docstring).
+COLUMN_FIELDS: tuple[str, ...] = ("id", "title", "text", "split")  # the Document fields a column can map to
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """Parses a column mapping such as ``"id=doc_id,text=body,title=heading"``.
 
     Args:
-        path: the corpus folder.
+        text: comma-separated ``field=column`` pairs; fields are among :data:`COLUMN_FIELDS`.
     Returns:
-        The corpus; HyperPragError naming file and line on any invalid record.
+        ``{field: column}``.
     """
+    mapping: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        field_name, sep, column = (x.strip() for x in part.partition("="))
+        if not sep or not field_name or not column:
+            raise HyperPragError(f"column mapping {text!r}: {part!r} is not field=column; write e.g. 'id=doc_id,text=body'")
+        if field_name not in COLUMN_FIELDS:
+            raise HyperPragError(f"column mapping {text!r}: unknown field {field_name!r}; map any of {list(COLUMN_FIELDS)}")
+        if field_name in mapping:
+            raise HyperPragError(f"column mapping {text!r}: field {field_name!r} is mapped twice")
+        mapping[field_name] = column
+    return mapping
+
+
+def _check_columns(columns: Mapping[str, str] | str | None) -> dict[str, str]:
+    mapping = parse_columns(columns) if isinstance(columns, str) else dict(columns or {})
+    unknown = [k for k in mapping if k not in COLUMN_FIELDS]
+    if unknown:
+        raise HyperPragError(f"column mapping names unknown fields {unknown}; map any of {list(COLUMN_FIELDS)}")
+    return mapping
+
+
+def _read_documents(rows: Iterator[tuple[int, dict[str, Any]]], path: Path, columns: Mapping[str, str],
+                    default_split: str = "test", from_dataset: bool = False) -> list[Document]:
+    """Validated documents from (row number, row) pairs, reading each field from its mapped column.
+
+    ``from_dataset``: integer ids become strings and a title column may be absent (``datasets`` sources).
+    """
+    col = {f: columns.get(f, f) for f in COLUMN_FIELDS}
+    documents: list[Document] = []
+    doc_line: dict[str, int] = {}
+    for n, row in rows:
+        if from_dataset and isinstance(row.get(col["id"]), int) and not isinstance(row.get(col["id"]), bool):
+            row = {**row, col["id"]: str(row[col["id"]])}  # datasets often number their rows
+        doc_id = _string(row, col["id"], path, n, non_empty=True)
+        if doc_id in doc_line:
+            raise HyperPragError(f"{_where(path, n)}: duplicate document id {doc_id!r} "
+                                 f"(first at {doc_line[doc_id]}); give every document a unique id")
+        doc_line[doc_id] = n
+        title_default = "" if from_dataset and "title" not in columns else None
+        documents.append(Document(id=doc_id, title=_string(row, col["title"], path, n, default=title_default),
+                                  text=_string(row, col["text"], path, n, non_empty=True),
+                                  split=_string(row, col["split"], path, n, default=default_split, non_empty=True)))
+    return documents
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _load_hub_dataset(name: str, split: str | None, local_files_only: bool):
+    import datasets
+
+    offline = datasets.config.HF_HUB_OFFLINE
+    try:
+        # datasets has no per-call offline switch; without it an uncached id costs ~25 s of retries.
+        datasets.config.HF_HUB_OFFLINE = offline or local_files_only
+        return datasets.load_dataset(name, split=split)
+    except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ValueError...
+        hint = ("it is not in the datasets cache and local_files_only=True forbids downloading; save it with "
+                "Dataset.save_to_disk where there is network and pass that folder, or pass local_files_only=False"
+                if local_files_only else "check the id and your network")
+        raise HyperPragError(f"corpus {name!r} is neither a corpus folder nor a loadable hub dataset: {hint} "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+
+
+def _dataset_corpus(data, where: Path, name: str, columns: Mapping[str, str], split: str | None) -> Corpus:
+    """A documents-only corpus from a ``datasets.Dataset`` or ``DatasetDict``."""
+    import datasets
+
+    if isinstance(data, datasets.DatasetDict):
+        if split is not None:
+            if split not in data:
+                raise HyperPragError(f"{where}: no split {split!r}; it has {list(data)}")
+            parts = {split: data[split]}
+        else:
+            parts = dict(data)
+    else:
+        parts = {split or "test": data}
+    wanted = {columns.get(f, f) for f in ("id", "text")} | {columns[f] for f in ("title", "split") if f in columns}
+    documents: list[Document] = []
+    for part_name, ds in parts.items():
+        missing = sorted(c for c in wanted if c not in ds.column_names)
+        if missing:
+            raise HyperPragError(f"{where} ({part_name}): no column(s) {missing}; its columns are {ds.column_names}. "
+                                 "Map our fields to them, e.g. columns='id=doc_id,text=body,title=heading'")
+        keep = [c for c in ds.column_names if c in wanted or c in ("title", "split")]
+        rows = enumerate(({k: v for k, v in r.items() if v is not None} for r in ds.select_columns(keep).to_list()),
+                         start=1)
+        documents += _read_documents(rows, where, columns, default_split=part_name, from_dataset=True)
+    return Corpus(name=name, documents=tuple(documents))
+
+
+def load_corpus(path: str | Path, columns: Mapping[str, str] | str | None = None, *, split: str | None = None,
+                local_files_only: bool = True) -> Corpus:
+    """Loads and validates a corpus: a corpus folder, a ``datasets`` ``save_to_disk`` folder, or a hub dataset id.
+
+    Args:
+        path: a corpus folder (format: module docstring), a folder written by ``save_to_disk``, or a
+            hub dataset id such as ``"org/name"`` (read through the ``datasets`` cache).
+        columns: ``{field: column}`` (or ``"id=doc_id,text=body"``) naming the columns of the
+            documents' fields; unmapped fields use their own names.
+        split: for a ``DatasetDict`` or hub dataset, the one split to read (default: every split).
+        local_files_only: for a hub id, never download (default); ``False`` lets ``datasets`` fetch it.
+    Returns:
+        The corpus; HyperPragError naming file and line (or row) on any invalid record.
+    """
+    mapping = _check_columns(columns)
     folder = Path(path)
     if not folder.is_dir():
-        raise HyperPragError(f"{folder}: no such corpus folder; make one with save_corpus or `hyper-prag make-benchmark`")
+        text = str(path)
+        if not folder.exists() and _HUB_ID.match(text) and not text.startswith("."):
+            data = _load_hub_dataset(text, split, local_files_only)
+            return _dataset_corpus(data, Path(text), text, mapping, split)
+        raise HyperPragError(f"{folder}: no such corpus folder; make one with save_corpus or `hyper-prag make-benchmark`, "
+                             "or pass a datasets save_to_disk folder or a cached hub dataset id")
+    if _is_saved_dataset(folder):
+        import datasets
+
+        try:
+            data = datasets.load_from_disk(str(folder))
+        except (OSError, ValueError, FileNotFoundError) as e:
+            raise HyperPragError(f"{folder}: cannot read this save_to_disk folder ({e}); save the dataset again") from None
+        return _dataset_corpus(data, folder, folder.name, mapping, split)
     doc_path = _find(folder, "documents")
     if doc_path is None:
-        raise HyperPragError(f"{folder}: no documents.jsonl or documents.parquet; a corpus needs its documents")
+        raise HyperPragError(f"{folder}: no documents.jsonl or documents.parquet (nor a datasets save_to_disk folder); "
+                             "a corpus needs its documents")
     name = folder.name
     meta = folder / "corpus.json"
     if meta.is_file():
@@ -243,17 +381,8 @@ def load_corpus(path: str | Path) -> Corpus:
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise HyperPragError(f"{meta}, line 1: expected {{\"name\": ...}} in UTF-8 JSON ({e})") from None
 
-    documents: list[Document] = []
-    doc_line: dict[str, int] = {}
-    for n, row in _rows(doc_path):
-        doc_id = _string(row, "id", doc_path, n, non_empty=True)
-        if doc_id in doc_line:
-            raise HyperPragError(f"{_where(doc_path, n)}: duplicate document id {doc_id!r} "
-                                 f"(first at {doc_line[doc_id]}); give every document a unique id")
-        doc_line[doc_id] = n
-        documents.append(Document(id=doc_id, title=_string(row, "title", doc_path, n),
-                                  text=_string(row, "text", doc_path, n, non_empty=True),
-                                  split=_string(row, "split", doc_path, n, default="test", non_empty=True)))
+    documents = _read_documents(_rows(doc_path), doc_path, mapping)
+    doc_line = {d.id: None for d in documents}
 
     questions: list[Question] = []
     q_path = _find(folder, "questions")

@@ -1,7 +1,8 @@
 """The LoRA contract: one tensor-dict type, made by both encoders, stored, combined and injected.
 
-For every target module m (``gate_proj``, ``up_proj``, ``down_proj``) and every adapted layer l,
-the frozen weight W (d_out, d_in) of that linear is used as::
+For every target module m (``gate_proj``, ``up_proj``, ``down_proj``; Phi-3's fused ``gate_up_proj``
+is one module of its own) and every adapted layer l, the frozen weight W (d_out, d_in) of that
+linear is used as::
 
     W' = W + ΔW,   ΔW = (alpha / r) · B[m][l] @ A[m][l]
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -47,7 +49,7 @@ class LoraSpec:
     rank: int = 2  # r (paper: 2)
     alpha: float = 32.0  # scaling numerator; ΔW = alpha / r · B @ A (paper: 32)
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")  # FFN linears (paper §3.2)
-    layers: tuple[int, ...] = ()  # decoder layers adapted; () only before binding to a model
+    layers: tuple[int, ...] = ()  # decoder layers adapted (a subset); () = every layer, until bound to a model
     base_model: str = ""  # identity of the base model (hyper_prag.model.model_identity)
 
     @property
@@ -66,9 +68,39 @@ class LoraSpec:
         )
 
     def for_model(self, base) -> "LoraSpec":
-        """Returns this spec bound to a :class:`~hyper_prag.model.BaseModel` (all layers if none given)."""
-        layers = self.layers or tuple(range(base.num_layers))
-        return replace(self, layers=layers, base_model=base.identity)
+        """Returns this spec bound to a :class:`~hyper_prag.model.BaseModel`, checked against that model.
+
+        The target modules must be FFN linears of the model (``base.target_modules``). On a model
+        with a fused ``gate_up_proj`` (Phi-3) the pair ``gate_proj`` + ``up_proj`` means that one
+        linear, so the default spec adapts every FFN linear of any supported model. ``layers`` is
+        a subset of decoder-layer indices (sorted on binding; ``()`` means every layer).
+
+        Raises:
+            HyperPragError: a rank below 1, a non-positive alpha, no or unknown target modules, or
+                layer indices that repeat or lie outside the model.
+        """
+        if self.rank < 1:
+            raise HyperPragError(f"LoRA rank must be at least 1, got {self.rank}.")
+        if not self.alpha > 0 or self.alpha == float("inf"):
+            raise HyperPragError(f"LoRA alpha must be a positive number, got {self.alpha}.")
+        available = tuple(base.target_modules)
+        modules = list(self.target_modules)
+        if "gate_up_proj" in available and ("gate_proj" in modules or "up_proj" in modules):
+            if not ("gate_proj" in modules and "up_proj" in modules):
+                raise HyperPragError(f"base model {base.name} fuses gate_proj and up_proj into one linear, "
+                                     "gate_up_proj; target gate_up_proj (or both gate_proj and up_proj).")
+            modules[modules.index("gate_proj")] = "gate_up_proj"
+            modules.remove("up_proj")
+        unknown = [m for m in modules if m not in available]
+        if not modules or unknown or len(set(modules)) != len(modules):
+            raise HyperPragError(f"LoRA target modules {list(self.target_modules)} do not fit base model {base.name}: "
+                                 f"choose distinct modules among its FFN linears {list(available)}.")
+        n = base.num_layers
+        layers = tuple(sorted(int(layer) for layer in self.layers)) or tuple(range(n))
+        if len(set(layers)) != len(layers) or not all(0 <= layer < n for layer in layers):
+            raise HyperPragError(f"LoRA layers {list(self.layers)} do not fit base model {base.name}: give distinct "
+                                 f"decoder-layer indices in 0..{n - 1} (or none for every layer).")
+        return replace(self, target_modules=tuple(modules), layers=layers, base_model=base.identity)
 
 
 @dataclass
@@ -287,15 +319,33 @@ def export_peft(lora: Lora, folder: str | Path, base_model_name_or_path: str = "
     return folder
 
 
+def _peft_pattern(patterns: dict, key: str):
+    """PEFT's rule for ``rank_pattern``/``alpha_pattern``: the first pattern matching the end of the module name."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return patterns[pattern]
+    return None
+
+
 def import_peft(folder: str | Path, base_model: str) -> Lora:
     """Reads a PEFT LoRA adapter folder on a Llama-style model's FFN into our contract.
+
+    ``rank_pattern`` and ``alpha_pattern`` (per-module rank and alpha) are honoured exactly: the
+    imported LoRA has the largest rank R of the adapter and alpha = ``lora_alpha`` · R / ``r``, so its
+    scaling s equals the adapter's default scaling; a module of rank r_m < R gets zero rows in A and
+    zero columns in B, and its B is multiplied by s_m / s where s_m = alpha_m / r_m. The product
+    s · B A is then each module's own ΔW (the rescaling of B rounds once per element).
 
     Args:
         folder: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
         base_model: identity of the base model the adapter was trained on (PEFT does not record it).
 
     Returns:
-        The :class:`Lora`.
+        The :class:`Lora` (float32).
+
+    Raises:
+        HyperPragError: an unreadable folder, rsLoRA/DoRA, transposed weights (``fan_in_fan_out``),
+            or tensors that do not cover every target module in the same layers.
     """
     folder = Path(folder)
     try:
@@ -305,17 +355,43 @@ def import_peft(folder: str | Path, base_model: str) -> Lora:
         raise HyperPragError(f"{folder} is not a readable PEFT adapter folder ({err}).") from err
     if config.get("use_rslora") or config.get("use_dora"):
         raise HyperPragError(f"{folder}: rsLoRA/DoRA adapters are not plain LoRAs and cannot be imported.")
+    if config.get("fan_in_fan_out"):
+        raise HyperPragError(f"{folder}: fan_in_fan_out adapters (Conv1D models such as GPT-2) cannot be imported.")
     targets = config["target_modules"]
     targets = tuple(targets) if isinstance(targets, list) else (targets,)
     layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in tensors if ".layers." in k})
-    spec = LoraSpec(rank=int(config["r"]), alpha=float(config["lora_alpha"]), target_modules=targets,
-                    layers=tuple(layers), base_model=base_model)
+    r0, alpha0 = int(config["r"]), float(config["lora_alpha"])
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    A: dict[str, Tensor] = {}
+    B: dict[str, Tensor] = {}
     try:
-        A = {m: torch.stack([tensors[_peft_key(l, m, "A")] for l in layers]) for m in targets}  # (L, r, d_in)
-        B = {m: torch.stack([tensors[_peft_key(l, m, "B")] for l in layers]) for m in targets}  # (L, d_out, r)
-    except (KeyError, RuntimeError) as err:
-        raise HyperPragError(f"{folder}: adapter tensors do not cover every FFN target module in every layer ({err}).") from err
-    lora = Lora(spec, A, B)
+        for m in targets:
+            A[m] = [tensors[_peft_key(l, m, "A")].float() for l in layers]  # each (r_m, d_in)
+            B[m] = [tensors[_peft_key(l, m, "B")].float() for l in layers]  # each (d_out, r_m)
+    except KeyError as err:
+        raise HyperPragError(f"{folder}: adapter tensors do not cover every FFN target module in every layer "
+                             f"(missing {err}).") from err
+    rank = max(a.shape[0] for m in targets for a in A[m])
+    scaling = alpha0 / r0  # the adapter's default scaling, kept as ours
+    for m in targets:
+        for i, layer in enumerate(layers):
+            a, b = A[m][i], B[m][i]
+            key = f"model.layers.{layer}.mlp.{m}"
+            r_m = int(_peft_pattern(rank_pattern, key) or r0)
+            alpha_m = float(_peft_pattern(alpha_pattern, key) or alpha0)
+            if a.shape[0] != r_m or b.shape[-1] != r_m:
+                raise HyperPragError(f"{folder}: {key} has rank {a.shape[0]} but its config says {r_m}; the adapter "
+                                     "config does not match its tensors.")
+            if alpha_m / r_m != scaling:
+                b = b * (alpha_m / r_m / scaling)  # (d_out, r_m)
+            A[m][i] = torch.cat([a, a.new_zeros(rank - r_m, a.shape[1])])  # (R, d_in)
+            B[m][i] = torch.cat([b, b.new_zeros(b.shape[0], rank - r_m)], dim=1)  # (d_out, R)
+    alpha = alpha0 if rank == r0 else alpha0 * rank / r0
+    spec = LoraSpec(rank=rank, alpha=alpha, target_modules=targets, layers=tuple(layers), base_model=base_model)
+    try:
+        lora = Lora(spec, {m: torch.stack(A[m]) for m in targets}, {m: torch.stack(B[m]) for m in targets})
+    except RuntimeError as err:  # widths differ between layers
+        raise HyperPragError(f"{folder}: adapter tensors of one module differ in shape between layers ({err}).") from err
     lora.validate(source=f"PEFT adapter {folder}")
     return lora
 

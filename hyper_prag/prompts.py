@@ -4,6 +4,16 @@ At inference every method asks the same question the same way; only what stands 
 question differs (nothing, retrieved passages, or augmented passages). Per-document training
 sequences (paper §3.2, ``[d_i^k ⊕ q_i^j ⊕ a_i^j]``) end with exactly the inference prompt of a
 closed-book question, so what a LoRA learns is asked for in the form it was learnt.
+
+A base model without a chat template (a pretrained, not instruction-tuned checkpoint) is asked in
+a plain format instead, built by :meth:`~hyper_prag.model.BaseModel.chat_prompt`::
+
+    [Passage 1: …\n\n]Answer the question with a short phrase, without explanation.
+    Question: <question>
+    Answer:
+
+and its training answers follow the cue after one space (``"Answer: Paris"``). Such a model does
+not stop by itself after the answer: :func:`answer_text` keeps the first line of its completion.
 """
 
 from __future__ import annotations
@@ -22,10 +32,10 @@ def user_message(question: str, passages: Sequence[str] = ()) -> str:
 
 
 def question_prompt(base: BaseModel, question: str, passages: Sequence[str] = ()) -> str:
-    """The full chat prompt for one question, ready for the assistant's answer.
+    """The full prompt for one question, ready for the answer (the plain format without a chat template).
 
     Args:
-        base: the model whose chat template is used.
+        base: the model whose chat template (or plain format) is used.
         question: the question.
         passages: documents put in context (standard RAG, DA-RAG, "combine both"); none for
             closed-book and purely parametric methods.
@@ -36,12 +46,25 @@ def question_prompt(base: BaseModel, question: str, passages: Sequence[str] = ()
     return base.chat_prompt(user_message(question, passages))
 
 
+def _target(base: BaseModel, answer: str) -> str:
+    """The answer as a training target: after the chat template's assistant header, or after the plain cue and a space."""
+    eos = base.tokenizer.eos_token or ""
+    return f"{'' if base.has_chat_template else ' '}{answer.strip()}{eos}"
+
+
+def answer_text(base: BaseModel, completion: str) -> str:
+    """The answer in a generated completion: all of it for a chat model, the first line for a plain prompt."""
+    text = completion.strip()
+    return text if base.has_chat_template else text.split("\n", 1)[0].strip()
+
+
 def training_sequence(base: BaseModel, document: str, question: str, answer: str) -> tuple[str, str]:
     """One per-document training sequence ``d ⊕ q ⊕ a`` (paper §3.2), as ``(prefix, answer)``.
 
     The prefix is the document (or one of its rewrites) followed by the closed-book question
     prompt; the answer is followed by the end-of-turn token. The causal-LM loss is taken over
-    the whole concatenation (paper) or only the answer, as the trainer chooses.
+    the whole concatenation (paper) or only the answer, as the trainer chooses. Without a chat
+    template the answer starts with a space, after the plain ``Answer:`` cue.
 
     Args:
         base: the model whose chat template is used.
@@ -52,11 +75,9 @@ def training_sequence(base: BaseModel, document: str, question: str, answer: str
     Returns:
         ``(prefix, target)``, to be concatenated by the tokenizer.
     """
-    eos = base.tokenizer.eos_token or ""
-    return f"{document.strip()}\n\n{question_prompt(base, question)}", f"{answer.strip()}{eos}"
+    return f"{document.strip()}\n\n{question_prompt(base, question)}", _target(base, answer)
 
 
 def qa_sequence(base: BaseModel, question: str, answer: str) -> tuple[str, str]:
     """A question/answer pair with no document: what a generated LoRA alone must answer (hypernetwork)."""
-    eos = base.tokenizer.eos_token or ""
-    return question_prompt(base, question), f"{answer.strip()}{eos}"
+    return question_prompt(base, question), _target(base, answer)

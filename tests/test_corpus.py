@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hyper_prag.corpus import Corpus, Document, Question, load_corpus, save_corpus
+from hyper_prag.corpus import Corpus, Document, Question, load_corpus, parse_columns, save_corpus
 from hyper_prag.errors import HyperPragError
 
 
@@ -152,3 +152,65 @@ def test_missing_folder_or_documents_or_two_formats(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist([GOOD_DOC]), tmp_path / "documents.parquet")
     with pytest.raises(HyperPragError, match="keep one of them"):
         load_corpus(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+def test_saved_dataset_with_other_columns_matches_the_jsonl_form(tmp_path: Path) -> None:
+    import datasets
+
+    corpus = small_corpus()
+    jsonl = load_corpus(save_corpus(corpus, tmp_path / "jsonl"))
+    rows = [{"doc_id": d.id, "heading": d.title, "body": d.text, "part": d.split, "extra": 1} for d in corpus.documents]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    mapping = "id=doc_id,title=heading,text=body,split=part"
+    loaded = load_corpus(tmp_path / "saved", columns=mapping)
+    assert loaded.documents == jsonl.documents and loaded.name == "saved"
+    assert load_corpus(tmp_path / "saved", columns=parse_columns(mapping)).documents == jsonl.documents
+
+
+def test_dataset_dict_splits_int_ids_and_missing_titles(tmp_path: Path) -> None:
+    import datasets
+
+    data = datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([{"idx": 1, "passage": "One."}, {"idx": 2, "passage": "Two."}]),
+        "validation": datasets.Dataset.from_list([{"idx": 3, "passage": "Three."}]),
+    })
+    data.save_to_disk(str(tmp_path / "dd"))
+    corpus = load_corpus(tmp_path / "dd", columns={"id": "idx", "text": "passage"})
+    assert corpus.documents == (Document("1", "", "One.", "train"), Document("2", "", "Two.", "train"),
+                                Document("3", "", "Three.", "validation"))
+    assert [d.id for d in load_corpus(tmp_path / "dd", {"id": "idx", "text": "passage"}, split="validation").documents] == ["3"]
+    with pytest.raises(HyperPragError, match=r"no column\(s\) \['body'\].*\['idx', 'passage'\]"):
+        load_corpus(tmp_path / "dd", columns="id=idx,text=body")
+    with pytest.raises(HyperPragError, match="no split 'test'"):
+        load_corpus(tmp_path / "dd", columns="id=idx,text=passage", split="test")
+
+
+def test_dataset_rows_are_validated_like_files(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_list([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]).save_to_disk(str(tmp_path / "dup"))
+    with pytest.raises(HyperPragError, match=r"dup, row 2: duplicate document id 'a'"):
+        load_corpus(tmp_path / "dup")
+
+
+def test_parse_columns_refuses_bad_mappings() -> None:
+    assert parse_columns(" id = doc_id , text=body ") == {"id": "doc_id", "text": "body"}
+    for bad, match in [("id", "not field=column"), ("name=x", "unknown field 'name'"), ("id=a,id=b", "mapped twice")]:
+        with pytest.raises(HyperPragError, match=match):
+            parse_columns(bad)
+
+
+def test_uncached_hub_dataset_is_a_clear_error_without_network_waits(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    offline = datasets.config.HF_HUB_OFFLINE
+    start = time.monotonic()
+    with pytest.raises(HyperPragError, match=r"'someone/not-cached-corpus'.*local_files_only=True"):
+        load_corpus("someone/not-cached-corpus", columns="id=doc_id,text=body")
+    assert time.monotonic() - start < 10
+    assert datasets.config.HF_HUB_OFFLINE == offline  # the switch is put back

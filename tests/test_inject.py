@@ -3,7 +3,7 @@ import torch
 
 from hyper_prag.combine import combine
 from hyper_prag.errors import HyperPragError
-from hyper_prag.inject import injected
+from hyper_prag.inject import injected, merge_memory
 from hyper_prag.lora import Lora, stack
 from tests.conftest import random_lora, token_batch
 
@@ -53,15 +53,36 @@ def test_side_equals_merged(tiny):
     assert (side - merged).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("restore,tol", [("copy", 0.0), ("subtract", 1e-6)])
-def test_merge_then_unmerge_restores_weights(tiny, restore, tol):
+@pytest.mark.parametrize("restore", ["copy", "subtract"])
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # a large ΔW makes many subtractions inexact
+def test_merge_then_unmerge_restores_weights_bit_exactly(tiny, restore, scale):
+    lora = random_lora(tiny, seed=5)
+    lora = Lora(lora.spec, lora.A, {m: b * scale for m, b in lora.B.items()})
     before = weights(tiny)
-    with injected(tiny, random_lora(tiny, seed=5), mode="merged", restore=restore):
+    with injected(tiny, lora, mode="merged", restore=restore):
         changed = weights(tiny)
     after = weights(tiny)
     assert any(not torch.equal(before[k], changed[k]) for k in before)
-    for k in before:
-        assert (before[k] - after[k]).abs().max().item() <= tol
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("scale", [0.01, 30.0])
+def test_merged_mode_holds_about_one_layer_of_delta(tiny, scale):
+    lora = random_lora(tiny, seed=5)
+    lora = Lora(lora.spec, lora.A, {m: b * scale for m, b in lora.B.items()})
+    before = weights(tiny)
+    lean, copy = merge_memory(tiny, lora, restore="subtract"), merge_memory(tiny, lora, restore="copy")
+    assert all(torch.equal(before[k], v) for k, v in weights(tiny).items())
+    assert copy.kept_bytes == copy.touched_weight_bytes  # a copy of every touched weight
+    assert lean.all_deltas_bytes == 6 * lean.layer_delta_bytes  # 3 modules × 2 layers: what merging all at once holds
+    if scale < 1:  # |ΔW| << |W|: few inexact subtractions, saved as (int32 index, float32 value)
+        assert 0.0 < lean.inexact_fraction < 0.1
+        assert lean.kept_bytes <= lean.touched_weight_bytes * lean.inexact_fraction * 2 + 6 * 8
+    else:  # ΔW dwarfs W: copies are smaller, and taken instead
+        assert lean.inexact_fraction > 0.5 and lean.kept_bytes <= copy.kept_bytes + 6 * 8
+    # Peak: the ΔW of one layer, one temporary of its size and a bool mask, plus what is kept.
+    assert lean.peak_extra_bytes <= 2.25 * lean.layer_delta_bytes + lean.kept_bytes
+    assert copy.peak_extra_bytes <= 2 * copy.layer_delta_bytes + copy.kept_bytes
 
 
 @pytest.mark.parametrize("mode", ["side", "merged", "batched"])

@@ -113,3 +113,79 @@ def test_zeros_has_no_delta(tiny):
     spec = LoraSpec().for_model(tiny)
     lora = zeros(spec, {m: tiny.module_dims(m) for m in spec.target_modules})
     assert all(lora.delta(m).abs().max() == 0 for m in spec.target_modules)
+
+
+def test_default_spec_and_its_store_key_are_unchanged(tiny):
+    from dataclasses import replace
+
+    from hyper_prag.store import store_key
+
+    spec = replace(LoraSpec().for_model(tiny), base_model="llama-0123456789abcdef")
+    assert spec.to_json() == ('{"alpha": 32.0, "base_model": "llama-0123456789abcdef", "layers": [0, 1], "rank": 2, '
+                              '"target_modules": ["gate_proj", "up_proj", "down_proj"]}')
+    key = store_key("A document.", "llama-0123456789abcdef", spec, {"n_qa": 3}, {"name": "per_doc"})
+    assert key == "c9db8d810577c7fa1d941566687331dc87c49e73a63a0c286c5bcd9f8645825b"
+
+
+def test_spec_binding_checks_modules_layers_and_rank(tiny):
+    spec = LoraSpec(rank=3, target_modules=("down_proj",), layers=(1,)).for_model(tiny)
+    assert spec.layers == (1,) and spec.target_modules == ("down_proj",)
+    assert LoraSpec(layers=(1, 0)).for_model(tiny).layers == (0, 1)
+    for bad, match in [(LoraSpec(layers=(0, 2)), r"layers \[0, 2\].*0\.\.1"), (LoraSpec(layers=(1, 1)), "distinct"),
+                       (LoraSpec(target_modules=("q_proj",)), r"FFN linears \['gate_proj', 'up_proj', 'down_proj'\]"),
+                       (LoraSpec(target_modules=()), "choose distinct modules"), (LoraSpec(rank=0), "rank"),
+                       (LoraSpec(alpha=-1.0), "alpha")]:
+        with pytest.raises(HyperPragError, match=match):
+            bad.for_model(tiny)
+
+
+def test_layer_and_module_subset_is_honoured_everywhere(tiny, tmp_path):
+    from hyper_prag.lora import init_lora
+
+    spec = LoraSpec(rank=3, alpha=6.0, target_modules=("down_proj",), layers=(1,)).for_model(tiny)
+    lora = init_lora(spec, {"down_proj": tiny.module_dims("down_proj")}, generator=torch.Generator().manual_seed(0))
+    assert lora.A["down_proj"].shape == (1, 3, tiny.module_dims("down_proj")[0]) and set(lora.A) == {"down_proj"}
+    lora.B["down_proj"].normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    batch = token_batch(tiny, ["Parametric knowledge lives in the FFN."])
+    with torch.no_grad(), injected(tiny, lora, mode="merged"):
+        changed = [k for k, v in tiny.model.state_dict().items() if not torch.equal(before[k], v)]
+        merged = tiny.model(**batch).logits
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
+    with torch.no_grad(), injected(tiny, lora, mode="side"):
+        side = tiny.model(**batch).logits
+    folder = export_peft(lora, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(tiny.model, str(folder))
+    try:
+        with torch.no_grad():
+            theirs = peft_model(**batch).logits
+    finally:
+        peft_model.unload()
+    assert (side - theirs).abs().max().item() <= 1e-5 and (merged - theirs).abs().max().item() <= 1e-5
+    assert import_peft(folder, base_model=tiny.identity).spec == lora.spec
+
+
+def test_peft_rank_and_alpha_patterns_are_honoured(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, lora_alpha=32, target_modules=["gate_proj", "up_proj", "down_proj"], lora_dropout=0.0,
+                        rank_pattern={"down_proj": 4}, alpha_pattern={"up_proj": 8, "layers.1.mlp.gate_proj": 4})
+    peft_model = get_peft_model(tiny.model, config)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0.0, 0.05, generator=gen)
+        batch = token_batch(tiny, ["Parametric knowledge lives in the FFN.", "Hello"])
+        with torch.no_grad():
+            theirs = peft_model(**batch).logits
+        peft_model.save_pretrained(tmp_path / "patterned")
+    finally:
+        peft_model.unload()
+    lora = import_peft(tmp_path / "patterned", base_model=tiny.identity)
+    assert lora.spec.rank == 4 and lora.spec.scaling == 16.0
+    with torch.no_grad(), injected(tiny, lora):
+        ours = tiny.model(**batch).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    with torch.no_grad(), injected(tiny, lora, mode="merged"):
+        assert (tiny.model(**batch).logits - theirs).abs().max().item() <= 1e-5

@@ -1,8 +1,13 @@
+import copy
+import shutil
+from dataclasses import replace
+
 import pytest
+import torch
 
 from hyper_prag import model as model_mod
 from hyper_prag.errors import HyperPragError
-from hyper_prag.model import load_base_model, model_identity, tiny_base_model
+from hyper_prag.model import load_base_model, model_identity, resolve_device, resolve_dtype, tiny_base_model
 
 
 def test_tiny_identity_is_stable_and_seed_specific(tiny):
@@ -39,3 +44,103 @@ def test_real_smollm2_answers_paris():
     assert base.num_layers == 30 and base.module_dims("up_proj") == (576, 1536)
     answer = base.generate([base.chat_prompt("What is the capital of France?")], max_new_tokens=24)[0]
     assert "Paris" in answer
+
+
+# ------------------------------------------------------------------------------------- device and dtype
+
+def test_resolve_device_and_dtype():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("float16") == torch.float16 and resolve_dtype(torch.bfloat16) == torch.bfloat16
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    with pytest.raises(HyperPragError, match="unknown device 'tpu9'"):
+        resolve_device("tpu9")
+    with pytest.raises(HyperPragError, match="unknown dtype 'int4'"):
+        resolve_dtype("int4")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_one_clear_line(tmp_path):
+    for name in ("cuda", "cuda:3"):
+        with pytest.raises(HyperPragError, match=f"device '{name}' is not available") as err:
+            resolve_device(name)
+        assert "\n" not in str(err.value) and err.value.__cause__ is None and err.value.__context__ is None
+    with pytest.raises(HyperPragError, match="device 'cuda' is not available"):
+        load_base_model(tmp_path / "anything", device="cuda")  # refused before anything is read
+
+
+# ------------------------------------------------------------------------------------- identity
+
+def _save(base, folder):
+    base.model.save_pretrained(folder)
+    base.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_identity_sees_every_weight(tiny):
+    other = tiny_base_model(seed=0)
+    with torch.no_grad():
+        up = other.ffn_linear(1, "up_proj").weight.view(-1)  # (d_out * d_in,)
+        up[1::2] += 1e-3  # every odd-indexed value of one FFN weight
+    assert model_identity(other.model) != tiny.identity
+    assert tiny.identity.startswith("llama-") and len(tiny.identity) == len("llama-") + 16
+
+
+def test_folder_identity_hashes_the_checkpoint_once(tiny, tmp_path, monkeypatch):
+    folder = _save(tiny, tmp_path / "a")
+    first = load_base_model(folder, device="cpu")
+    assert first.identity.startswith("llama-")
+    assert load_base_model(folder, device="cpu", dtype="bfloat16").identity == first.identity
+    # A second load reads the cached fingerprint, not the weights.
+    monkeypatch.setattr(model_mod, "_safetensors_header", lambda path: (_ for _ in ()).throw(AssertionError("re-hashed")))
+    assert model_mod.checkpoint_fingerprint(folder) is not None
+    monkeypatch.undo()
+    changed = tiny_base_model(seed=0)
+    with torch.no_grad():
+        changed.ffn_linear(0, "down_proj").weight.view(-1)[1::2] *= 1.001
+    assert load_base_model(_save(changed, tmp_path / "b"), device="cpu").identity != first.identity
+
+
+def test_uncached_hub_id_names_the_id_and_local_files_only(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(HyperPragError, match=r"'someone/not-cached-model'.*local_files_only=True") as err:
+        load_base_model("someone/not-cached-model", device="cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_hub_id_loads_from_the_hugging_face_cache(tiny, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    folder = _save(tiny, tmp_path / "plain")
+    commit = "0" * 40
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / commit
+    snapshot.parent.mkdir(parents=True)
+    shutil.copytree(folder, snapshot)
+    (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    base = load_base_model("someone/tiny", device="cpu")
+    assert base.name == "someone/tiny"
+    assert base.identity == load_base_model(folder, device="cpu").identity
+
+
+# ------------------------------------------------------------------------------------- prompts
+
+def test_base_model_without_chat_template_gets_plain_prompts(tiny):
+    from hyper_prag import prompts
+
+    plain = replace(tiny, tokenizer=copy.deepcopy(tiny.tokenizer))
+    plain.tokenizer.chat_template = None
+    assert tiny.has_chat_template and not plain.has_chat_template
+    prompt = prompts.question_prompt(plain, "Who founded Ardent Loom?", passages=["Ardent Loom was founded by Ilse Varn."])
+    assert prompt.startswith("Passage 1: Ardent Loom was founded by Ilse Varn.\n\n")
+    assert prompt.endswith("\nQuestion: Who founded Ardent Loom?\nAnswer:")
+    prefix, target = prompts.training_sequence(plain, "Doc.", "Who?", "Ilse Varn")
+    assert prefix.endswith("Answer:") and target == " Ilse Varn" + plain.tokenizer.eos_token
+    assert prompts.qa_sequence(plain, "Who?", "Ilse Varn")[1] == target
+    assert prompts.qa_sequence(tiny, "Who?", "Ilse Varn")[1] == "Ilse Varn" + tiny.tokenizer.eos_token
+    assert prompts.answer_text(plain, " Ilse Varn\nQuestion: next") == "Ilse Varn"
+    assert plain.chat_prompt("Rewrite this.", system="Be brief.") == "Be brief.\n\nRewrite this.\nAnswer:"
+    assert len(plain.generate([prompt], max_new_tokens=2)) == 1  # asking does not crash
