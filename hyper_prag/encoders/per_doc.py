@@ -183,7 +183,7 @@ class LoraBank(nn.Module):
         self.base, self.spec = base, initial.spec
         self.lr, self.weight_decay = lr, weight_decay
         self.metrics_logger, self.step_offset = metrics_logger, step_offset
-        device, dtype = base.device, next(base.model.parameters()).dtype
+        device, dtype = base.device, torch.float32  # fp32 factors and optimizer state whatever the model's dtype
         self.A = nn.ParameterDict({m: nn.Parameter(a.detach().to(device, dtype).clone()) for m, a in initial.A.items()})
         self.B = nn.ParameterDict({m: nn.Parameter(b.detach().to(device, dtype).clone()) for m, b in initial.B.items()})
         start = initial.detach()
