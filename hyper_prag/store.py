@@ -79,7 +79,6 @@ log = logging.getLogger(__name__)
 StoreDtype = Literal["bfloat16", "float32", "int8"]
 SIDECAR_FORMAT = "hyper-prag-store/1"
 _RESCAN_GRACE_NS = 2_000_000_000  # folder mtimes are coarse (ext4: ~4 ms); re-scan while one is this fresh
-_SPEC_FIELDS = {"rank": int, "alpha": (int, float), "target_modules": list, "layers": list, "base_model": str}
 
 
 def _canonical(obj: Any) -> str:
@@ -143,9 +142,7 @@ def _entry_names(key: str, spec: LoraSpec, int8: bool) -> list[str]:
     return sorted(f"{key}/{part}/{m}" for part in parts for m in spec.target_modules)
 
 
-class _Signature(NamedTuple):
-    """What tells that a file changed: a verified entry is trusted again only while this is unchanged."""
-
+class _Signature(NamedTuple):  # what tells that a file changed: a verified entry is trusted while this holds
     size: int
     mtime_ns: int
     inode: int
@@ -156,7 +153,7 @@ def _signature(path: Path) -> _Signature:
     return _Signature(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-class _Entry(NamedTuple):
+class _Entry(NamedTuple):  # where one key's copy is
     shard: str  # the shard file's stem
     spec: LoraSpec
     meta: dict
@@ -164,9 +161,8 @@ class _Entry(NamedTuple):
 
 
 SidecarState = Literal["ok", "foreign", "malformed", "dangling"]
-_SIDECAR_HINT: dict[str, str] = {
-    "malformed": "Its entries cannot be read; `hyper-prag store verify --repair` removes it and its shard, "
-                 "then `hyper-prag encode` encodes their documents again",
+_SIDECAR_HINT: dict[str, str] = {  # what to do about a sidecar that is not used, by its state
+    "malformed": "`hyper-prag store verify --repair` removes it and its shard; `hyper-prag encode` re-encodes them",
     "foreign": "Left alone; read it with the hyper-prag version that wrote it",
     "dangling": "`hyper-prag store gc` removes it; `hyper-prag encode` encodes its documents again",
 }
@@ -194,13 +190,7 @@ def _read_sidecar(path: Path) -> tuple[SidecarState, dict | str]:
     entries = info.get("entries")
     if not isinstance(entries, dict):
         return "malformed", "no 'entries' object"
-    for key, entry in entries.items():
-        spec = entry.get("spec") if isinstance(entry, dict) else None
-        ok = isinstance(spec, dict) and all(isinstance(spec.get(f), t) for f, t in _SPEC_FIELDS.items())
-        ok = ok and isinstance(entry.get("meta", {}), dict) and isinstance(entry.get("sha256", ""), str)
-        if not ok:
-            return "malformed", f"entry {key[:12]}… has no valid spec/meta/sha256"
-    return "ok", info
+    return "ok", info  # the entries themselves are checked as they are parsed (LoraStore._entries)
 
 
 @contextmanager
@@ -298,6 +288,13 @@ class LoraStore:
             self._specs[spec_id] = LoraSpec.from_json(json.dumps(spec))
         return self._specs[spec_id]
 
+    def _entries(self, name: str, entries: dict) -> dict[str, _Entry] | str:
+        """A sidecar's entries parsed, or why they cannot be (then none is used). A bad meta or sha256 shows on read."""
+        try:
+            return {key: _Entry(name, self._spec(e["spec"]), e.get("meta", {}), e.get("sha256")) for key, e in entries.items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            return f"an entry without a valid spec ({type(err).__name__}: {err})"
+
     def refresh(self, force: bool = False) -> None:
         """Reads sidecars written since the last look (by this or another process).
 
@@ -326,28 +323,26 @@ class LoraStore:
             if name in self._ignored and self._ignored[name][0] == signature:
                 continue  # known unusable, unchanged: warned already
             state, info = _read_sidecar(sidecar)
-            if state == "ok" and not self._shard_path(name).is_file():
-                state, info = "dangling", f"its shard {name}.safetensors is missing"
+            entries = self._entries(name, info["entries"]) if state == "ok" else info
+            if state == "ok" and isinstance(entries, str):
+                state = "malformed"
+            elif state == "ok" and not self._shard_path(name).is_file():
+                state, entries = "dangling", f"its shard {name}.safetensors is missing"
             if state != "ok":
-                self._ignored[name] = (signature, state, str(info))
-                log.warning("store sidecar %s is not used: %s. %s", sidecar, info, _SIDECAR_HINT[state])
+                self._ignored[name] = (signature, state, str(entries))
+                log.warning("store sidecar %s is not used: %s. %s", sidecar, entries, _SIDECAR_HINT[state])
                 continue
             self._ignored.pop(name, None)
-            entries = info.pop("entries")
+            del info["entries"]
             self._shard_info[name] = info
             written = info.get("written_ns", 0)
             for key, entry in entries.items():
                 old = self._index.get(key)
                 if old is not None and self._shard_info[old.shard].get("written_ns", 0) >= written:
                     continue  # keep the copy written last (first listed among equals)
-                self._index[key] = _Entry(name, self._spec(entry["spec"]), entry.get("meta", {}), entry.get("sha256"))
+                self._index[key] = entry
                 self._verified.pop(key, None)
         self._scanned_mtime = mtime
-
-    def ignored_sidecars(self) -> dict[Path, str]:
-        """Returns the sidecars this reader skips (malformed, foreign or without shard) and why."""
-        self.refresh()
-        return {self._sidecar_path(n): f"{state}: {why}" for n, (_, state, why) in self._ignored.items()}
 
     def __contains__(self, key: str) -> bool:
         """Whether a sidecar lists ``key`` (cheap; :meth:`missing` also verifies the entry)."""
@@ -481,8 +476,12 @@ class LoraStore:
         return name
 
     # ------------------------------------------------------------------------------------ reading
+    @staticmethod
+    def _doc_id(entry: _Entry) -> str | None:
+        return entry.meta.get("doc_id") if isinstance(entry.meta, dict) else None
+
     def _describe(self, key: str, entry: _Entry, why: str) -> str:
-        return (f"store entry {key[:12]}… (document {entry.meta.get('doc_id', '?')}) in shard "
+        return (f"store entry {key[:12]}… (document {self._doc_id(entry) or '?'}) in shard "
                 f"{self._shard_path(entry.shard)} is truncated or corrupted ({why})")
 
     def _bad_entry(self, key: str, entry: _Entry, why: str) -> HyperPragError:
@@ -491,7 +490,7 @@ class LoraStore:
             "(keeps the shard's good entries), then re-run `hyper-prag encode`: it encodes only the removed documents."
         )
 
-    def _handle(self, name: str) -> tuple[Any, _Signature, str]:
+    def _handle(self, name: str) -> tuple[Any, _Signature | None, str]:
         """``(safe_open handle, file signature, "")``, or ``(None, None, why the shard cannot be read)``."""
         path = self._shard_path(name)
         try:
@@ -647,18 +646,16 @@ class LoraStore:
             signature = _signature(path)
             whole_ok = sha256_file(path) == info["sha256"]
             self._whole_ok[name] = (signature, whole_ok)
-        except OSError as err:
+        except OSError:  # vanished or unreadable: each entry below says why
             whole_ok = False
-            log.debug("cannot hash %s: %s", path, err)
         if not whole_ok:
             report.issues.append(StoreIssue(str(path), "shard sha256 differs from its sidecar's (changed or truncated)"))
         good: dict[str, dict[str, Tensor]] = {}
-        for key, raw_entry in entries.items():
+        for key, entry in self._entries(name, entries).items():  # parsed before, when the shard was indexed
             report.entries += 1
-            entry = _Entry(name, self._spec(raw_entry["spec"]), raw_entry.get("meta", {}), raw_entry.get("sha256"))
             _, raw, why = self._load_entry(key, entry)
             if raw is None:
-                report.issues.append(StoreIssue(str(path), why, key, entry.meta.get("doc_id")))
+                report.issues.append(StoreIssue(str(path), why, key, self._doc_id(entry)))
             else:
                 good[key] = raw
         legacy = any(e.get("sha256") is None for e in entries.values())
@@ -685,8 +682,9 @@ class LoraStore:
         report.lost.extend(k for k in entries if k not in good and served_here(k))
         self._remove_shard(name, report)
 
-    def verify(self) -> None:
-        """Verifies the whole store (see :meth:`check`), changing nothing.
+    def verify(self) -> StoreReport:
+        """Verifies the whole store (see :meth:`check`), changing nothing; returns the report if all is well.
+
         Raises:
             HyperPragError: listing every damaged shard, entry or sidecar and how to repair.
         """
@@ -694,6 +692,7 @@ class LoraStore:
         if not report.ok:
             raise HyperPragError(f"{report.summary()}\nRepair: `hyper-prag store verify --store {self.root} --repair` "
                                  "(keeps every good entry), then re-run encode: only the removed documents are re-encoded.")
+        return report
 
     def gc(self, min_age_seconds: float = 300.0) -> StoreReport:
         """Repairs (:meth:`check`), then removes temp files and sidecar-less shards of writes that died half-way,
@@ -710,14 +709,12 @@ class LoraStore:
             now = time.time()
             for path in sorted(self.shards.iterdir()):
                 orphan = path.suffix == ".safetensors" and not path.with_suffix(".json").exists()
-                if not (path.name.endswith(".tmp") or orphan):
-                    continue
                 try:
-                    if now - path.stat().st_mtime >= min_age_seconds:
+                    if (path.name.endswith(".tmp") or orphan) and now - path.stat().st_mtime >= min_age_seconds:
                         path.unlink()
                         report.removed.append(str(path))
                 except FileNotFoundError:  # a writer renamed it meanwhile
-                    continue
+                    pass
             for name in sorted(self._shard_info):
                 state, sidecar = _read_sidecar(self._sidecar_path(name))
                 if state == "ok" and all(self._index.get(k) and self._index[k].shard != name for k in sidecar["entries"]):
@@ -793,9 +790,6 @@ def run_store(args: argparse.Namespace) -> StoreReport:
     if args.store_command == "gc":
         report = gc_store(root, min_age_seconds=args.min_age)
     else:
-        report = verify_store(root, repair=args.repair)
-        if not report.ok and not args.repair:
-            raise HyperPragError(f"{report.summary()}\nRepair: `hyper-prag store verify --store {root} --repair`, "
-                                 "then re-run `hyper-prag encode` (only the removed documents are encoded again).")
+        report = verify_store(root, repair=True) if args.repair else _existing(root).verify()
     log.info("%s", report.summary())
     return report
