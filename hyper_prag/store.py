@@ -1,7 +1,7 @@
 """The LoRA store: content-addressed, sharded safetensors, verified on every read, safe for crashes and concurrent writers.
 
 Key: :func:`store_key` = sha256 of (document text, base-model identity, LoRA spec, augmentation
-settings, encoder identity and settings) in canonical JSON (DESIGN.md "Store key"). Re-encoding an
+settings, encoder identity and settings) in canonical JSON. Re-encoding an
 unchanged document is a cache hit; anything that changes the LoRA changes the key. The storage dtype
 is not part of the key: it is a property of the store folder's shards, recorded per shard.
 
