@@ -26,9 +26,7 @@ LoRA loads with ``peft.PeftModel.from_pretrained``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from hyper_prag.errors import HyperPragError
+from hyper_prag.io import atomic_file
 
 FORMAT_VERSION = "hyper-prag-lora/1"
 
@@ -235,15 +234,8 @@ def save_lora(lora: Lora, path: str | Path, dtype: torch.dtype | None = None) ->
         raise HyperPragError("save_lora() takes one LoRA; unbind() a batch and save each.")
     tensors = {f"A.{m}": t for m, t in lora.A.items()} | {f"B.{m}": t for m, t in lora.B.items()}
     tensors = {k: t.detach().to("cpu", dtype=dtype or t.dtype).contiguous() for k, t in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lora-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT_VERSION, "spec": lora.spec.to_json()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -31,10 +31,8 @@ import importlib.util
 import json
 import logging
 import mmap
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,6 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hyper_prag.errors import HyperPragError
+from hyper_prag.io import atomic_dir, atomic_write_json
 from hyper_prag.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -166,16 +165,12 @@ def convert_gguf(out_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
-    try:
+    if out_dir.is_dir() and not (out_dir / "config.json").is_file():
+        shutil.rmtree(out_dir)  # an incomplete folder (not ours: ours appear whole); a finished one is kept
+    with atomic_dir(out_dir, exists="keep") as tmp:  # another process converting at the same time: first wins
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "hyper_prag_source.json").write_text(json.dumps({"gguf": GGUF_FILE, "package": GGUF_PACKAGE}))
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -273,10 +268,7 @@ def checkpoint_fingerprint(folder: str | Path, cache: Path | None = None) -> str
             m.close()
     fingerprint = digest.hexdigest()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".id-", suffix=".tmp", dir=entry.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"fingerprint": fingerprint, "files": stamps}, f)
-        os.replace(tmp, entry)
+        atomic_write_json(entry, {"fingerprint": fingerprint, "files": stamps})
     except OSError as err:  # a read-only cache only costs the next load another hash
         log.warning("could not cache the weights fingerprint of %s (%s)", folder, err)
     return fingerprint
@@ -542,12 +534,8 @@ def load_tokenizer(cache: Path | None = None) -> PreTrainedTokenizerBase:
     if not (folder / "tokenizer_config.json").is_file():
         gguf = _gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=folder.parent))
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(folder, exists="keep") as tmp:  # another process may win the race; theirs is identical
+            tokenizer.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 

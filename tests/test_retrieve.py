@@ -20,6 +20,7 @@ from hyper_prag.retrieve import (
     load_minilm,
     load_retriever,
     run_index,
+    verify_index,
 )
 
 DOCS = (
@@ -118,6 +119,8 @@ def test_save_load_round_trip(kind: str, corpus: Corpus, encoder, tmp_path: Path
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["kind"] == kind and manifest["fingerprint"] == corpus.fingerprint
     assert manifest["num_docs"] == len(DOCS) and manifest["settings"]
+    data_file = "bm25/data.csc.index.npy" if kind == "bm25" else "index.faiss"
+    assert {"doc_ids.json", data_file} <= set(manifest["files"]) and verify_index(path) == []  # checksummed
     # saving again over an existing index replaces it and leaves no temporary folders behind
     built.save(path)
     assert [p.name for p in (tmp_path / "indexes").iterdir()] == ["idx"]

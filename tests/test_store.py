@@ -149,7 +149,7 @@ def test_flipped_bytes_are_found_by_verify(tiny, tmp_path, make_lora):
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF  # inside the tensor data: the file still parses
     shard.write_bytes(bytes(data))
-    with pytest.raises(HyperPragError, match=f"{shard.stem}.*re-run encode"):
+    with pytest.raises(HyperPragError, match=f"(?s){shard.stem}.*--repair.*re-run encode"):
         LoraStore(tmp_path).verify()
 
 
@@ -159,7 +159,7 @@ def test_truncated_or_unparseable_shard_is_found_by_get(tiny, tmp_path, make_lor
     shard = _one_shard(store)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(HyperPragError, match=f"{shard.stem}.*truncated or corrupted.*delete it"):
+    with pytest.raises(HyperPragError, match=f"{shard.stem}.*truncated or corrupted.*store verify .*--repair"):
         LoraStore(tmp_path).get("a")
     with pytest.raises(HyperPragError, match=shard.stem):
         LoraStore(tmp_path).verify()
@@ -186,8 +186,8 @@ def test_half_written_shard_is_ignored_and_collected(tiny, tmp_path, make_lora):
     fresh = LoraStore(tmp_path)
     assert fresh.keys() == ["a"] and fresh.stats()["shards"] == 1
     fresh.verify()
-    assert fresh.gc() == 0  # too young: could be a live writer's
-    assert fresh.gc(min_age_seconds=0) == 3
+    assert fresh.gc().removed == []  # too young: could be a live writer's
+    assert len(fresh.gc(min_age_seconds=0).removed) == 3
     assert sorted(p.suffix for p in shards.iterdir()) == [".json", ".safetensors"]
     assert fresh.get("a") is not None
 
@@ -236,3 +236,61 @@ def test_concurrent_writers_do_not_corrupt(tiny, tmp_path):
                 got = store.get(f"w{w}-{i}-{j}", base_model=tiny.identity)
                 assert torch.equal(got.B["up_proj"], _spawned_lora(tiny.identity, 100 * w + 10 * i + j).B["up_proj"])
     assert torch.equal(store.get("shared-4").A["gate_proj"], _spawned_lora(tiny.identity, 4).A["gate_proj"])
+
+
+def test_sidecar_without_entry_hashes_is_checked_by_shard_hash_and_upgraded_by_repair(tiny, tmp_path, make_lora):
+    from hyper_prag.store import verify_store
+
+    LoraStore(tmp_path).put_many([("a", make_lora(tiny, 0), {}), ("b", make_lora(tiny, 1), {})])
+    sidecar = next((tmp_path / "shards").glob("*.json"))
+    info = json.loads(sidecar.read_text())
+    for entry in info["entries"].values():
+        del entry["sha256"]  # as written before entries carried their own hash
+    sidecar.write_text(json.dumps(info))
+    assert LoraStore(tmp_path).get("a") is not None and LoraStore(tmp_path).missing(["a", "b"]) == []
+    report = verify_store(tmp_path)
+    assert report.ok and report.legacy == [str(sidecar)]
+    assert verify_store(tmp_path, repair=True).removed == []
+    assert all(e["sha256"] for e in json.loads(sidecar.read_text())["entries"].values())
+    assert verify_store(tmp_path).legacy == []
+    shard = _one_shard(LoraStore(tmp_path))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    sidecar.write_text(json.dumps(info))  # the old sidecar again, over a damaged shard: the shard hash refuses it
+    with pytest.raises(HyperPragError, match="shard sha256 mismatch"):
+        LoraStore(tmp_path).get("a")
+
+
+def test_rewritten_entry_supersedes_the_damaged_copy_and_gc_removes_it(tiny, tmp_path, make_lora):
+    store = LoraStore(tmp_path)
+    store.put("a", make_lora(tiny, 0), {"doc_id": "d"})
+    old = _one_shard(store)
+    old.write_bytes(old.read_bytes()[:-1])
+    assert store.put_many([("a", make_lora(tiny, 0), {"doc_id": "d"})]) == ["a"]
+    report = LoraStore(tmp_path).gc(min_age_seconds=0)
+    assert sorted(report.removed) == sorted([str(old), str(old.with_suffix(".json"))])
+    assert report.lost == [] and report.rewritten == []  # the damaged copy was not the one served
+    assert LoraStore(tmp_path).keys() == ["a"] and LoraStore(tmp_path).check().ok
+
+
+def test_store_cli_verify_repair_and_gc(tiny, tmp_path, make_lora):
+    import argparse
+
+    from hyper_prag.store import add_store_arguments, run_store
+
+    parser = argparse.ArgumentParser()
+    add_store_arguments(parser)
+    root = str(tmp_path / "store")
+    LoraStore(root).put_many([("a", make_lora(tiny, 0), {"doc_id": "doc-a"}), ("b", make_lora(tiny, 1), {})])
+    assert run_store(parser.parse_args(["verify", "--store", root])).ok
+    shard = _one_shard(LoraStore(root))
+    shard.write_bytes(shard.read_bytes()[:-4])
+    with pytest.raises(HyperPragError, match="(?s)document doc-a.*--repair"):
+        run_store(parser.parse_args(["verify", "--store", root]))
+    repaired = run_store(parser.parse_args(["verify", "--store", root, "--repair"]))
+    assert sorted(repaired.lost) == ["a", "b"]  # a truncated shard cannot be opened: both are re-encoded
+    assert run_store(parser.parse_args(["gc", "--store", root, "--min-age", "0"])).ok
+    assert LoraStore(root).missing(["a", "b"]) == ["a", "b"]
+    with pytest.raises(HyperPragError, match="no LoRA store"):
+        run_store(parser.parse_args(["verify", "--store", str(tmp_path / "nowhere")]))
