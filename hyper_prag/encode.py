@@ -35,9 +35,9 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import torch
 from tqdm.auto import tqdm
 
 from hyper_prag.encoders import Encoder
@@ -62,8 +62,8 @@ __all__ = ["Encoder", "EncodeReport", "encode_corpus", "launch"]
 class EncodeReport:
     """What one :func:`encode_corpus` run did."""
 
-    encoded: int  # documents trained/generated in this run (by all ranks)
-    skipped: int  # documents already in the store (cache hits)
+    encoded: int  # documents trained/generated and stored by this run (by all ranks)
+    skipped: int  # documents this run did not store: cache hits, duplicates, or stored by another writer meanwhile
     seconds: float  # wall time of encoding (augmentation + encoder + store writes; ranks run side by side)
     seconds_per_doc: float  # seconds / encoded (0 if none)
     bytes_per_doc: float  # bytes the store grew per encoded document (0 if none)
@@ -129,7 +129,7 @@ def encode_corpus(
     start = time.perf_counter()
     bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"encode ({encoder.name})", unit="doc",
                disable=not progress or not mine or rank != 0)
-    done = 0
+    done = written = 0
     for c in mine:
         chunk = chunks[c]
         chunk_start = time.perf_counter()
@@ -142,8 +142,9 @@ def encode_corpus(
             augmented = [_plain(d) for d in docs]
         loras = encoder.encode(augmented)
         seconds = (time.perf_counter() - chunk_start) / len(chunk)
-        store.put_many([(k, lora, {"doc_id": d.id, "encoder": encoder.name, "seconds": seconds})
-                        for (k, d), lora in zip(chunk, loras)])
+        # put_many skips (and does not return) keys another writer stored meanwhile: count only our own.
+        written += len(store.put_many([(k, lora, {"doc_id": d.id, "encoder": encoder.name, "seconds": seconds})
+                                       for (k, d), lora in zip(chunk, loras)]))
         done += len(chunk)
         bar.update(len(chunk))
         if on_chunk is not None:
@@ -152,9 +153,13 @@ def encode_corpus(
     if fabric is not None:
         fabric.barrier()  # every rank stored its chunks: the store now holds the whole run
         store.refresh(force=True)
+        written = int(fabric.all_reduce(torch.tensor(written), reduce_op="sum").item())
     seconds = time.perf_counter() - start
     grown = store.stats()["bytes"] - bytes_before
-    encoded = len(todo)
+    encoded = written
+    skipped = len(documents) - encoded  # cached before the run, duplicates, or stored by another writer meanwhile
+    if encoded < len(todo):
+        log.info("encode: %d documents were stored by another writer meanwhile and kept", len(todo) - encoded)
     return EncodeReport(encoded=encoded, skipped=skipped, seconds=seconds,
                         seconds_per_doc=seconds / encoded if encoded else 0.0,
                         bytes_per_doc=grown / encoded if encoded else 0.0, store=str(getattr(store, "root", "")))

@@ -124,3 +124,25 @@ def test_encode_runs_the_tiny_config_and_the_cli_maps_onto_it(tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # argparse's one-line usage error, before anything runs
         main(["encode", "--config", "configs/encode/tiny.yaml", "--limit", "-1"])
     assert exit_info.value.code == 2
+
+
+def test_two_concurrent_encoders_report_truthfully(tiny, corpus, tmp_path):
+    import threading
+
+    store_a = store_module.LoraStore(tmp_path / "store", dtype="float32")
+    store_b = store_module.LoraStore(tmp_path / "store", dtype="float32")  # another process's view of one folder
+    reports = {}
+    barrier = threading.Barrier(2)
+
+    def encode(name, store):
+        barrier.wait()  # both look at the store before either writes: both find every document missing
+        reports[name] = run(tiny, corpus, store)
+
+    threads = [threading.Thread(target=encode, args=(n, s)) for n, s in (("a", store_a), ("b", store_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reports["a"].encoded + reports["b"].encoded == len(TEXTS)  # each LoRA stored (and reported) once
+    assert reports["a"].skipped + reports["b"].skipped == len(TEXTS)
+    assert len(store_module.LoraStore(tmp_path / "store")) == len(TEXTS)
