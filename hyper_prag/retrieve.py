@@ -32,7 +32,6 @@ The default location is ``cache_dir("indexes") / f"{corpus.name}-{kind}-{fingerp
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
 import json
@@ -47,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 import numpy as np
 from tqdm.auto import tqdm
 
-from hyper_prag.corpus import Corpus, Document, load_corpus
+from hyper_prag.corpus import Corpus, Document
 from hyper_prag.errors import HyperPragError
 from hyper_prag.io import atomic_dir, sha256_file
 from hyper_prag.paths import cache_dir
@@ -363,19 +362,22 @@ def _offline() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def load_minilm(device: str = "cpu") -> SentenceTransformer:
+def load_minilm(device: str = "cpu", dtype: str | None = None) -> SentenceTransformer:
     """Loads all-MiniLM-L6-v2 from the installed package, offline.
 
     Args:
         device: torch device, e.g. "cpu" or "cuda".
+        dtype: weight dtype (``None`` / ``"auto"``: float32), e.g. ``"bfloat16"`` on a GPU.
     Returns:
         The sentence encoder (384-dimensional embeddings, inputs truncated to 256 word pieces).
     """
+    import torch
     from sentence_transformers import SentenceTransformer
 
     path = minilm_path()
     with _offline():
-        return SentenceTransformer(str(path), device=device, local_files_only=True)
+        kwargs = {"model_kwargs": {"torch_dtype": getattr(torch, dtype)}} if dtype not in (None, "auto") else {}
+        return SentenceTransformer(str(path), device=device, local_files_only=True, **kwargs)
 
 
 def _embedding_dim(encoder: SentenceTransformer) -> int:
@@ -567,7 +569,7 @@ def _manifest_format(path: Path) -> Any:
 
 
 def build_or_load(kind: RetrieverKind, corpus: Corpus, path: str | Path | None = None, device: str = "cpu",
-                  rebuild: bool = False) -> BM25Retriever | DenseRetriever:
+                  rebuild: bool = False, dtype: str | None = None) -> BM25Retriever | DenseRetriever:
     """Loads the index of ``corpus`` at ``path`` if there is one, else builds and saves it.
 
     An existing index of another corpus at an explicit ``path`` raises HyperPragError (the default
@@ -582,10 +584,12 @@ def build_or_load(kind: RetrieverKind, corpus: Corpus, path: str | Path | None =
         path: the index folder (default: :func:`default_index_path`).
         device: torch device of the dense encoder.
         rebuild: build and overwrite even if an index exists.
+        dtype: weight dtype of the dense encoder (``None``: float32).
     Returns:
         The retriever.
     """
     cls = _retriever_class(kind)
+    encoder = load_minilm(device, dtype) if cls is DenseRetriever and dtype not in (None, "auto") else None
     explicit = path is not None
     path = Path(path) if explicit else default_index_path(kind, corpus)
     if not rebuild and (path / "manifest.json").is_file():
@@ -595,54 +599,40 @@ def build_or_load(kind: RetrieverKind, corpus: Corpus, path: str | Path | None =
             manifest = _check_manifest(path, kind, corpus)
             if cls is BM25Retriever:
                 return cls._read(path, corpus, manifest)
-            return cls._read(path, corpus, manifest, device=device)
+            return cls._read(path, corpus, manifest, encoder=encoder, device=device)
         found = _manifest_format(path)
         old_format = isinstance(found, int) and found < INDEX_FORMAT
         if explicit and not old_format:
             raise _damaged(path, kind, problems)
         log.warning("%s: %s index %s (%s); rebuilding it", path, kind,
                     "has an older format" if old_format else "is damaged", "; ".join(problems))
-    retriever = cls.build(corpus) if cls is BM25Retriever else cls.build(corpus, device=device)
+    retriever = cls.build(corpus) if cls is BM25Retriever else cls.build(corpus, encoder=encoder, device=device)
     retriever.save(path)
     log.info("saved %s index to %s", kind, path)
     return retriever
 
 
-# ------------------------------------------------------------------------------------------------- CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hyper-prag index``."""
-    parser.add_argument("--corpus", required=True, help="corpus folder (documents.jsonl|parquet, ...)")
-    parser.add_argument("--kind", choices=[*KINDS, "both"], default="both", help="which index to build")
-    parser.add_argument("--split", default=None, help="index only the documents of this split (default: all)")
-    parser.add_argument("--out", default=None,
-                        help="index folder (only with one --kind; default: cache_dir('indexes')/NAME-KIND-FINGERPRINT)")
-    parser.add_argument("--device", default="cpu", help="torch device of the dense encoder")
-    parser.add_argument("--rebuild", action="store_true",
-                        help="rebuild even if the index exists (e.g. after a damaged index was reported)")
-
-
-def run_index(args: argparse.Namespace) -> list[Path]:
-    """Builds (or finds up to date) the requested indexes of a corpus folder.
+def build_indexes(corpus: Corpus, kinds: Sequence[str] = KINDS, out: str | Path | None = None,
+                  device: str = "cpu", rebuild: bool = False, dtype: str | None = None) -> list[Path]:
+    """Builds (or finds up to date) the indexes of a corpus (``hyper-prag index``).
 
     Args:
-        args: parsed ``hyper-prag index`` arguments.
+        corpus: the documents to index.
+        kinds: ``bm25`` and/or ``dense``.
+        out: index folder (only with one kind); ``None``: the index cache, where a damaged index is rebuilt.
+        device: torch device of the dense encoder.
+        rebuild: rebuild even if the index exists (e.g. after a damaged index was reported).
+        dtype: weight dtype of the dense encoder (``None``: float32).
+
     Returns:
         The index folders.
     """
-    corpus = load_corpus(args.corpus)
-    if args.split is not None:
-        corpus = corpus.split(args.split)
-        if not corpus.documents:
-            raise HyperPragError(f"{args.corpus}: no documents in split {args.split!r}")
-    kinds = list(KINDS) if args.kind == "both" else [args.kind]
-    if args.out is not None and len(kinds) > 1:
+    if out is not None and len(kinds) > 1:
         raise HyperPragError("--out names one index folder; give --kind bm25 or --kind dense with it")
     paths = []
     for kind in kinds:
-        path = Path(args.out) if args.out is not None else default_index_path(kind, corpus)
-        # no explicit path for the default location: a damaged cached index is rebuilt there
-        build_or_load(kind, corpus, args.out, device=args.device, rebuild=args.rebuild)
+        path = Path(out) if out is not None else default_index_path(kind, corpus)  # type: ignore[arg-type]
+        build_or_load(kind, corpus, out, device=device, rebuild=rebuild, dtype=dtype)  # type: ignore[arg-type]
         log.info("%s index of %r (%d documents): %s", kind, corpus.name, len(corpus.documents), path)
         paths.append(path)
     return paths

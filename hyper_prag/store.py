@@ -48,7 +48,6 @@ and rounded, with the fp32 scales stored beside it and applied on read (error â‰
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import hashlib
@@ -760,36 +759,3 @@ def default_store(model: str) -> Path:
     from hyper_prag.paths import cache_dir
 
     return cache_dir("lora_store") / Path(model).name
-
-
-def add_store_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hyper-prag store verify|gc``."""
-    sub = parser.add_subparsers(dest="store_command", metavar="ACTION", required=True)
-    verify = sub.add_parser("verify", help="check every shard and entry of a LoRA store (hashes, finite weights)")
-    gc = sub.add_parser("gc", help="repair, then remove temp files, half-written and superseded shards")
-    for action in (verify, gc):
-        action.add_argument("--store", default=None, help="store folder (default: cache_dir('lora_store')/MODEL)")
-        action.add_argument("--model", default="smollm2-135m-instruct", help="base model whose default store is meant")
-    verify.add_argument("--repair", action="store_true",
-                        help="keep the good entries of damaged shards, drop the bad ones (then re-run encode)")
-    gc.add_argument("--min-age", type=float, default=300.0,
-                    help="seconds; younger leftovers may be a live writer's and are kept")
-
-
-def run_store(args: argparse.Namespace) -> StoreReport:
-    """Runs ``hyper-prag store verify|gc``.
-
-    Args:
-        args: parsed :func:`add_store_arguments` arguments.
-    Returns:
-        The report (also logged).
-    Raises:
-        HyperPragError: ``verify`` without ``--repair`` found issues (the message lists them).
-    """
-    root = Path(args.store) if args.store else default_store(args.model)
-    if args.store_command == "gc":
-        report = gc_store(root, min_age_seconds=args.min_age)
-    else:
-        report = verify_store(root, repair=True) if args.repair else _existing(root).verify()
-    log.info("%s", report.summary())
-    return report

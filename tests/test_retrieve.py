@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -14,12 +13,10 @@ from hyper_prag.retrieve import (
     BM25Retriever,
     DenseRetriever,
     Hit,
-    add_arguments,
     build_or_load,
     default_index_path,
     load_minilm,
     load_retriever,
-    run_index,
     verify_index,
 )
 
@@ -155,10 +152,9 @@ def test_build_or_load_default_path_and_missing_index(corpus: Corpus) -> None:
 
 def test_run_index_cli(corpus: Corpus, tmp_path: Path) -> None:
     folder = save_corpus(corpus, tmp_path / "corpus")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    paths = run_index(parser.parse_args(["--corpus", str(folder), "--kind", "bm25"]))
-    assert paths == [default_index_path("bm25", corpus)]
+    from hyper_prag.cli import main
+
+    assert main(["index", "--corpus", str(folder), "--kind", "bm25"]) == 0
+    assert (default_index_path("bm25", corpus) / "manifest.json").is_file()
     assert load_retriever("bm25", corpus).search(["Mount Ferrick telescope"], k=1)[0][0].doc_id == "bram"
-    with pytest.raises(HyperPragError, match="--out"):
-        run_index(parser.parse_args(["--corpus", str(folder), "--kind", "both", "--out", str(tmp_path / "x")]))
+    assert main(["index", "--corpus", str(folder), "--kind", "both", "--out", str(tmp_path / "x")]) == 2  # --out: one kind

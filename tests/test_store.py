@@ -12,7 +12,7 @@ import torch
 
 from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import Lora, LoraSpec, init_lora
-from hyper_prag.store import LoraStore, quantize_int8, store_key
+from hyper_prag.store import LoraStore, quantize_int8, store_key, verify_store
 
 
 def assert_close(back: Lora, lora: Lora, atol: float, rtol: float) -> None:
@@ -274,23 +274,19 @@ def test_rewritten_entry_supersedes_the_damaged_copy_and_gc_removes_it(tiny, tmp
     assert LoraStore(tmp_path).keys() == ["a"] and LoraStore(tmp_path).check().ok
 
 
-def test_store_cli_verify_repair_and_gc(tiny, tmp_path, make_lora):
-    import argparse
+def test_store_cli_verify_repair_and_gc(tiny, tmp_path, make_lora, capsys):
+    from hyper_prag.cli import main
 
-    from hyper_prag.store import add_store_arguments, run_store
-
-    parser = argparse.ArgumentParser()
-    add_store_arguments(parser)
     root = str(tmp_path / "store")
     LoraStore(root).put_many([("a", make_lora(tiny, 0), {"doc_id": "doc-a"}), ("b", make_lora(tiny, 1), {})])
-    assert run_store(parser.parse_args(["verify", "--store", root])).ok
+    assert main(["store", "verify", "--store", root]) == 0
     shard = _one_shard(LoraStore(root))
     shard.write_bytes(shard.read_bytes()[:-4])
-    with pytest.raises(HyperPragError, match="(?s)document doc-a.*--repair"):
-        run_store(parser.parse_args(["verify", "--store", root]))
-    repaired = run_store(parser.parse_args(["verify", "--store", root, "--repair"]))
-    assert sorted(repaired.lost) == ["a", "b"]  # a truncated shard cannot be opened: both are re-encoded
-    assert run_store(parser.parse_args(["gc", "--store", root, "--min-age", "0"])).ok
+    capsys.readouterr()
+    assert main(["store", "verify", "--store", root]) == 2  # one line on stderr, naming the repair
+    out = capsys.readouterr()
+    assert "doc-a" in out.out and "--repair" in out.err
+    assert sorted(verify_store(root, repair=True).lost) == ["a", "b"]  # a truncated shard cannot be opened
+    assert main(["store", "gc", "--store", root, "--min-age", "0"]) == 0
     assert LoraStore(root).missing(["a", "b"]) == ["a", "b"]
-    with pytest.raises(HyperPragError, match="no LoRA store"):
-        run_store(parser.parse_args(["verify", "--store", str(tmp_path / "nowhere")]))
+    assert main(["store", "verify", "--store", str(tmp_path / "nowhere")]) == 2
