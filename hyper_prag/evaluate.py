@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from hyper_prag.errors import HyperPragError
 from hyper_prag.methods import STAGES, Answer, Method
-from hyper_prag.scoring import METRICS, TOTAL, score, summarize
+from hyper_prag.scoring import TOTAL, score, summarize
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Results:
                     f"{m.memory.get('max_rss_mib', math.nan):.0f}"]
             lines.append(f"| {m.name} | " + " | ".join(row) + " |")
         n = self.config.get("questions", "?")
-        notes = [f"", f"F1/EM/Acc in %, mean ± half-width of the 95% bootstrap CI over {n} questions "
+        notes = ["", f"F1/EM/Acc in %, mean ± half-width of the 95% bootstrap CI over {n} questions "
                       f"({self.config.get('n_resamples', 1000)} resamples, seed {self.config.get('seed', 0)}); "
                       "times are medians per question (batch stages divided evenly over the batch); "
                       "peak RSS is the process maximum so far (monotone over methods)."]

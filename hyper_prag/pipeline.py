@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from hyper_prag.combine import CombineMode, combine, pad_rank
 from hyper_prag.corpus import Corpus, Document
 from hyper_prag.errors import HyperPragError
-from hyper_prag.inject import injected
+from hyper_prag.inject import exclusive, injected
 from hyper_prag.lora import Lora, stack
-from hyper_prag.methods import STAGES, Answer, Augmented, Context, LoraSource, MethodSpec
+from hyper_prag.methods import Answer, Augmented, Context, LoraSource, MethodSpec
 from hyper_prag.model import BaseModel
-from hyper_prag.prompts import question_prompt
+from hyper_prag.prompts import answer_text, question_prompt
 
 if TYPE_CHECKING:
     from hyper_prag.retrieve import Hit, Retriever
@@ -229,6 +229,8 @@ class Pipeline:
             if loras is not None:
                 lora = stack(loras) if mode == "batched" else loras[0]  # batched: A (N, L, Σr, d_in)
                 applied.enter_context(injected(self.base, lora, mode=mode))  # type: ignore[arg-type]
+            else:  # no LoRA, but another thread's LoRA must not be in the weights while we generate
+                applied.enter_context(exclusive(self.base))
             t1 = time.perf_counter()
             outputs = self.base.generate([prompts[i] for i in rows], max_new_tokens=self.max_new_tokens,
                                          **self.generation_kwargs)
@@ -236,7 +238,7 @@ class Pipeline:
             applied.close()
             t3 = time.perf_counter()
         for i, out in zip(rows, outputs):
-            predictions[i] = out
+            predictions[i] = answer_text(self.base, out)  # a plain (no chat template) prompt's answer: its first line
             apply_s[i] = ((t1 - t0) + (t3 - t2)) / len(rows)
             generate_s[i] = (t2 - t1) / len(rows)
 
