@@ -3,6 +3,7 @@
     python benchmarks/perdoc_recipe.py --docs 24 --factors lr,epochs,n_qa,loss_on --interference
     python benchmarks/perdoc_recipe.py                                  # every factor, 100 documents (hours on 2 cores)
     python benchmarks/perdoc_recipe.py --base lr=3e-3 --factors rank,modules --docs 48
+    python benchmarks/perdoc_recipe.py --base lr=3e-3 --factors epochs=1 --extra epochs=1,n_qa=10   # a combined candidate
     python benchmarks/perdoc_recipe.py --plan                           # the recipes and their steps, nothing run
 
 Every single-fact (``lookup``) question of the fictional benchmark's test split names one document.
@@ -106,7 +107,7 @@ BASE = EncodeRecipe()
 # One factor at a time: factor -> its levels, each a set of overrides of the base recipe.
 FACTORS: dict[str, list[dict[str, Any]]] = {
     "epochs": [{"epochs": 1}, {"epochs": 4}],
-    "lr": [{"lr": 3e-4}, {"lr": 3e-3}],
+    "lr": [{"lr": 3e-4}, {"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}],
     "n_qa": [{"n_qa": 10}, {"n_qa": 20}],
     "source": [{"source": "llm"}, {"source": "both"}],
     "rewrites": [{"n_rewrites": 1}],
@@ -166,12 +167,15 @@ def label_of(overrides: Mapping[str, Any]) -> str:
     return ",".join(parts)
 
 
-def plan(base_recipe: EncodeRecipe, factors: Sequence[str]) -> dict[str, tuple[str, EncodeRecipe]]:
+def plan(base_recipe: EncodeRecipe, factors: Sequence[str],
+         extra: Sequence[Mapping[str, Any]] = ()) -> dict[str, tuple[str, EncodeRecipe]]:
     """The recipes of a study: ``label -> (factor, recipe)``, the base first, then each factor's levels.
 
     Args:
         base_recipe: the base of the sweep.
         factors: names of :data:`FACTORS` (all their levels) or single level labels such as ``lr=0.003``.
+        extra: further recipes, each a set of overrides of the base changing several fields at once
+            (factor ``combined``), e.g. a candidate default assembled from the best level of each factor.
 
     A level that equals the base recipe (e.g. ``--base lr=3e-3`` and the lr level 3e-3) is left out.
     """
@@ -187,6 +191,10 @@ def plan(base_recipe: EncodeRecipe, factors: Sequence[str]) -> dict[str, tuple[s
             recipe = with_overrides(base_recipe, level)
             if recipe != base_recipe:
                 recipes[label_of(level)] = (factor, recipe)
+    for overrides in extra:
+        recipe = with_overrides(base_recipe, overrides)
+        if recipe != base_recipe:
+            recipes[label_of(overrides)] = ("combined", recipe)
     return recipes
 
 
@@ -719,6 +727,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help=f"comma-separated factors ({','.join(FACTORS)}) or single levels (e.g. lr=0.003), or 'all'")
     parser.add_argument("--base", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a field of the base recipe (repeatable, or comma-separated), e.g. lr=3e-3")
+    parser.add_argument("--extra", action="append", default=[], metavar="FIELD=VALUE,...",
+                        help="a further recipe changing several fields of the base at once (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("results/perdoc_recipe"), help="folder for JSON, MD and PNG")
     parser.add_argument("--cache", type=Path, default=Path("runs/perdoc_recipe"), help="LoRA stores and answer cache")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (name or folder)")
@@ -741,7 +751,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     overrides = dict(parse_override(part) for text in args.base for part in text.split(",") if part.strip())
     base_recipe = with_overrides(BASE, overrides)
     factors = list(FACTORS) if args.factors == "all" else [f.strip() for f in args.factors.split(",") if f.strip()]
-    recipes = plan(base_recipe, factors)
+    extra = [dict(parse_override(part) for part in text.split(",") if part.strip()) for text in args.extra]
+    recipes = plan(base_recipe, factors, extra)
     if args.plan:
         for label, (factor, recipe) in recipes.items():
             print(f"{label:32s} {factor:9s} {json.dumps(recipe.settings(), default=str)}")

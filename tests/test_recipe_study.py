@@ -153,10 +153,12 @@ def _recipes():
 
 def test_plan_and_overrides():
     recipes = study.plan(study.BASE, ["lr", "modules"])
-    assert list(recipes) == ["base", "lr=0.0003", "lr=0.003", "target_modules=down_proj",
-                             "target_modules=gate_proj+up_proj"]
+    assert list(recipes) == ["base", "lr=0.0003", "lr=0.003", "lr=0.01", "target_modules=down_proj",
+                             "target_modules=gate_proj+up_proj"]  # lr=0.001 is the base itself
     assert recipes["lr=0.003"][1].trainer.lr == 3e-3 and recipes["lr=0.003"][1].rank == study.BASE.rank
     assert list(study.plan(study.BASE, ["lr=0.003", "loss_on"])) == ["base", "lr=0.003", "loss_on=answer"]
+    combined = study.plan(study.BASE, [], [{"lr": 3e-3, "n_qa": 10}])
+    assert combined["lr=0.003,n_qa=10"] == ("combined", study.with_overrides(study.BASE, {"lr": 3e-3, "n_qa": 10}))
     assert study.parse_override("target_modules=down_proj") == ("target_modules", ("down_proj",))
     assert study.parse_override("epochs=4") == ("epochs", 4) and study.parse_override("lr=3e-3") == ("lr", 3e-3)
     with pytest.raises(HyperPragError):
@@ -235,3 +237,20 @@ def test_answer_only_loss_masks_the_prompt(tiny):
     assert all(label == IGNORE for label in answer_only.labels[:-n])  # document, chat template and question
     assert list(answer_only.labels[-n:]) == target == list(answer_only.input_ids[-n:])
     assert IGNORE not in whole.labels  # the paper's loss: every position
+
+
+def test_both_sources_merge_template_and_llm_pairs(tiny, corpus, monkeypatch):
+    made = {"template": (("What was Mara Olen's job?", "painter"),), "llm": (("Who is Mara Olen?", "a painter"),
+                                                                             ("What was Mara Olen's job?", "painter"))}
+
+    def fake(docs, config, base=None, corpus=None, cache=None):
+        rewrites = ("llm rewrite",) if config.source == "llm" else ("template rewrite",)
+        return [AugmentedDocument(d.id, d.text, rewrites[: config.n_rewrites], made[config.source]) for d in docs]
+
+    monkeypatch.setattr(study, "augment_documents", fake)
+    recipe = study.with_overrides(study.BASE, {"source": "both", "n_rewrites": 1})
+    (aug,) = study.augment_for(recipe, DOCS[:1], tiny, corpus, Path("unused"))
+    assert aug.qa == (("What was Mara Olen's job?", "painter"), ("Who is Mara Olen?", "a painter"))  # no duplicate
+    assert aug.rewrites == ("llm rewrite", "template rewrite")
+    settings = study.augmentation_settings(recipe, tiny)
+    assert settings["source"] == "both" and settings["llm"]["augmenter"] == tiny.identity
