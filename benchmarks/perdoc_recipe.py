@@ -644,9 +644,15 @@ def markdown(result: Mapping[str, Any]) -> str:
              "F1 / EM / contained: % with 95% bootstrap CIs; ΔF1: paired difference to `base` on the same questions; "
              "wrong-doc: each question under another document's LoRA of the same recipe; CPU s/doc: encoding "
              f"(augmentation + training) CPU seconds per document, torch threads = {result['torch_threads']}; "
-             "★: on the Pareto front of F1 vs CPU s/doc.", "",
-             "| row | factor | F1 | EM | contained | ΔF1 vs base | wrong-doc F1 | med. tokens | steps/doc | CPU s/doc | wall s/doc |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "★: on the Pareto front of F1 vs CPU s/doc.", ""]
+    if "base" in rows:
+        recipe = rows["base"]["recipe"]
+        trainer = ", ".join(f"{k} {v}" for k, v in recipe["trainer"].items() if k in ("lr", "epochs", "loss_on", "init"))
+        lines += [f"Base recipe: {recipe['source']} augmentation, n_qa {recipe['n_qa']}, {recipe['n_rewrites']} rewrite(s), "
+                  f"{trainer}, rank {recipe['rank']}, alpha {recipe['alpha']:g}, {'+'.join(recipe['target_modules'])}; "
+                  "every other row changes the fields its name gives.", ""]
+    lines += ["| row | factor | F1 | EM | contained | ΔF1 vs base | wrong-doc F1 | med. tokens | steps/doc | CPU s/doc | wall s/doc |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         if r.get("kind") != "recipe":
             lines.append(f"| {label} | control | {_pct(r, 'f1')} | {_pct(r, 'em')} | {_pct(r, 'accuracy')} | | | "
@@ -744,6 +750,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--k", type=int, default=3, help="documents combined per question (interference)")
     parser.add_argument("--others", choices=("bm25", "random"), default="bm25", help="how the other k-1 are chosen")
     parser.add_argument("--plan", action="store_true", help="print the recipes and exit")
+    parser.add_argument("--note", action="append", default=[], help="a line added to the notes of the outputs")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -776,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        seed=args.seed, interference_recipe=args.interference_recipe if args.interference else None,
                        k=args.k, others=args.others)
     result["command"] = "python benchmarks/perdoc_recipe.py " + " ".join(argv)
-    result["notes"] = notes
+    result["notes"] = notes + list(args.note)
     paths = write_outputs(result, args.out)
     print(markdown(result))
     print("wrote", *map(str, paths))
