@@ -98,3 +98,101 @@ def pad_rank(lora: Lora, rank: int, scaling: float | None = None) -> Lora:
     B = {m: torch.cat([b if factor == 1.0 else b * factor, b.new_zeros(*b.shape[:-1], extra)], dim=-1)
          for m, b in lora.B.items()}  # (…, d_out, r')
     return Lora(replace(lora.spec, rank=rank, alpha=scaling * rank), A, B)
+
+
+# ------------------------------------------------------------------------ interference fixes for summed LoRAs
+#
+# Summing k documents' LoRAs (the paper's merge) adds k − 1 foreign updates to the one that holds the
+# answer. The functions below are the remedies the per-document recipe study compares; each is a pure
+# function of the LoRAs (and, for the weights, of the retrieval scores) and says what ΔW it returns.
+
+
+def scale(lora: Lora, factor: float) -> Lora:
+    """The LoRA whose update is ``factor · ΔW``: B is multiplied by ``factor``; A and the spec are unchanged.
+
+    ``scale(combine(loras, "sum"), 1 / k)`` is the mean (1/k) Σ ΔW_i, exactly ``combine(loras, "mean")``;
+    ``factor = 1 / √k`` keeps the Frobenius norm of a sum of k mutually orthogonal updates of equal norm
+    equal to one of them.
+
+    Args:
+        lora: a single or batched LoRA.
+        factor: the multiplier of ΔW.
+
+    Returns:
+        A new :class:`Lora` (the input is not modified).
+    """
+    return Lora(lora.spec, dict(lora.A), {m: b * float(factor) for m, b in lora.B.items()})
+
+
+def softmax_weights(scores: Sequence[float], temperature: float = 1.0) -> list[float]:
+    """Combination weights from retrieval scores: w_i = exp(s_i / τ) / Σ_j exp(s_j / τ) (they sum to 1).
+
+    With ``combine(loras, "sum", softmax_weights(bm25_scores))`` the update is Σ w_i ΔW_i, a weighted mean
+    that leans on the document the retriever ranks highest.
+
+    Args:
+        scores: one retrieval score per LoRA (e.g. BM25).
+        temperature: τ > 0; large τ tends to the plain mean, small τ to the top document alone.
+
+    Returns:
+        The weights, in the order of ``scores``.
+    """
+    if not scores:
+        raise HyperPragError("softmax_weights() needs at least one score.")
+    if temperature <= 0:
+        raise HyperPragError(f"softmax temperature must be positive, got {temperature}.")
+    return torch.softmax(torch.tensor([float(s) for s in scores], dtype=torch.float64) / temperature, dim=0).tolist()
+
+
+def delta_norms(lora: Lora) -> dict[str, torch.Tensor]:
+    """The Frobenius norm ‖ΔW‖_F of every module and layer, computed without forming ΔW.
+
+    ‖s · B A‖_F² = s² · tr(Aᵀ Bᵀ B A) = s² · Σ_ij (BᵀB)_ij (A Aᵀ)_ij, an r × r computation per layer.
+
+    Args:
+        lora: a single LoRA (A: (L, r, d_in), B: (L, d_out, r)) or a batch (N, L, …).
+
+    Returns:
+        ``module -> (L,)`` (or ``(N, L)``) norms, float32.
+    """
+    out = {}
+    for m in lora.spec.target_modules:
+        a, b = lora.A[m].float(), lora.B[m].float()
+        gram_b = b.transpose(-1, -2) @ b  # (…, L, r, r)
+        gram_a = a @ a.transpose(-1, -2)  # (…, L, r, r)
+        squared = (gram_b * gram_a).sum(dim=(-1, -2)).clamp(min=0)  # (…, L)
+        out[m] = abs(lora.spec.scaling) * squared.sqrt()
+    return out
+
+
+def combine_renormalized(loras: Sequence[Lora], weights: Sequence[float] | None = None,
+                         target: Literal["max", "mean"] = "max") -> Lora:
+    """Rank concatenation (Σ w_i ΔW_i) rescaled, per module and layer, to the norm of a single LoRA.
+
+    For every module m and layer l the combined update is c_{m,l} · Σ_i w_i ΔW_i with
+    c_{m,l} = t_{m,l} / ‖Σ_i w_i ΔW_i‖_F, where t_{m,l} is the largest (``target="max"``) or the mean
+    (``"mean"``) of the single ‖ΔW_i‖_F. The direction of the sum is kept; its size is that of one
+    document's update, so k documents no longer push the layer k times as far. A layer whose sum is zero
+    stays zero.
+
+    Args:
+        loras: single LoRAs for the same base model, modules and layers (ranks may differ).
+        weights: optional w_i (default all 1).
+        target: which single-LoRA norm the combination takes.
+
+    Returns:
+        One LoRA of rank Σ r_i.
+    """
+    if target not in ("max", "mean"):
+        raise HyperPragError(f"unknown renormalisation target {target!r}; use 'max' or 'mean'.")
+    summed = combine(loras, "sum", weights)
+    singles = [delta_norms(lora) for lora in loras]
+    norms = delta_norms(summed)  # module -> (L,)
+    B = {}
+    for m, b in summed.B.items():
+        stacked = torch.stack([s[m] for s in singles])  # (k, L)
+        goal = stacked.amax(0) if target == "max" else stacked.mean(0)  # (L,)
+        factor = torch.where(norms[m] > 0, goal / norms[m].clamp(min=torch.finfo(torch.float32).tiny),
+                             torch.ones_like(goal))  # (L,)
+        B[m] = b * factor.to(b.dtype)[:, None, None]  # (L, d_out, Σr) · (L, 1, 1)
+    return Lora(summed.spec, summed.A, B)

@@ -1,0 +1,256 @@
+"""The per-document recipe study: the paper's YAML, the interference fixes of combine, and the study on the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hyper_prag.api import load_encode_config
+from hyper_prag.augment import AugmentConfig, AugmentedDocument
+from hyper_prag.combine import combine, combine_renormalized, delta_norms, scale, softmax_weights
+from hyper_prag.corpus import Corpus, Document, Question
+from hyper_prag.encoders.per_doc import IGNORE, PerDocConfig, document_sequences
+from hyper_prag.errors import HyperPragError
+from hyper_prag.inject import injected
+
+from tests.conftest import random_lora
+
+ROOT = Path(__file__).parents[1]
+
+
+def _study_module():
+    spec = importlib.util.spec_from_file_location("perdoc_recipe", ROOT / "benchmarks" / "perdoc_recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _study_module()
+
+
+# ------------------------------------------------------------------------------------------- paper.yaml
+
+# Su et al., SIGIR 2025, "Parametric Retrieval Augmented Generation", §4 implementation details:
+# LoRA rank 2 and alpha 32 on the FFN, lr 3e-4, 1 epoch, 1 rewrite and 3 QA pairs from the LLM itself,
+# the causal-LM loss over the whole sequence, and warm-up initialisation (better in its Table 2).
+PAPER = {"rank": 2, "alpha": 32.0, "lr": 3e-4, "epochs": 1, "n_rewrites": 1, "n_qa": 3, "source": "llm",
+         "loss_on": "all", "init": "warmup"}
+
+
+def test_paper_yaml_reproduces_the_papers_listing():
+    path = ROOT / "configs" / "encode" / "paper.yaml"
+    assert path.read_text().splitlines()[0] == "# python -m train.encode --config configs/encode/paper.yaml"
+    config = load_encode_config(path)
+    trainer, augment = config["trainer"], AugmentConfig(**config["augment"])
+    found = {"rank": config["rank"], "alpha": config["alpha"], "lr": trainer.lr, "epochs": trainer.epochs,
+             "n_rewrites": augment.n_rewrites, "n_qa": augment.n_qa, "source": augment.source,
+             "loss_on": trainer.loss_on, "init": trainer.init}
+    assert found == PAPER
+    assert config["encoder"] == "per-doc" and config["model"] == "smollm2-135m-instruct"
+
+
+# --------------------------------------------------------------------------------- combine: the fixes
+
+
+def _deltas(lora):
+    return {m: lora.delta(m) for m in lora.spec.target_modules}  # m -> (L, d_out, d_in)
+
+
+def test_scale_mean_and_sqrt_k_are_exact_multiples_of_the_sum(tiny):
+    loras = [random_lora(tiny, seed=s) for s in range(3)]
+    summed, mean = _deltas(combine(loras, "sum")), _deltas(combine(loras, "mean"))
+    third, root = _deltas(scale(combine(loras, "sum"), 1 / 3)), _deltas(scale(combine(loras, "sum"), 1 / math.sqrt(3)))
+    singles = [_deltas(lora) for lora in loras]
+    for m in summed:
+        assert torch.allclose(summed[m], sum(s[m] for s in singles), atol=1e-6)
+        assert torch.allclose(mean[m], summed[m] / 3, atol=1e-7)
+        assert torch.allclose(third[m], mean[m], atol=1e-7)  # 1/k scaling of the sum is the mean
+        assert torch.allclose(root[m], summed[m] / math.sqrt(3), atol=1e-7)
+
+
+def test_softmax_weights_give_the_weighted_sum(tiny):
+    loras = [random_lora(tiny, seed=s) for s in range(3)]
+    scores = [7.5, 3.0, 1.0]
+    w = softmax_weights(scores)
+    expected = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0).tolist()
+    assert w == pytest.approx(expected) and sum(w) == pytest.approx(1.0) and w[0] > w[1] > w[2]
+    assert softmax_weights(scores, temperature=1e6) == pytest.approx([1 / 3] * 3, abs=1e-5)
+    got, singles = _deltas(combine(loras, "sum", w)), [_deltas(lora) for lora in loras]
+    for m in got:
+        assert torch.allclose(got[m], sum(wi * s[m] for wi, s in zip(w, singles)), atol=1e-6)
+    with pytest.raises(HyperPragError):
+        softmax_weights([1.0], temperature=0)
+
+
+def test_delta_norms_equal_the_frobenius_norm_of_delta_w(tiny):
+    lora = combine([random_lora(tiny, seed=1), random_lora(tiny, seed=2, rank=4)], "sum")
+    for m, norms in delta_norms(lora).items():
+        assert norms.shape == (len(lora.spec.layers),)
+        assert torch.allclose(norms, torch.linalg.matrix_norm(lora.delta(m)), rtol=1e-4)
+
+
+def test_renormalized_keeps_the_direction_and_takes_the_largest_single_norm(tiny):
+    loras = [random_lora(tiny, seed=s) for s in range(3)]
+    with torch.no_grad():
+        for b in loras[2].B.values():
+            b.mul_(5.0)  # one document's update is much larger than the others
+    out = combine_renormalized(loras)
+    summed = _deltas(combine(loras, "sum"))
+    singles = [delta_norms(lora) for lora in loras]
+    for m, delta in _deltas(out).items():
+        goal = torch.stack([s[m] for s in singles]).amax(0)  # (L,)
+        assert torch.allclose(torch.linalg.matrix_norm(delta), goal, rtol=1e-4)
+        factor = goal / torch.linalg.matrix_norm(summed[m])  # (L,)
+        assert torch.allclose(delta, summed[m] * factor[:, None, None], atol=1e-6)
+    mean_target = combine_renormalized(loras, target="mean")
+    for m, delta in _deltas(mean_target).items():
+        assert torch.allclose(torch.linalg.matrix_norm(delta), torch.stack([s[m] for s in singles]).mean(0), rtol=1e-4)
+
+
+def test_renormalizing_a_zero_update_leaves_it_zero(tiny):
+    zero = random_lora(tiny, seed=0)
+    zero = scale(zero, 0.0)
+    out = combine_renormalized([zero, zero])
+    assert all(torch.count_nonzero(d) == 0 for d in _deltas(out).values())
+
+
+# ------------------------------------------------------------------------------ the study (tiny model)
+
+DOCS = (
+    Document("d-olen", "Mara Olen", "Mara Olen (1950) was a painter from Kelb. She won the Silver Prize in 1981."),
+    Document("d-vask", "Oren Vask", "Oren Vask (1877) was a surveyor born in Tellin. He described zorvath in 1911."),
+    Document("d-train", "Ilse Brand", "Ilse Brand (1901) was a weaver from Ardent.", split="train"),
+)
+QUESTIONS = (
+    Question("q-olen", "In what year was Mara Olen born?", ("1950",), "lookup", ("d-olen",)),
+    Question("q-vask", "What did Oren Vask do for a living?", ("surveyor",), "lookup", ("d-vask",)),
+    Question("q-cmp", "Who was born first, Mara Olen or Oren Vask?", ("Oren Vask",), "compare", ("d-olen", "d-vask")),
+)
+DOC_QA = {
+    "d-olen": (("What is the birth year of Mara Olen?", "1950"), ("What was Mara Olen's job?", "painter"),
+               ("Which prize did Mara Olen win?", "the Silver Prize")),
+    "d-vask": (("What is the birth year of Oren Vask?", "1877"), ("What did Oren Vask do?", "surveyor")),
+    "d-train": (("What was Ilse Brand's job?", "weaver"),),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return Corpus("tiny-study", DOCS, QUESTIONS, DOC_QA)
+
+
+def _recipes():
+    fast = study.with_overrides(study.BASE, {"epochs": 1, "n_qa": 2})
+    return {"base": ("base", fast), "loss_on=answer": ("loss_on", study.with_overrides(fast, {"loss_on": "answer"}))}
+
+
+def test_plan_and_overrides():
+    recipes = study.plan(study.BASE, ["lr", "modules"])
+    assert list(recipes) == ["base", "lr=0.0003", "lr=0.003", "lr=0.01", "target_modules=down_proj",
+                             "target_modules=gate_proj+up_proj"]  # lr=0.001 is the base itself
+    assert recipes["lr=0.003"][1].trainer.lr == 3e-3 and recipes["lr=0.003"][1].rank == study.BASE.rank
+    assert list(study.plan(study.BASE, ["lr=0.003", "loss_on"])) == ["base", "lr=0.003", "loss_on=answer"]
+    combined = study.plan(study.BASE, [], [{"lr": 3e-3, "n_qa": 10}])
+    assert combined["lr=0.003,n_qa=10"] == ("combined", study.with_overrides(study.BASE, {"lr": 3e-3, "n_qa": 10}))
+    assert study.parse_override("target_modules=down_proj") == ("target_modules", ("down_proj",))
+    assert study.parse_override("epochs=4") == ("epochs", 4) and study.parse_override("lr=3e-3") == ("lr", 3e-3)
+    with pytest.raises(HyperPragError):
+        study.parse_override("learning_rate=1")
+    with pytest.raises(HyperPragError):
+        study.plan(study.BASE, ["nonsense"])
+
+
+def test_template_levels_past_the_pairs_held_are_dropped(corpus):
+    two = study.with_overrides(study.BASE, {"n_qa": 2})
+    recipes = study.plan(two, ["n_qa"])  # n_qa 10 and 20: the tiny docs hold at most 3 pairs
+    kept, dropped = study.drop_duplicate_levels(recipes, corpus, DOCS[:2])
+    assert list(kept) == ["base", "n_qa=10"] and dropped == {"n_qa=20": "n_qa=10"}
+    kept, dropped = study.drop_duplicate_levels(study.plan(study.BASE, ["n_qa"]), corpus, DOCS[:2])
+    assert list(kept) == ["base"] and dropped == {"n_qa=10": "base", "n_qa=20": "base"}  # base n_qa=3: all pairs
+
+
+def test_study_questions_are_the_single_fact_ones(corpus):
+    docs, questions = study.study_questions(corpus, 5)
+    assert {q.id for q in questions} == {"q-olen", "q-vask"}
+    assert [d.id for d in docs] == [q.doc_ids[0] for q in questions]
+
+
+def test_study_runs_end_to_end_and_a_second_run_trains_nothing(tiny, corpus, tmp_path):
+    docs, questions = study.study_questions(corpus, 2)
+    kwargs = dict(chunk_size=2, batch_size=2, max_new_tokens=4, resamples=50, interference_recipe="best", k=2)
+    first = study.run_study(tiny, corpus, docs, questions, _recipes(), tmp_path / "cache", **kwargs)
+    rows = first["rows"]
+    assert set(rows) == {"closed-book", "base", "loss_on=answer"}
+    for label in ("base", "loss_on=answer"):
+        row = rows[label]
+        assert row["trained_now"] == 2 and row["cpu_s_per_doc"] > 0 and row["steps_per_doc"] == 2
+        assert 0 <= row["f1"] <= 1 and len(row["f1_ci"]) == 2 and "f1" in row["wrong_doc"]
+        assert isinstance(row["pareto"], bool)
+    assert "delta_f1" in rows["loss_on=answer"] and "delta_f1" not in rows["base"]
+    assert any(r["pareto"] for r in rows.values() if r.get("kind") == "recipe")
+    inter = first["interference"]
+    assert set(inter["rows"]) == {"oracle (own LoRA alone)", *study.FIXES}
+    assert all(len(ids) == 2 and ids[0] == q.doc_ids[0] for q, ids in zip(questions, inter["companions"].values()))
+    paths = study.write_outputs(first, tmp_path / "out")
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    assert "| base" in paths[1].read_text() and json.loads(paths[0].read_text())["n"] == 2
+
+    second = study.run_study(tiny, corpus, docs, questions, _recipes(), tmp_path / "cache", **kwargs)
+    assert all(second["rows"][label]["trained_now"] == 0 for label in ("base", "loss_on=answer"))
+    assert second["predictions_generated_now"] == 0  # the answers are cached too
+    for label in ("base", "loss_on=answer"):  # the same LoRAs (read back from the store both times) and scores
+        assert second["rows"][label]["per_question_f1"] == rows[label]["per_question_f1"]
+        assert second["rows"][label]["cpu_s_per_doc"] == rows[label]["cpu_s_per_doc"]  # recorded cost, not re-timed
+
+
+def test_target_modules_change_exactly_the_modules_named(tiny, corpus, tmp_path):
+    docs, _ = study.study_questions(corpus, 2)
+    recipe = study.with_overrides(study.BASE, {"epochs": 1, "n_qa": 1, "target_modules": ("down_proj",)})
+    encoded = study.encode_recipe(tiny, corpus, recipe, docs, tmp_path, chunk_size=2)
+    lora = encoded.loras[docs[0].id]
+    assert lora.spec.target_modules == ("down_proj",) and set(lora.A) == set(lora.B) == {"down_proj"}
+    assert torch.count_nonzero(lora.B["down_proj"]) > 0  # it trained
+    before = {(layer, m): tiny.ffn_linear(layer, m).weight.detach().clone()
+              for layer in range(tiny.num_layers) for m in ("gate_proj", "up_proj", "down_proj")}
+    with injected(tiny, lora, mode="merged"):
+        for (layer, m), weight in before.items():
+            same = torch.equal(tiny.ffn_linear(layer, m).weight, weight)
+            assert same == (m != "down_proj"), (layer, m)
+    with pytest.raises(HyperPragError, match="attention"):
+        study.check_targets(tiny, ("q_proj",))
+
+
+def test_answer_only_loss_masks_the_prompt(tiny):
+    aug = AugmentedDocument("d", DOCS[0].text, (), (("What is the birth year of Mara Olen?", "1950"),))
+    (answer_only,) = document_sequences(tiny, aug, PerDocConfig(loss_on="answer"))
+    (whole,) = document_sequences(tiny, aug, PerDocConfig(loss_on="all"))
+    assert answer_only.input_ids == whole.input_ids
+    target = tiny.tokenizer("1950" + tiny.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    n = len(target)
+    assert all(label == IGNORE for label in answer_only.labels[:-n])  # document, chat template and question
+    assert list(answer_only.labels[-n:]) == target == list(answer_only.input_ids[-n:])
+    assert IGNORE not in whole.labels  # the paper's loss: every position
+
+
+def test_both_sources_merge_template_and_llm_pairs(tiny, corpus, monkeypatch):
+    made = {"template": (("What was Mara Olen's job?", "painter"),), "llm": (("Who is Mara Olen?", "a painter"),
+                                                                             ("What was Mara Olen's job?", "painter"))}
+
+    def fake(docs, config, base=None, corpus=None, cache=None):
+        rewrites = ("llm rewrite",) if config.source == "llm" else ("template rewrite",)
+        return [AugmentedDocument(d.id, d.text, rewrites[: config.n_rewrites], made[config.source]) for d in docs]
+
+    monkeypatch.setattr(study, "augment_documents", fake)
+    recipe = study.with_overrides(study.BASE, {"source": "both", "n_rewrites": 1})
+    (aug,) = study.augment_for(recipe, DOCS[:1], tiny, corpus, Path("unused"))
+    assert aug.qa == (("What was Mara Olen's job?", "painter"), ("Who is Mara Olen?", "a painter"))  # no duplicate
+    assert aug.rewrites == ("llm rewrite", "template rewrite")
+    settings = study.augmentation_settings(recipe, tiny)
+    assert settings["source"] == "both" and settings["llm"]["augmenter"] == tiny.identity
