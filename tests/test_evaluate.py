@@ -125,7 +125,7 @@ def test_results_files_are_written(tiny, tmp_path):
     pipeline = Pipeline(tiny, BM25Retriever.build(corpus), corpus, k=2, max_new_tokens=4)
     methods = [build_method("closed-book", pipeline), build_method("rag", pipeline), build_method("prag", pipeline, source)]
     results = compare(methods, QUESTIONS[:3], costs={"prag": {"encode_seconds_per_doc": 1.0, "bytes_per_doc": 3e4}},
-                       n_resamples=200, progress=False, wandb_mode="disabled")
+                       n_resamples=200, progress=False)
     paths = results.write(tmp_path / "out")
     data = json.loads(paths["json"].read_text())
     assert [m["name"] for m in data["methods"]] == ["closed-book", "rag", "prag"]

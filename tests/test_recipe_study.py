@@ -15,7 +15,8 @@ from hyper_prag.api import load_encode_config
 from hyper_prag.augment import AugmentConfig, AugmentedDocument
 from hyper_prag.combine import combine, combine_renormalized, delta_norms, scale, softmax_weights
 from hyper_prag.corpus import Corpus, Document, Question
-from hyper_prag.encoders.per_doc import IGNORE, PerDocConfig, document_sequences
+from hyper_prag.encoders.per_doc import PerDocConfig, document_sequences
+from hyper_prag.sequences import IGNORE
 from hyper_prag.errors import HyperPragError
 from hyper_prag.inject import injected
 

@@ -412,14 +412,20 @@ class PerDocEncoder:
         if len(flat) > len(documents):
             log.info("%d long documents cut into %d pieces of at most %d tokens",
                      sum(len(ps) > 1 for ps in pieces), sum(len(ps) for ps in pieces if len(ps) > 1), self.window)
-        sequences = [document_sequences(self.base, aug, self.config) for aug in flat]
         dims = {m: self.base.module_dims(m) for m in self.spec.target_modules}
-        initial = initial_loras([aug.text for aug in flat], self.spec, dims, self.config, self.warmup)
-        loras, self.last_losses = train_bank(self.base, sequences, initial, self.config, fit=self.fit,
-                                             logger=self.logger, step_offset=self.steps_done)
-        self.steps_done += len(self.last_losses)
+        trained: list[Lora] = []
+        self.last_losses = []
+        bank_size = len(documents)  # pieces train in banks no larger than the chunk the caller sized for memory
+        for b in range(0, len(flat), bank_size):
+            bank = flat[b : b + bank_size]
+            sequences = [document_sequences(self.base, aug, self.config) for aug in bank]
+            initial = initial_loras([aug.text for aug in bank], self.spec, dims, self.config, self.warmup)
+            loras, losses = train_bank(self.base, sequences, initial, self.config, fit=self.fit,
+                                       logger=self.logger, step_offset=self.steps_done)
+            self.steps_done += len(losses)
+            self.last_losses += losses
+            trained += [lora.detach() for lora in loras.unbind()]
         log.debug("trained %d LoRAs in %.1f s", len(flat), time.perf_counter() - start)
-        trained = [lora.detach() for lora in loras.unbind()]
         out, at = [], 0
         for ps in pieces:
             part = trained[at : at + len(ps)]
