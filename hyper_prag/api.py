@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hyper_prag import assemble
-from hyper_prag.combine import CombineMode
 from hyper_prag.encode import EncodeReport, encode_corpus, launch
 from hyper_prag.encoders.per_doc import FitBank, PerDocConfig, fit_steps
 from hyper_prag.errors import HyperPragError
@@ -32,7 +31,7 @@ from hyper_prag.evaluate import Results, compare, select_questions
 from hyper_prag.lora import LoraSpec
 from hyper_prag.methods import Answer, LoraSource, method_spec, parse_methods
 from hyper_prag.model import DEFAULT_MODEL
-from hyper_prag.pipeline import Pipeline
+from hyper_prag.pipeline import CombineMode, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +211,7 @@ def ask(
     store: str | Path | None = None,
     recipe: str | None = None,
     hypernet: str | Path | None = None,
-    combine: CombineMode = "sum",
+    combine: CombineMode = "softmax",
     max_new_tokens: int = 32,
 ) -> Answer:
     """Answers one question with one method; reads the store and never trains.
@@ -232,7 +231,8 @@ def ask(
         store: LoRA store folder (``prag*``; default: the cache's store of ``model``).
         recipe: which recorded per-document recipe of the store to read (needed only when it holds several).
         hypernet: hypernetwork checkpoint (``hypernet*``).
-        combine: how the k LoRAs are combined.
+        combine: how the k LoRAs are combined: ``softmax`` (weights from the retrieval scores), ``sum`` (the
+            paper), ``mean``.
         max_new_tokens: generation budget.
 
     Returns:
@@ -293,7 +293,7 @@ def evaluate(
     encode_config: str | Path | None = None,
     recipe: str | None = None,
     hypernet: str | Path | None = None,
-    combine: CombineMode = "sum",
+    combine: CombineMode = "softmax",
     max_new_tokens: int = 32,
     limit: int | None = None,
     per_type: int | None = None,
@@ -326,7 +326,8 @@ def evaluate(
             recipe (``recipe`` chooses among several), or the encode defaults if the store has none.
         recipe: a recorded recipe id (when ``encode_config`` is not given).
         hypernet: hypernetwork checkpoint (``hypernet*`` methods).
-        combine: how k LoRAs are combined.
+        combine: how k LoRAs are combined: ``softmax`` (weights from the retrieval scores), ``sum`` (the
+            paper), ``mean``.
         max_new_tokens: generation budget per answer.
         limit: evaluate the first N questions (after ``per_type``).
         per_type: evaluate the first N questions of each type.

@@ -69,7 +69,9 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default=None,
                         help="which per-document recipe recorded in the store to read (only if it holds several)")
     parser.add_argument("--hypernet", default=None, help="hypernetwork checkpoint (hypernet methods)")
-    parser.add_argument("--combine", choices=["sum", "mean"], default="sum", help="how k LoRAs are combined")
+    parser.add_argument("--combine", choices=["softmax", "sum", "mean"], default="softmax",
+                        help="how k LoRAs are combined: softmax of the retrieval scores as weights (measured best), "
+                             "sum (the paper), mean")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=32, help="generation budget per answer")
 
 
@@ -142,7 +144,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 
 # Settings an evaluate run records in its config that its command line repeats (see evaluate_command).
-_REPRODUCED: dict[str, Any] = {"split": "test", "model": "smollm2-135m-instruct", "k": 3, "retriever": "bm25", "combine": "sum",
+_REPRODUCED: dict[str, Any] = {"split": "test", "model": "smollm2-135m-instruct", "k": 3, "retriever": "bm25", "combine": "softmax",
                                "max_new_tokens": 32, "per_type": None, "limit": None, "encode_config": None,
                                "recipe": None, "hypernet": None, "store": None}
 

@@ -47,7 +47,7 @@ for the method's forward passes (``set_attn_implementation``) and back afterward
 Parametric LoRAs (optional, off by default): with a :class:`~hyper_prag.methods.LoraSource`, every
 generation that has retrieved documents in its prompt (FLARE: the regenerated sentence; DRAGIN: all
 generation after a retrieval) also runs with those documents' LoRAs combined
-(:func:`hyper_prag.combine.combine`, the pipeline's ``combine_mode``) and applied with the pipeline's
+(:meth:`hyper_prag.pipeline.Pipeline.combine`, the pipeline's ``combine_mode``) and applied with the pipeline's
 ``single_mode`` injector (default merged): "combine both", with the LoRAs following the documents.
 The model is restored after each such generation, also when it raises.
 
@@ -70,7 +70,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hyper_prag.combine import combine
 from hyper_prag.corpus import Document
 from hyper_prag.errors import HyperPragError
 from hyper_prag.inject import injected
@@ -312,6 +311,7 @@ class _Episode:
     timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     doc_ids: list[str] = field(default_factory=list)  # every retrieved document, first retrieval first
     lora_names: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)  # doc id -> score of its latest retrieval
     retrievals: int = 0
 
     @contextmanager
@@ -338,6 +338,7 @@ class _Episode:
         with self.timed("retrieve"):
             hits = self.pipeline.retriever.search([query], self.pipeline.k)[0]  # type: ignore[union-attr]
             docs = [self.pipeline.corpus.document(h.doc_id) for h in hits]
+            self.scores |= {h.doc_id: h.score for h in hits}
         self.retrievals += 1
         self.doc_ids += [d.id for d in docs if d.id not in self.doc_ids]
         log.debug("retrieval %d for %r: query %r -> %s", self.retrievals, self.question, query, [d.id for d in docs])
@@ -354,7 +355,7 @@ class _Episode:
         self.lora_names += [n for n in self.source.names(docs) if n not in self.lora_names]
         start = time.perf_counter()
         with ExitStack() as applied:  # restores the model on exit, also when the block raises
-            lora = combine(loras, self.pipeline.combine_mode)
+            lora = self.pipeline.combine(loras, [self.scores.get(d.id, 0.0) for d in docs])
             applied.enter_context(injected(self.pipeline.base, lora, mode=self.pipeline.single_mode))
             self.timing["apply"] += time.perf_counter() - start
             yield

@@ -260,3 +260,21 @@ def test_store_source_reads_loras_by_the_recipe_keys(tiny, corpus, source, tmp_p
 def test_peak_memory_reports_rss():
     mem = peak_memory("cpu")
     assert mem["max_rss_mib"] > 10 and "cuda_max_allocated_mib" not in mem
+
+
+def test_softmax_combine_weights_loras_by_retrieval_score(tiny, corpus, retriever, source):
+    from hyper_prag.combine import combine
+
+    loras = [source.table[d] for d in ("quell", "loom", "zorv")]
+    scores = [4.0, 2.0, 1.0]
+    pipeline = make(tiny, corpus, retriever)
+    assert pipeline.combine_mode == "softmax"
+    got = pipeline.combine(loras, scores)
+    w = torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0).tolist()
+    m = "down_proj"
+    delta = got.spec.scaling * got.B[m] @ got.A[m]  # (L, d_out, d_in)
+    expected = sum(wi * lo.spec.scaling * lo.B[m] @ lo.A[m] for wi, lo in zip(w, loras))
+    assert torch.allclose(delta, expected, atol=1e-6)
+    mean = pipeline.combine(loras, None)  # no scores (documents given, not retrieved): equal weights
+    ref = combine(loras, "mean")
+    assert torch.allclose(mean.spec.scaling * mean.B[m] @ mean.A[m], ref.spec.scaling * ref.B[m] @ ref.A[m], atol=1e-6)
