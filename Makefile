@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo gpu-smoke gpu-smoke-dry clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,14 @@ test-fast: install
 
 demo: install
 	$(VENV)/bin/hyper-prag demo
+
+# On a GPU machine: encode, hypernet training steps, ask and evaluate on cuda in bf16, with figures.
+gpu-smoke: install
+	$(PY) scripts/gpu_smoke.py --device cuda --dtype auto
+
+# The same stages on the tiny model on CPU (checks the script without a GPU).
+gpu-smoke-dry: install
+	$(PY) scripts/gpu_smoke.py --device cpu --model tiny --docs 4 --questions 4 --steps 2 --out runs/gpu_smoke_dry.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache
