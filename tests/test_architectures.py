@@ -144,3 +144,34 @@ def test_unsupported_architectures_are_refused_clearly(tmp_path):
     save_tiny(tmp_path / "mixtral", "MixtralConfig", "MixtralForCausalLM", num_local_experts=2)
     with pytest.raises(HyperPragError, match="mixture-of-experts FFN"):
         load_base_model(tmp_path / "mixtral", device="cpu")
+
+
+def test_encode_per_doc_and_by_hypernet_then_ask(arch, tmp_path):
+    """The whole offline + online path on each architecture: per-doc and hypernet encoding into a store, ask."""
+    from hyper_prag.api import ask, encode
+    from hyper_prag.corpus import Corpus, Document, save_corpus
+    from hyper_prag.encoders.hypernet import save_inference_checkpoint
+    from hyper_prag.encoders.per_doc import PerDocConfig
+    from hyper_prag.hypernet import Hypernet, HypernetConfig
+    from hyper_prag.store import LoraStore
+    from tests.test_pipeline import QUESTIONS, TEXTS as DOCS
+
+    name, folder, base = arch
+    docs = tuple(Document(i, t, x) for i, (t, x) in DOCS.items())
+    qa = {i: ((f"What is {t}?", x.split(".")[0]),) for i, (t, x) in DOCS.items()}
+    corpus = save_corpus(Corpus(f"arch-{name}", docs, tuple(QUESTIONS), qa), tmp_path / "corpus")
+    common = dict(model=str(folder), device="cpu", dtype="float32", corpus=str(corpus), logger="none", progress=False)
+    per_doc = encode(store=str(tmp_path / "store"), trainer=PerDocConfig(lr=1e-2), augment={"source": "template"},
+                     chunk_size=3, **common)
+    assert per_doc.encoded == len(docs)
+    torch.manual_seed(0)
+    net = Hypernet.for_model(base, HypernetConfig(doc_dim=16, emb_dim=8, width=16, depth=1))
+    checkpoint = save_inference_checkpoint(net, tmp_path / "hn.safetensors")
+    hyper = encode(encoder="hypernet", checkpoint=str(checkpoint), store=str(tmp_path / "hyper-store"), **common)
+    assert hyper.encoded == len(docs) and len(LoraStore(tmp_path / "hyper-store")) == len(docs)
+    answer = ask("Who founded Ardent Loom?", "prag", benchmark=str(corpus), model=str(folder), device="cpu",
+                 dtype="float32", store=tmp_path / "store", k=2, max_new_tokens=3)
+    assert len(answer.lora_names) == 2 and answer.doc_ids[0] == "loom"
+    generated = ask("Who founded Ardent Loom?", "hypernet-both", benchmark=str(corpus), model=str(folder),
+                    device="cpu", dtype="float32", hypernet=checkpoint, k=2, max_new_tokens=3)
+    assert [n.split(":")[1] for n in generated.lora_names] == list(generated.doc_ids)
