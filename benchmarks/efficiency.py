@@ -172,6 +172,18 @@ def main(argv: list[str] | None = None) -> dict:
     report["side_overhead_per_token_s"] = side_overhead
     print(f"side-path overhead per generated token: {1000 * side_overhead:.2f} ms "
           f"({side_overhead / tok:.2f} tokens)")
+    # Peak extra memory of merged mode for one question's combined LoRA (k documents), both restore strategies.
+    from dataclasses import asdict
+
+    from hyper_prag.inject import merge_memory
+
+    combined = pipe("merged", False).combine(source.loras(needed[: args.k]))
+    report["merge_memory"] = {mode: asdict(merge_memory(base, combined, mode)) for mode in ("subtract", "copy")}
+    mib = 2**20
+    for mode, mem in report["merge_memory"].items():
+        print(f"merged mode ({mode} restore), rank-{combined.spec.rank} LoRA: peak extra {mem['peak_extra_bytes'] / mib:.1f} MiB, "
+              f"kept {mem['kept_bytes'] / mib:.1f} MiB; one layer's ΔW {mem['layer_delta_bytes'] / mib:.1f} MiB, "
+              f"every layer's ΔW at once {mem['all_deltas_bytes'] / mib:.1f} MiB")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     tmp.cleanup()
