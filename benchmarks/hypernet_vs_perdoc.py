@@ -85,7 +85,8 @@ class TableSource:
 def answer(base, docs, questions, table: dict[str, Lora] | None, batch_size: int, max_new_tokens: int) -> list[str]:
     """Greedy answers through the online path; question i uses the summed LoRA of its documents, or none."""
     corpus = Corpus("hypernet-vs-perdoc", tuple(docs), tuple(questions))
-    pipeline = Pipeline(base, None, corpus, max_new_tokens=max_new_tokens, batch_size=batch_size, single_mode="side")
+    pipeline = Pipeline(base, None, corpus, max_new_tokens=max_new_tokens, batch_size=batch_size, single_mode="side",
+                        combine_mode="sum")  # a question's documents, summed
     given = [[corpus.document(d) for d in q.doc_ids] for q in questions]
     source = TableSource("table", table) if table is not None else None
     answers = pipeline.answer_given([q.question for q in questions], given if table is not None else [[]] * len(given),
@@ -120,6 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--wandb-project", default="hyper-prag", help="W&B project (the training runs' project)")
+    parser.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default="offline",
+                        help="W&B run of the comparison (offline by default: `wandb sync` uploads it later)")
+    parser.add_argument("--wandb-dir", default="runs/wandb", help="folder that receives the W&B run")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -193,6 +198,19 @@ def main(argv: list[str] | None = None) -> dict:
                            **{m: p[i] for m, p in predictions.items()}} for i, q in enumerate(questions[:12])]
     text = json.dumps(result, indent=2)
     print(text)
+    from hyper_prag.tracking import log_tables
+
+    rows = [[method, t, c["f1"], c["f1_ci"][0], c["f1_ci"][1], c["em"], c["accuracy"], c["n"]]
+            for method, by_type in scores.items() for t, c in by_type.items()]
+    answers = [[method, q.id, q.type, q.question, p, " | ".join(q.answers)]
+               for method, preds in predictions.items() for q, p in zip(questions, preds)]
+    costs = {k: v for k, v in result.items() if k.startswith("encode_cost_ratio")}
+    log_tables({"summary": (("method", "type", "f1", "f1_low", "f1_high", "em", "accuracy", "n"), rows),
+                "answers": (("method", "id", "type", "question", "prediction", "answers"), answers)},
+               summary={**{f"{m}/f1": by_type["all"]["f1"] for m, by_type in scores.items()}, **costs},
+               config={"command": result["command"], "documents": len(docs), "questions": len(questions)},
+               project=args.wandb_project, group="hypernet_vs_perdoc", name="hypernet-vs-perdoc",
+               mode=args.wandb_mode, save_dir=args.wandb_dir)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
