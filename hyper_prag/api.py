@@ -157,6 +157,7 @@ def encode(
                                           "world_size": fabric.world_size if fabric else 1,
                                           **{f"trainer.{k}": v for k, v in trainer.settings().items()}})
         lightning_logger.log_metrics({"encode/seconds_per_doc": report.seconds_per_doc,
+                                      "encode/docs_per_min": 60.0 / report.seconds_per_doc if report.encoded else 0.0,
                                       "encode/bytes_per_doc": report.bytes_per_doc, "encode/encoded": report.encoded})
         lightning_logger.finalize("success")
     return report
