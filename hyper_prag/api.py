@@ -61,6 +61,8 @@ def encode(
     chunk_size: int = 8,
     rank: int = LoraSpec.rank,
     alpha: float = LoraSpec.alpha,
+    target_modules: tuple[str, ...] = LoraSpec.target_modules,
+    layers: tuple[int, ...] = (),
     trainer: PerDocConfig = PerDocConfig(),
     augment: dict | None = None,
     warmup_split: str = "train",
@@ -98,6 +100,9 @@ def encode(
         chunk_size: documents per batched bank.
         rank: LoRA rank (paper: 2).
         alpha: LoRA alpha (paper: 32).
+        target_modules: the linears adapted in every chosen layer (paper: the FFN's gate/up/down; a model
+            with a fused ``gate_up_proj`` maps gate/up onto it).
+        layers: decoder layers adapted (``()``: all).
         trainer: per-document trainer settings (:class:`PerDocConfig`).
         augment: :class:`~hyper_prag.augment.AugmentConfig` fields (``None``: its defaults).
         warmup_split: for ``trainer.init="warmup"``: the held-out split the warm-up LoRA trains on.
@@ -140,7 +145,8 @@ def encode(
         assert isinstance(source, HypernetSource)
         return encode_corpus(documents, source.encoder, lora_store, base, None, chunk_size, corpus=full,
                              progress=progress, fabric=fabric)
-    config = {"rank": rank, "alpha": alpha, "trainer": trainer, "augment": augment, "warmup_split": warmup_split,
+    config = {"rank": rank, "alpha": alpha, "target_modules": target_modules, "layers": layers, "trainer": trainer,
+              "augment": augment, "warmup_split": warmup_split,
               "warmup_docs": warmup_docs, "warmup_steps": warmup_steps}
     warmup = None
     if trainer.init == "warmup" and (fabric is None or fabric.global_rank == 0):

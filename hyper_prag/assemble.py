@@ -152,7 +152,8 @@ def per_doc_from_config(base: BaseModel, corpus: Corpus, config: Mapping[str, An
     Args:
         base: the base model.
         corpus: the full corpus (warm-up initialisation trains on its held-out ``warmup_split``).
-        config: encode keyword arguments (``rank``, ``alpha``, ``trainer``, ``augment``, ``warmup_*``).
+        config: encode keyword arguments (``rank``, ``alpha``, ``target_modules``, ``layers``, ``trainer``,
+            ``augment``, ``warmup_*``).
         store_root: a store whose recorded warm-up LoRA for these settings is re-used.
         train_warmup: train the warm-up LoRA when none is recorded (``False``: error instead).
         warmup: the warm-up LoRA to use (e.g. one another rank made); ``None``: recorded or trained.
@@ -161,7 +162,9 @@ def per_doc_from_config(base: BaseModel, corpus: Corpus, config: Mapping[str, An
     from hyper_prag.encoders.per_doc import PerDocEncoder, train_warmup_lora
 
     augment_config = AugmentConfig(**(config.get("augment") or {}))
-    spec = LoraSpec(rank=config["rank"], alpha=config["alpha"]).for_model(base)
+    spec = LoraSpec(rank=config["rank"], alpha=config["alpha"],
+                    target_modules=tuple(config.get("target_modules") or LoraSpec.target_modules),
+                    layers=tuple(config.get("layers") or ())).for_model(base)
     trainer = config["trainer"]
     provenance: dict[str, Any] = {}
     if trainer.init == "warmup":

@@ -105,3 +105,18 @@ def test_export_lora_writes_a_peft_adapter_plain_peft_loads(folder, tmp_path):
     assert (ours - theirs).abs().max() <= 1e-5
     assert main(["export-lora", "--doc", "nope", "--out", str(tmp_path / "x"), "--benchmark", str(folder),
                  "--model", "tiny", "--store", str(store)]) == 2
+
+
+def test_target_modules_and_layers_come_from_the_encode_config(folder, tmp_path):
+    from hyper_prag.store import LoraStore
+
+    store = tmp_path / "store"
+    report = api.encode(model="tiny", corpus=str(folder), store=str(store), limit=1, target_modules=("down_proj",),
+                        layers=(1,), augment={"source": "template"}, logger="none", progress=False)
+    assert report.encoded == 1
+    recipe = find_recipe(store, api.assemble.load_model("tiny").identity)
+    assert recipe.spec.target_modules == ("down_proj",) and recipe.spec.layers == (1,)
+    (key,) = LoraStore(store).keys()
+    assert LoraStore(store).spec(key).target_modules == ("down_proj",)
+    with pytest.raises(HyperPragError):
+        api.encode(model="tiny", corpus=str(folder), store=str(store), limit=1, layers=(7,), logger="none", progress=False)
