@@ -163,6 +163,8 @@ def evaluate_command(config: Mapping[str, Any], methods: Sequence[str], out: str
     words = ["hyper-prag", "evaluate", "--benchmark", str(config["benchmark"]), "--methods", ",".join(methods)]
     for key, default in _REPRODUCED.items():
         value = config.get(key)
+        if key == "recipe" and config.get("encode_config"):
+            continue  # the encode config names the recipe already
         if value is not None and value != default:
             words += [f"--{key.replace('_', '-')}", str(value)]
     words += ["--out", out] if out else []
