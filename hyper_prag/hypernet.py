@@ -36,8 +36,8 @@ every LoRA the hypernet emits (training, the encoder, the store) and of its chec
 layers only, the hidden states below the lowest adapted layer do not depend on the LoRA, so training can
 compute them once (``train/hypernet.py``).
 
-The output is a :class:`~hyper_prag.lora.Lora` batch (A: (N, L, r, d_in), B: (N, L, d_out, r)) with
-the same rank/alpha scaling as per-document LoRAs, bound to the base model's identity; nothing
+The output is a :class:`~hyper_prag.lora.Lora` batch (A: (N, L, r + r_b, d_in), B: (N, L, d_out, r + r_b))
+with the same scaling s = alpha / r as per-document LoRAs, bound to the base model's identity; nothing
 downstream knows which encoder made it. The base LLM is frozen; only the hypernet trains
 (``python -m train.hypernet fit``, ``train/hypernet.py``).
 

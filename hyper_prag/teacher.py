@@ -137,12 +137,14 @@ def teacher_topk(base: BaseModel, queries: Sequence[TeacherQuery], k: int = 16, 
 class TeacherCache:
     """Teacher top-k log-probabilities on disk: a safetensors file per (base identity, k), an entry per query."""
 
-    def __init__(self, root: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, save_every: int = 512) -> None:
         """
         Args:
             root: cache folder; default ``cache_dir("teacher")``.
+            save_every: queries computed between two saves of the file.
         """
         self.root = Path(root) if root is not None else cache_dir("teacher")
+        self.save_every = save_every
         self._loaded: dict[Path, dict[str, Tensor]] = {}
         self.computed = 0  # entries computed (not read from disk) by this object, for logs and tests
 
@@ -175,17 +177,18 @@ class TeacherCache:
             self._loaded[path] = self._read(path)
         table = self._loaded[path]
         keys = [entry_key(base, q, k) for q in queries]
-        todo = {key: q for key, q in zip(keys, queries) if f"{key}.indices" not in table}
-        if todo:
-            start = time.perf_counter()
-            fresh = teacher_topk(base, list(todo.values()), k, batch_size)
-            for key, top in zip(todo, fresh):
+        todo = list({key: q for key, q in zip(keys, queries) if f"{key}.indices" not in table}.items())
+        start = time.perf_counter()
+        for i in range(0, len(todo), self.save_every):  # saved chunk by chunk: an interrupted run keeps its work
+            chunk = todo[i : i + self.save_every]
+            fresh = teacher_topk(base, [q for _, q in chunk], k, batch_size)
+            for (key, _), top in zip(chunk, fresh):
                 table |= {f"{key}.indices": top.indices.to(torch.int32), f"{key}.logprobs": top.logprobs,
                           f"{key}.gold": top.gold}
-            self.computed += len(todo)
-            log.info("teacher: top-%d of %d answers computed in %.1f s (%d cached)", k, len(todo),
-                     time.perf_counter() - start, len(queries) - len(todo))
+            self.computed += len(chunk)
             self._save(path, table)
+            log.info("teacher: top-%d of %d / %d answers computed in %.1f s (%d cached)", k, i + len(chunk),
+                     len(todo), time.perf_counter() - start, len(queries) - len(todo))
         return [TeacherTopK(table[f"{key}.indices"].long(), table[f"{key}.logprobs"], table[f"{key}.gold"])
                 for key in keys]
 

@@ -73,7 +73,7 @@ def test_teacher_topk_matches_the_full_distribution_and_aligns_with_the_student(
 
 
 def test_teacher_cache_round_trip_and_invalidation(tiny, tmp_path):
-    cache = TeacherCache(tmp_path)
+    cache = TeacherCache(tmp_path, save_every=2)  # saved after 2, then after 3
     first = cache.get(tiny, queries(), k=4)
     assert cache.computed == 3 and cache.path(tiny, 4).is_file()
     again = TeacherCache(tmp_path)

@@ -66,7 +66,7 @@ from train.hypernet_data import (  # noqa: F401  (re-exported: the data side of 
     HypernetBatch, HypernetDataModule, QAItem, collate, lower_states, shared_base, tokenize_qa, upper_labelled_logits,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("train.hypernet")  # not "__main__" under python -m
 
 # ------------------------------------------------------------------------------------------------ losses
 
@@ -493,4 +493,5 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> HypernetCLI:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     main()

@@ -380,6 +380,15 @@ class HypernetDataModule(pl.LightningDataModule):
             docs = docs[: self.hparams.max_train_docs]
         return docs
 
+    def _base(self) -> BaseModel:
+        """The shared frozen base model, on the trainer's device: the one-off passes (doc embeddings, teacher,
+        lower states) run on the GPU when training does."""
+        base = shared_base(self.hparams.model)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            base.model.to(trainer.strategy.root_device)
+        return base
+
     def _config(self, base: BaseModel) -> HypernetConfig:
         hp = self.hparams
         return HypernetConfig(embed_layers=tuple(hp.embed_layers or ()), layers=tuple(hp.layers or ())).for_model(base)
@@ -396,7 +405,7 @@ class HypernetDataModule(pl.LightningDataModule):
         of a distributed run read the caches instead of each computing them.
         """
         hp = self.hparams
-        base = shared_base(hp.model)
+        base = self._base()
         corpus = self._corpus()
         cache = EmbeddingCache(hp.embedding_cache)
         for split in (hp.train_split, hp.val_split):
@@ -411,7 +420,7 @@ class HypernetDataModule(pl.LightningDataModule):
         if self.tables:
             return
         hp = self.hparams
-        base = shared_base(hp.model)
+        base = self._base()
         corpus = self._corpus()
         test_ids = {d.id for d in corpus.documents if d.split == "test"}
         layers = self._config(base).embed_layers
