@@ -12,10 +12,10 @@ import torch
 
 from hyper_prag.augment import AugmentedDocument
 from hyper_prag.encoders.hypernet import HypernetEncoder, checkpoint_sha256, load_hypernet, save_inference_checkpoint
-from hyper_prag.encoders.per_doc import PerDocConfig, document_sequences
-from hyper_prag.encoders.refine import RefineEncoder
+from hyper_prag.encoders.per_doc import PerDocConfig, document_sequences, initial_loras
+from hyper_prag.encoders.refine import RefineEncoder, train_steps
 from hyper_prag.hypernet import Hypernet, HypernetConfig, doc_embeddings
-from hyper_prag.lora import stack
+from hyper_prag.lora import LoraSpec, stack
 from hyper_prag.prompts import question_prompt
 from hyper_prag.sequences import labelled_logits, right_pad, sequence_losses
 from hyper_prag.teacher import (
@@ -353,3 +353,8 @@ def test_refine_steps_lower_the_per_document_loss(tiny):
             lb = sequence_losses(tiny, stack([before] * len(ids)), ids, mask, labels).mean()
             la = sequence_losses(tiny, stack([after] * len(ids)), ids, mask, labels).mean()
         assert la < lb - 1e-3, (doc.doc_id, lb, la)
+    # The baseline row with the same schedule: random init (per-document trainer's) + the same k steps.
+    dims = {m: tiny.module_dims(m) for m in hyper.spec.target_modules}
+    random = initial_loras([d.text for d in docs], LoraSpec().for_model(tiny), dims, PerDocConfig()).unbind()
+    baseline, losses = train_steps(tiny, docs, random, 4, config)
+    assert len(losses) == 4 and [l.spec for l in baseline] == [l.spec for l in random]

@@ -310,11 +310,12 @@ class HypernetModule(pl.LightningModule):
         terms = self.answer_terms(lora, batch)
         norms = delta_norm(generated)  # (U,)
         out = {"ce": terms["ce"], "loss": hp.ce_weight * terms["ce"], "delta_norm": norms.detach().mean()}
+        if "kl" in terms:
+            out["kl"] = terms["kl"]
         if hp.kl_weight:
             if "kl" not in terms:
                 raise HyperPragError("kl_weight > 0 needs the teacher's top-k in the batch: the datamodule computes "
                                      "it with data.distill (linked to model.kl_weight by the CLI).")
-            out["kl"] = terms["kl"]
             out["loss"] = out["loss"] + hp.kl_weight * terms["kl"]
         if hp.norm_weight:
             out["norm"] = norms.mean()
@@ -349,20 +350,19 @@ class HypernetModule(pl.LightningModule):
         LoRA, the bias alone. With a teacher: the KL of each, and the teacher's own CE (document in context)."""
         n = len(batch.input_ids)
         generated = self.hypernet(batch.doc_embedding, batch.doc_mask, bias=False)
-        out = self.losses(batch, generated)
-        right = self.answer_terms(sum_groups(self.hypernet.add_bias(generated), batch.groups), batch)
+        out = self.losses(batch, generated)  # under the right documents' LoRAs
         closed = self.answer_terms(None, batch)
         # Each question under the LoRAs of the *previous* sequence's documents: the gap to val/loss is what the
         # generated LoRAs carry about their own documents (beyond answer format and corpus-wide priors).
         wrong = self.answer_terms(sum_groups(self.hypernet.add_bias(generated), batch.groups.roll(1, dims=0)), batch)
-        metrics = {"val/loss": right["ce"], "val/loss_closed_book": closed["ce"], "val/loss_wrong_doc": wrong["ce"],
+        metrics = {"val/loss": out["ce"], "val/loss_closed_book": closed["ce"], "val/loss_wrong_doc": wrong["ce"],
                    "val/delta_norm": out["delta_norm"], "val/objective": out["loss"]}
         bias = self.hypernet.bias_lora()
         if bias is not None:
             only = stack([bias] * n)  # (N, L, …) the document-independent part alone
             metrics["val/loss_bias_only"] = self.answer_terms(only, batch)["ce"]
-        if "kl" in right:
-            metrics |= {"val/kl": right["kl"], "val/kl_closed_book": closed["kl"], "val/kl_wrong_doc": wrong["kl"]}
+        if "kl" in out:
+            metrics |= {"val/kl": out["kl"], "val/kl_closed_book": closed["kl"], "val/kl_wrong_doc": wrong["kl"]}
             labelled = batch.labels[:, 1:] != IGNORE
             gold = batch.teacher_gold[:, 1:][labelled]  # (K,)
             owner = torch.arange(n, device=labelled.device)[:, None].expand_as(labelled)[labelled]

@@ -20,7 +20,6 @@ hypernetwork's checkpoint sha256 are in :meth:`RefineEncoder.settings`, hence in
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -32,11 +31,10 @@ from hyper_prag.encoders.hypernet import HypernetEncoder
 from hyper_prag.encoders.per_doc import FitBank, MetricsLogger, PerDocConfig, document_sequences, fit_steps, train_bank
 from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import Lora, stack
+from hyper_prag.model import BaseModel
 
 if TYPE_CHECKING:
     from hyper_prag.augment import AugmentedDocument
-
-log = logging.getLogger(__name__)
 
 
 class RefineEncoder:
@@ -83,21 +81,47 @@ class RefineEncoder:
         generated = self.hypernet.generate([doc.text for doc in documents])
         if self.steps == 0 or not documents:
             return generated
-        sequences = []
-        for aug in documents:
-            own = document_sequences(self.base, aug, self.config)
-            sequences.append([own[t % len(own)] for t in range(self.steps)])  # the first k of its schedule
-        rank = max(lora.spec.rank for lora in generated)
-        initial = stack([pad_rank(lora, rank) for lora in generated])  # (N, …) rank = the chunk's largest
-        loras, self.last_losses = train_bank(self.base, sequences, initial, replace(self.config, epochs=1),
-                                             fit=self.fit, logger=self.logger, step_offset=self.steps_done)
+        loras, self.last_losses = train_steps(self.base, documents, generated, self.steps, self.config, self.fit,
+                                              self.logger, self.steps_done)
         self.steps_done += len(self.last_losses)
-        out = []
-        for lora, own in zip(loras.unbind(), generated):
-            r = own.spec.rank  # padded components stayed zero: cut them off
-            out.append(Lora(own.spec, {m: a[..., :r, :].detach().clone() for m, a in lora.A.items()},
-                            {m: b[..., :r].detach().clone() for m, b in lora.B.items()}))
-        return out
+        return loras
 
 
-__all__ = ["RefineEncoder"]
+def train_steps(base: BaseModel, documents: Sequence["AugmentedDocument"], initial: Sequence[Lora], steps: int,
+                config: PerDocConfig = PerDocConfig(), fit: FitBank = fit_steps, logger: MetricsLogger | None = None,
+                step_offset: int = 0) -> tuple[list[Lora], list[Tensor]]:
+    """Exactly ``steps`` per-document steps from the given starting LoRAs, all documents in one bank.
+
+    What :class:`RefineEncoder` runs from the generated LoRAs; from ``per_doc.initial_loras(...).unbind()`` it is
+    the "random init + k steps" baseline with the same schedule.
+
+    Args:
+        base: the frozen base model.
+        documents: augmented documents.
+        initial: one starting LoRA per document (single LoRAs; one scaling, ranks may differ).
+        steps: k ≥ 1.
+        config: per-document trainer settings (``lr``, ``weight_decay``, ``loss_on``, ``max_length``).
+        fit: the bank's runner.
+        logger: logger for per-step losses.
+        step_offset: global step of the first step in that logger.
+
+    Returns:
+        ``(loras, losses)``: one LoRA per document (its own rank and spec, float32, CPU) and each step's losses.
+    """
+    sequences = []
+    for aug in documents:
+        own = document_sequences(base, aug, config)
+        sequences.append([own[t % len(own)] for t in range(steps)])  # the first k of its schedule
+    rank = max(lora.spec.rank for lora in initial)
+    start = stack([pad_rank(lora, rank) for lora in initial])  # (N, …) rank = the chunk's largest
+    trained, losses = train_bank(base, sequences, start, replace(config, epochs=1), fit=fit, logger=logger,
+                                 step_offset=step_offset)
+    out = []
+    for lora, own in zip(trained.unbind(), initial):
+        r = own.spec.rank  # padded components stayed zero: cut them off
+        out.append(Lora(own.spec, {m: a[..., :r, :].detach().clone() for m, a in lora.A.items()},
+                        {m: b[..., :r].detach().clone() for m, b in lora.B.items()}))
+    return out, losses
+
+
+__all__ = ["RefineEncoder", "train_steps"]
