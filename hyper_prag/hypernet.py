@@ -9,7 +9,8 @@ translator" and text-to-lora's hyper-modulator. For document d::
     for every adapted layer l and FFN module m:
         [proj(LN(e)) ⊕ layer_emb[l] ⊕ module_emb[m]] ──► trunk (MLP) ──► h (width,)
         A[m][l] = head_A[m](h) / √d_in     (r, d_in)
-        B[m][l] = head_B[m](h)             (d_out, r)      head_B zero-initialised: the first LoRA is ΔW = 0
+        B[m][l] = g · head_B[m](h)         (d_out, r)      g = 1, head_B zero-initialised: the first LoRA is ΔW = 0
+                                                           or g a learned scalar from output_scale_init ≈ 0
 
 That is ``readout="mean"`` (the default): one pooled vector per document. ``readout="attention"`` keeps
 every token's states and gives each (module m, layer l, slot s) a learned query; slots 0..r-1 make the
@@ -21,8 +22,22 @@ rows of A, slots r..2r-1 the columns of B, each read from the tokens it attends 
 so a rank-1 component can carry one specific span of the document (a name, a year) instead of the
 average of all of them.
 
-The output is a :class:`~hyper_prag.lora.Lora` batch (A: (N, L, r, d_in), B: (N, L, d_out, r)) with
-the same rank/alpha scaling as per-document LoRAs, bound to the base model's identity; nothing
+A **bias LoRA** (``bias_rank`` > 0; Doc-to-LoRA's learned, document-independent part) is concatenated along
+the rank with every generated LoRA::
+
+    A[m] = [A_gen[m]; A_bias[m]]  (L, r + r_b, d_in)      B[m] = [B_gen[m], B_bias[m]]  (L, d_out, r + r_b)
+    ΔW = s · (B_gen A_gen + B_bias A_bias),   s = alpha / r  (the rank-r scaling is kept; alpha is rescaled)
+
+It trains with the hypernet and is the same for every document, so what every answer needs (format, style)
+can go there and the generated part must carry what differs between documents: the content. It is part of
+every LoRA the hypernet emits (training, the encoder, the store) and of its checkpoint.
+
+``layers`` restricts the generated LoRA to a subset of decoder layers (default: all). With LoRAs on the upper
+layers only, the hidden states below the lowest adapted layer do not depend on the LoRA, so training can
+compute them once (``train/hypernet.py``).
+
+The output is a :class:`~hyper_prag.lora.Lora` batch (A: (N, L, r + r_b, d_in), B: (N, L, d_out, r + r_b))
+with the same scaling s = alpha / r as per-document LoRAs, bound to the base model's identity; nothing
 downstream knows which encoder made it. The base LLM is frozen; only the hypernet trains
 (``python -m train.hypernet fit``, ``train/hypernet.py``).
 
@@ -43,7 +58,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -87,6 +102,12 @@ class HypernetConfig:
     dropout: float = 0.0  # trunk dropout (training only)
     readout: str = "mean"  # "mean": one pooled doc vector; "attention": slot queries attend over the doc's tokens
     heads: int = 4  # attention heads of the token readout (readout="attention"; doc_dim must divide by it)
+    # Fields below were added after the first shipped checkpoint. At their defaults they change nothing and
+    # are left out of to_dict(), so older checkpoints describe (and key the store) exactly as before.
+    layers: tuple[int, ...] = ()  # decoder layers the generated LoRA adapts; (): all of them
+    bias_rank: int = 0  # rank of the learned document-independent bias LoRA concatenated to each output; 0: none
+    output_scale_init: float | None = None  # learned scalar g on the generated B, starting here (e.g. 1e-3);
+    #                                         None: g = 1 fixed and head_B zero-initialised
 
     def for_model(self, base: BaseModel) -> "HypernetConfig":
         """Returns this config with ``embed_layers`` filled in for ``base`` and checked."""
@@ -95,18 +116,25 @@ class HypernetConfig:
             raise HyperPragError(f"hypernet readout {self.readout!r} is unknown; choose one of {READOUTS}.")
         if self.readout == "attention" and self.doc_dim % self.heads:
             raise HyperPragError(f"doc_dim {self.doc_dim} must be a multiple of heads {self.heads}.")
-        bad = [l for l in layers if not 0 <= l < base.num_layers]
-        if bad:
-            raise HyperPragError(f"embed_layers {bad} do not exist in {base.name} ({base.num_layers} layers); "
-                                 f"choose layers in 0..{base.num_layers - 1}.")
-        return HypernetConfig(**{**asdict(self), "embed_layers": tuple(sorted(set(layers)))})
+        for name, chosen in (("embed_layers", layers), ("layers", self.layers)):
+            bad = [l for l in chosen if not 0 <= l < base.num_layers]
+            if bad:
+                raise HyperPragError(f"{name} {bad} do not exist in {base.name} ({base.num_layers} layers); "
+                                     f"choose layers in 0..{base.num_layers - 1}.")
+        if self.bias_rank < 0 or self.rank < 1:
+            raise HyperPragError(f"hypernet rank must be >= 1 and bias_rank >= 0, got {self.rank} and {self.bias_rank}.")
+        return replace(self, embed_layers=tuple(sorted(set(layers))), layers=tuple(sorted(set(self.layers))))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "embed_layers": list(self.embed_layers)}
+        data = {**asdict(self), "embed_layers": list(self.embed_layers), "layers": list(self.layers)}
+        return {k: v for k, v in data.items() if k not in _LATER or v != _LATER[k]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "HypernetConfig":
-        return cls(**{**data, "embed_layers": tuple(data.get("embed_layers", ()))})
+        return cls(**{**data, "embed_layers": tuple(data.get("embed_layers", ())), "layers": tuple(data.get("layers", ()))})
+
+
+_LATER = {"layers": [], "bias_rank": 0, "output_scale_init": None}  # later fields at their no-op defaults
 
 
 # ------------------------------------------------------------------------------------------ doc embedding
@@ -286,15 +314,22 @@ class Hypernet(nn.Module):
         """
         Args:
             config: architecture (``embed_layers`` already bound, see :meth:`HypernetConfig.for_model`).
-            spec: the LoRA spec the outputs follow, bound to the base model (layers, identity).
+            spec: the LoRA spec the outputs follow, bound to the base model (layers, identity); its rank is
+                ``config.rank + config.bias_rank`` (the generated part, then the bias part).
             dims: ``module -> (d_in, d_out)`` of the base model's target modules.
             embed_dim: E, the doc embedding width (``len(embed_layers) · hidden``).
         """
         super().__init__()
         if not spec.layers or not spec.base_model:
             raise HyperPragError("Hypernet needs a LoRA spec bound to a base model (LoraSpec.for_model(base)).")
+        if spec.rank != config.rank + config.bias_rank or (config.layers and spec.layers != config.layers):
+            raise HyperPragError(f"hypernet spec (rank {spec.rank}, layers {spec.layers}) contradicts its config (rank "
+                                 f"{config.rank} + bias_rank {config.bias_rank}, layers {config.layers or 'all'}); "
+                                 "the checkpoint is corrupted: re-export it.")
         self.config, self.spec, self.dims, self.embed_dim = config, spec, dict(dims), embed_dim
-        L, M, r = len(spec.layers), len(spec.target_modules), spec.rank
+        L, M, r = len(spec.layers), len(spec.target_modules), config.rank
+        # The generated part alone: rank r at the spec's scaling s = alpha / r (the bias part shares s).
+        self.generated_spec = replace(spec, rank=r, alpha=spec.scaling * r)
         self.doc_norm = nn.LayerNorm(embed_dim)
         self.doc_proj = nn.Linear(embed_dim, config.doc_dim)
         self.layer_emb = nn.Embedding(L, config.emb_dim)
@@ -317,17 +352,58 @@ class Hypernet(nn.Module):
         per_slot = 1 if config.readout == "attention" else r  # an attention slot makes one rank-1 vector
         self.head_A = nn.ModuleDict({m: nn.Linear(config.width, per_slot * dims[m][0]) for m in spec.target_modules})
         self.head_B = nn.ModuleDict({m: nn.Linear(config.width, dims[m][1] * per_slot) for m in spec.target_modules})
-        for head in self.head_B.values():  # ΔW = 0 at initialisation, like B = 0 in standard LoRA
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        if config.output_scale_init is None:
+            for head in self.head_B.values():  # ΔW = 0 at initialisation, like B = 0 in standard LoRA
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+        else:
+            # Doc-to-LoRA's small output scale: head_B keeps its default init, so gradients reach the trunk from
+            # the first step, while the generated ΔW starts ≈ 0 (∝ g) and grows only as fast as g learns to.
+            self.output_scale = nn.Parameter(torch.tensor(float(config.output_scale_init)))
+        if config.bias_rank:
+            rb = config.bias_rank
+            # Standard LoRA init (as PEFT's): A ~ U(±1/√d_in), B = 0, so the bias adds nothing at the start.
+            self.bias_A = nn.ParameterDict({m: nn.Parameter((torch.rand(L, rb, dims[m][0]) * 2 - 1) / dims[m][0] ** 0.5)
+                                            for m in spec.target_modules})  # m -> (L, r_b, d_in)
+            self.bias_B = nn.ParameterDict({m: nn.Parameter(torch.zeros(L, dims[m][1], rb))
+                                            for m in spec.target_modules})  # m -> (L, d_out, r_b)
 
     @classmethod
     def for_model(cls, base: BaseModel, config: HypernetConfig = HypernetConfig()) -> "Hypernet":
         """Builds a freshly initialised hypernet for ``base``."""
         config = config.for_model(base)
-        spec = LoraSpec(rank=config.rank, alpha=config.alpha, target_modules=base.target_modules).for_model(base)
+        total = config.rank + config.bias_rank
+        spec = LoraSpec(rank=total, alpha=config.alpha / config.rank * total, target_modules=base.target_modules,
+                        layers=config.layers).for_model(base)
         dims = {m: base.module_dims(m) for m in spec.target_modules}
         return cls(config, spec, dims, embed_dim=len(config.embed_layers) * base.model.config.hidden_size)
+
+    def bias_lora(self) -> Lora | None:
+        """The document-independent bias LoRA alone (rank ``bias_rank``, scaling s), or ``None`` without one."""
+        if not self.config.bias_rank:
+            return None
+        rb = self.config.bias_rank
+        spec = replace(self.spec, rank=rb, alpha=self.spec.scaling * rb)
+        return Lora(spec, dict(self.bias_A), dict(self.bias_B))
+
+    def add_bias(self, generated: Lora) -> Lora:
+        """Concatenates the bias LoRA to generated LoRAs (single or batched, any rank, scaling s): ΔW_gen + ΔW_bias.
+
+        Returns:
+            ``generated`` itself without a bias LoRA, else the rank ``r' + r_b`` LoRA (same leading axes).
+        """
+        bias = self.bias_lora()
+        if bias is None:
+            return generated
+        if generated.spec.scaling != bias.spec.scaling:
+            raise HyperPragError("add_bias() needs generated LoRAs at the hypernet's scaling alpha / r.")
+        lead = generated.A[self.spec.target_modules[0]].shape[:-3]  # () or (N,)
+        A = {m: torch.cat([a, bias.A[m].to(a).expand(*lead, *bias.A[m].shape)], dim=-2)
+             for m, a in generated.A.items()}  # (…, L, r' + r_b, d_in)
+        B = {m: torch.cat([b, bias.B[m].to(b).expand(*lead, *bias.B[m].shape)], dim=-1)
+             for m, b in generated.B.items()}  # (…, L, d_out, r' + r_b)
+        rank = generated.spec.rank + bias.spec.rank
+        return Lora(replace(generated.spec, rank=rank, alpha=generated.spec.scaling * rank), A, B)
 
     @property
     def reads_tokens(self) -> bool:
@@ -337,25 +413,32 @@ class Hypernet(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, doc_embedding: Tensor, mask: Tensor | None = None) -> Lora:
+    def forward(self, doc_embedding: Tensor, mask: Tensor | None = None, bias: bool = True) -> Lora:
         """Generates one LoRA per document.
 
         Args:
             doc_embedding: ``(N, E)`` from :func:`doc_embeddings`, or for ``readout="attention"`` ``(N, T, E)``
                 from :func:`doc_token_states` + :func:`pad_states`.
             mask: ``(N, T)``, 1 at real tokens (``readout="attention"``; ``None``: every token is real).
+            bias: append the bias LoRA (``spec``: rank r + r_b); ``False``: the generated part alone
+                (``generated_spec``: rank r), e.g. to sum a long document's pieces before adding the bias once.
 
         Returns:
-            A batched :class:`Lora`: A[m] (N, L, r, d_in), B[m] (N, L, d_out, r), differentiable.
+            A batched :class:`Lora`: A[m] (N, L, r (+ r_b), d_in), B[m] (N, L, d_out, r (+ r_b)), differentiable.
         """
         want = "(N, T, {0}) token states" if self.reads_tokens else "(N, {0})"
         if doc_embedding.dim() != (3 if self.reads_tokens else 2) or doc_embedding.shape[-1] != self.embed_dim:
             raise HyperPragError(f"hypernet ({self.config.readout} readout) expects doc embeddings {want.format(self.embed_dim)}, "
                                  f"got {tuple(doc_embedding.shape)}; compute them with the hypernet's embed_layers on its "
                                  "base model (HypernetEncoder.embed).")
-        if self.reads_tokens:
-            return self._from_tokens(doc_embedding, mask)
-        spec, N, r = self.spec, doc_embedding.shape[0], self.spec.rank
+        lora = self._from_tokens(doc_embedding, mask) if self.reads_tokens else self._from_pooled(doc_embedding)
+        if self.config.output_scale_init is not None:
+            lora = Lora(lora.spec, lora.A, {m: self.output_scale * b for m, b in lora.B.items()})  # B = g · head_B(h)
+        return self.add_bias(lora) if bias else lora
+
+    def _from_pooled(self, doc_embedding: Tensor) -> Lora:
+        """The mean readout: the pooled document with module and layer embeddings through the trunk and heads."""
+        spec, N, r = self.generated_spec, doc_embedding.shape[0], self.config.rank
         L, M = len(spec.layers), len(spec.target_modules)
         doc = self.doc_proj(self.doc_norm(doc_embedding))  # (N, doc_dim)
         x = torch.cat([
@@ -377,9 +460,9 @@ class Hypernet(nn.Module):
         Slot s < r makes row s of A, slot r + s column s of B, each from [its attended token summary ⊕ the
         pooled document ⊕ module, layer and slot embeddings] through the shared trunk and its module's head.
         """
-        spec, config, r = self.spec, self.config, self.spec.rank
+        spec, config, r = self.generated_spec, self.config, self.config.rank
         N, T, _ = states.shape
-        L, M, S, D, H = len(spec.layers), len(spec.target_modules), 2 * spec.rank, config.doc_dim, config.heads
+        L, M, S, D, H = len(spec.layers), len(spec.target_modules), 2 * r, config.doc_dim, config.heads
         mask = torch.ones(N, T, device=states.device) if mask is None else mask.to(states.device, torch.float32)
         doc = self.doc_proj(self.doc_norm(masked_mean(states, mask)))  # (N, D): the mean readout's input
         x = self.token_norm(states)  # (N, T, E)

@@ -146,7 +146,7 @@ def test_hypernet_trains_with_ddp_and_writes_a_loadable_checkpoint(tmp_path, cac
     ckpts = list(tmp_path.rglob("last.ckpt"))
     assert len(ckpts) == 1, ckpts  # rank 0 alone logs and checkpoints: one run folder
     metrics = (ckpts[0].parents[1] / "metrics.csv").read_text()
-    assert "val/loss" in metrics and "train/lm" in metrics
+    assert "val/loss" in metrics and "train/ce" in metrics
     assert torch.load(ckpts[0], map_location="cpu", weights_only=False)["global_step"] == 4
     hypernet = load_hypernet(ckpts[0], tiny)
     assert any(head.weight.abs().max() > 0 for head in hypernet.head_B.values())  # trained: B heads start at 0

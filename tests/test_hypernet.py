@@ -24,8 +24,8 @@ from hyper_prag.lora import stack
 from hyper_prag.model import tiny_base_model
 from hyper_prag.sequences import IGNORE, labelled_logits
 from train.hypernet import (
-    HypernetDataModule, HypernetModule, collate, delta_distance, delta_norm, lr_factor, main, shared_base, sum_groups,
-    tokenize_qa,
+    HypernetDataModule, HypernetModule, QAItem, collate, delta_distance, delta_norm, lr_factor, main, shared_base,
+    sum_groups, tokenize_qa,
 )
 
 from .conftest import random_lora, token_batch
@@ -52,7 +52,7 @@ def fixed_batch(module: HypernetModule):
     base = module.base
     layers = module.hypernet.config.embed_layers
     emb = doc_token_states(base, DOCS, layers) if module.hypernet.reads_tokens else doc_embeddings(base, DOCS, layers)
-    items = [((i,), tokenize_qa(base, q, a, "answer")) for i, (q, a) in enumerate(QA)]
+    items = [QAItem((i,), tokenize_qa(base, q, a, "answer")) for i, (q, a) in enumerate(QA)]
     return collate(items, emb, base.tokenizer.pad_token_id)
 
 
@@ -237,18 +237,18 @@ def test_delta_distance_and_norm_match_materialised_delta(tiny):
     assert delta_distance(student, student).abs().max() < 1e-3 * want.min()
 
 
-def test_distillation_terms():
-    module = small_module(delta_weight=0.5, kl_weight=2.0)
+def test_per_document_lora_distillation_terms():
+    module = small_module(delta_weight=0.5, lora_kl_weight=2.0)
     batch = fixed_batch(module)
-    with pytest.raises(HyperPragError, match="teacher"):
+    with pytest.raises(HyperPragError, match="per-document LoRAs"):
         module.losses(batch)
-    batch.teacher = stack([random_lora(module.base, i) for i in range(3)])
+    batch.teacher_lora = stack([random_lora(module.base, i) for i in range(3)])
     out = module.losses(batch)
-    assert out["delta"] > 0 and out["kl"] > 0
-    torch.testing.assert_close(out["loss"], out["lm"] + 0.5 * out["delta"] + 2.0 * out["kl"])
-    batch.teacher = module.hypernet(batch.doc_embedding).detach()  # teacher == student: both terms vanish
+    assert out["delta"] > 0 and out["lora_kl"] > 0
+    torch.testing.assert_close(out["loss"], out["ce"] + 0.5 * out["delta"] + 2.0 * out["lora_kl"])
+    batch.teacher_lora = module.hypernet(batch.doc_embedding).detach()  # teacher == student: both terms vanish
     out = module.losses(batch)
-    assert out["delta"].abs() < 1e-6 and out["kl"].abs() < 1e-5
+    assert out["delta"].abs() < 1e-6 and out["lora_kl"].abs() < 1e-5
 
 
 def test_sum_groups_is_the_online_sum_combination(tiny):
@@ -269,19 +269,19 @@ def test_multi_document_questions_train_under_summed_loras(tmp_path):
                               embedding_cache=str(tmp_path))
     data.setup("fit")
     items = data.tables["train"]["items"]
-    multi = [it for it in items if len(it[0]) > 1]
-    assert multi and all(len(it[0]) == 1 for it in items if it not in multi)
+    multi = [it for it in items if len(it.rows) > 1]
+    assert multi and all(len(it.rows) == 1 for it in items if it not in multi)
     from hyper_prag.benchmark import load_or_make_default
 
     corpus = load_or_make_default()
     docs = corpus.split("train").documents[:40]
-    for rows, seq in multi:  # every multi-document item is a benchmark question over these documents
-        q = next(q for q in corpus.split("train").questions if q.doc_ids == tuple(docs[r].id for r in rows))
-        assert seq == tokenize_qa(data_base(), q.question, q.answers[0], "answer")
+    for item in multi:  # every multi-document item is a benchmark question over these documents
+        q = next(q for q in corpus.split("train").questions if q.doc_ids == tuple(docs[r].id for r in item.rows))
+        assert item.sequence == tokenize_qa(data_base(), q.question, q.answers[0], "answer")
     chosen = multi[:2] + items[:2]
     batch = collate(chosen, data.tables["train"]["embeddings"], data.pad_id)
-    assert batch.groups.shape == (4, max(len(it[0]) for it in multi[:2])) and (batch.groups[2:, 1:] == -1).all()
-    assert len(batch.doc_rows) == len(set(r for it in chosen for r in it[0]))
+    assert batch.groups.shape == (4, max(len(it.rows) for it in multi[:2])) and (batch.groups[2:, 1:] == -1).all()
+    assert len(batch.doc_rows) == len(set(r for it in chosen for r in it.rows))
     module = small_module()
     for head in module.hypernet.head_B.values():
         torch.nn.init.normal_(head.weight, std=0.1)
@@ -291,7 +291,7 @@ def test_multi_document_questions_train_under_summed_loras(tmp_path):
         one = collate([item], data.tables["train"]["embeddings"], data.pad_id)
         want = combine([per_doc[u] for u in batch.groups[n].tolist() if u >= 0], mode="sum")
         logits, targets, _ = labelled_logits(module.base, stack([want]), one.input_ids, one.attention_mask, one.labels)
-        got = module.losses(one)["lm"]
+        got = module.losses(one)["ce"]
         torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits, targets), rtol=1e-4, atol=1e-5)
     module.validation_step(batch, 0)  # the wrong-document control rolls whole groups
 
@@ -318,7 +318,8 @@ def test_datamodule_never_uses_test_documents(tmp_path):
     ids, labels = list(seq.input_ids), list(seq.labels)
     prompt = len(data_base().tokenizer(qa_sequence(data_base(), q, a)[0], add_special_tokens=False)["input_ids"])
     assert labels[:prompt] == [IGNORE] * prompt and IGNORE not in labels[prompt:] and len(labels) == len(ids) > prompt
-    assert data.tables["train"]["items"][0] == ((0,), seq)
+    first = data.tables["train"]["items"][0]
+    assert first.rows == (0,) and first.sequence == seq and first.teacher is None and first.lower is None
 
 
 def test_inference_checkpoint_round_trip_and_wrong_base(tiny, tmp_path):
@@ -438,7 +439,7 @@ def test_tiny_fit_checkpoint_export_and_encoder(tmp_path, tiny, readout):
     ckpts = sorted(tmp_path.rglob("last.ckpt"))
     assert ckpts, list(tmp_path.rglob("*"))
     metrics = (ckpts[0].parents[1] / "metrics.csv").read_text()
-    assert "val/loss" in metrics and "train/lm" in metrics
+    assert "val/loss" in metrics and "train/ce" in metrics
     out = export_hypernet(ckpts[0], tmp_path / "export")
     assert out.stat().st_size < 30e6
     from hyper_prag.cli import main as cli

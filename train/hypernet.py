@@ -5,14 +5,26 @@ prompt and the answer, **no document in context**, so the generated LoRAs must c
 a document's own QA pair is asked under its LoRA, a multi-document benchmark question
 (``questions: true``) under the sum of its documents' LoRAs (:func:`sum_groups`)::
 
-    doc_embedding (U docs) ──► hypernet ──► LoRAs (U, L, …) ──► sum per sequence (N, L, …) ──► inject(mode="batched")
-    loss = lm_weight    · CE(answer tokens | question, LoRA_n)                    (a) end-to-end
-         + delta_weight · mean_{m,l} ‖ΔW_gen − ΔW_teacher‖²_F  (via the factors)  (b) distillation
-         + kl_weight    · KL(p_teacher-LoRA ‖ p_generated-LoRA) on answer tokens   (c) logit distillation
+    doc_embedding (U docs) ──► hypernet ──► ΔW_gen (U, L, …) ⊕ bias LoRA ──► sum per sequence (N, L, …) ──► inject
+    loss = ce_weight      · CE(gold answer tokens | question, LoRA_n)                          (a) end-to-end
+         + kl_weight      · T² KL(p_teacher ‖ p_student) on answer tokens, teacher top-k       (b) context distillation
+         + norm_weight    · mean ‖ΔW_gen‖_F                                                   (c) norm penalty
+         + delta_weight   · mean_{m,l} ‖ΔW_gen − ΔW_per-doc‖²_F  (via the factors)            (d) weight-space
+         + lora_kl_weight · KL(p_per-doc-LoRA ‖ p_generated-LoRA) on answer tokens            (e) per-doc logits
 
-(b) and (c) need per-document LoRAs of the training documents (``teacher_store``); both weigh 0 by
-default. Documents are split by the corpus: train on ``train``, validate on ``val``; the datamodule
-refuses ``test`` documents. Doc embeddings are computed once with the frozen LLM (cached on disk).
+(b) is what makes generated LoRAs carry facts (Doc-to-LoRA, DistilledPRAG, deep context distillation): the
+teacher is the same frozen LLM with the document(s) in the online prompt (:mod:`hyper_prag.teacher`); its
+top-k log-probabilities on every answer are computed once (:class:`~hyper_prag.teacher.TeacherCache`). The
+hypernet's bias LoRA (``bias_rank``) is document-independent, so format goes there and ΔW_gen must carry
+content; ``output_scale_init`` starts ΔW_gen near zero; :class:`DivergenceGuard` stops (and rolls back) a run
+whose ΔW_gen norm explodes or whose validation loss rises above closed-book. (d) and (e) need per-document
+LoRAs of the training documents (``teacher_store``). Only (a) weighs anything by default (the old objective).
+
+The data side is ``train/hypernet_data.py``: documents are split by the corpus (train on ``train``, validate on
+``val``; ``test`` documents are refused); doc embeddings and the teacher's top-k are computed once (cached on
+disk). With LoRAs on the upper layers only (``layers``), the hidden states entering the lowest adapted layer do
+not depend on the LoRA: the datamodule computes them once per QA sequence and each step runs only the layers
+above (``lower_states``, ``upper_labelled_logits``); the backward pass never reaches below that layer anyway.
 
 Entry point: ``python -m train.hypernet fit --config configs/hypernet/<name>.yaml`` (:class:`HypernetCLI`);
 ``hyper-prag export-hypernet CKPT OUT`` then turns a ``.ckpt`` into the shippable inference checkpoint
@@ -21,20 +33,21 @@ the library's (:mod:`hyper_prag.sequences`), shared with the per-document traine
 
 Data-parallel training needs no other config: ``--trainer.strategy ddp --trainer.devices N
 --trainer.num_nodes M`` (gloo on CPU, nccl on GPUs; torchrun and SLURM's srun are detected by Lightning).
-Every rank loads its own frozen base model (:func:`shared_base`, once per process); the doc embeddings are
-computed once per machine in :meth:`HypernetDataModule.prepare_data` and read from the cache by every
-rank's ``setup``; DDP averages the hypernet's gradients; validation metrics are averaged over ranks
-(``sync_dist``), and loggers and checkpoints write on rank 0 (Lightning's default).
+Every rank loads its own frozen base model (:func:`shared_base`, once per process); the doc embeddings and the
+teacher's top-k are computed once per machine in :meth:`HypernetDataModule.prepare_data` and read from the
+caches by every rank's ``setup``; DDP averages the hypernet's gradients; validation metrics are averaged over
+ranks (``sync_dist``), and loggers and checkpoints write on rank 0 (Lightning's default).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -42,37 +55,18 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LightningCLI
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from hyper_prag.encoders.hypernet import CKPT_KEY, load_hypernet
 from hyper_prag.errors import HyperPragError
-from hyper_prag.hypernet import EmbeddingCache, Hypernet, HypernetConfig, pad_states
+from hyper_prag.hypernet import Hypernet, HypernetConfig
 from hyper_prag.lora import Lora, stack
-from hyper_prag.model import BaseModel
-from hyper_prag.prompts import qa_sequence
-from hyper_prag.sequences import (
-    LossOn, TokenSequence, labelled_logits, per_sample_mean, right_pad, sequence_losses, tokenize,
+from hyper_prag.sequences import IGNORE, labelled_logits, per_sample_mean
+from hyper_prag.teacher import KlSupport, topk_kl
+from train.hypernet_data import (  # noqa: F401  (re-exported: the data side of this trainer)
+    HypernetBatch, HypernetDataModule, QAItem, collate, lower_states, shared_base, tokenize_qa, upper_labelled_logits,
 )
 
-log = logging.getLogger(__name__)
-
-_BASES: dict[tuple[str, str], BaseModel] = {}
-
-
-def shared_base(model: str, device: str = "cpu") -> BaseModel:
-    """Loads the base model once per process (the module and the datamodule share it; it is frozen).
-
-    Args:
-        model: ``tiny`` (random 2-layer test model), ``smollm2-135m-instruct`` or a model folder.
-        device: torch device.
-    """
-    key = (model, device)
-    if key not in _BASES:
-        from hyper_prag.model import load_base_model, tiny_base_model
-
-        _BASES[key] = tiny_base_model(device=device) if model == "tiny" else load_base_model(model, device=device)
-    return _BASES[key]
-
+log = logging.getLogger("train.hypernet")  # not "__main__" under python -m
 
 # ------------------------------------------------------------------------------------------------ losses
 
@@ -125,31 +119,15 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, floor: float) -
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# -------------------------------------------------------------------------------------------------- data
+def masked_sample_mean(values: Tensor, keep: Tensor, owner: Tensor, n: int) -> Tensor:
+    """Mean of ``values`` ``(K,)`` over the positions where ``keep`` ``(K,)`` holds, per sample → ``(n,)`` (0 if none)."""
+    keep = keep.to(values.dtype)
+    total = torch.zeros(n, device=values.device, dtype=values.dtype).index_add(0, owner, values * keep)  # (n,)
+    count = torch.zeros(n, device=values.device, dtype=values.dtype).index_add(0, owner, keep)  # (n,)
+    return total / count.clamp(min=1)
 
 
-@dataclass
-class HypernetBatch:
-    """N QA sequences (right-padded) over the U distinct documents they are asked about.
-
-    Sequence n is asked under the sum of the LoRAs of documents ``groups[n]`` (one for a document's own QA
-    pair; several for a multi-document benchmark question, as the online path combines them).
-    """
-
-    doc_embedding: Tensor  # (U, E) pooled, or (U, D, E) token states for the attention readout
-    input_ids: Tensor  # (N, T)
-    attention_mask: Tensor  # (N, T) 1 = real token
-    labels: Tensor  # (N, T) IGNORE at padding (and at the prompt for loss_on="answer")
-    doc_rows: Tensor  # (U,) row of each document in its split's table
-    groups: Tensor  # (N, K) indices into the U documents, -1 = none
-    teacher: Lora | None = None  # per-document LoRAs of the U documents (distillation), batched (U, …)
-    doc_mask: Tensor | None = None  # (U, D) 1 = real document token (token states only)
-
-    def to(self, device: torch.device) -> "HypernetBatch":
-        return HypernetBatch(self.doc_embedding.to(device), self.input_ids.to(device), self.attention_mask.to(device),
-                             self.labels.to(device), self.doc_rows.to(device), self.groups.to(device),
-                             self.teacher.to(device) if self.teacher is not None else None,
-                             self.doc_mask.to(device) if self.doc_mask is not None else None)
+# ------------------------------------------------------------------------------------------ batch LoRAs
 
 
 def sum_groups(lora: Lora, groups: Tensor) -> Lora:
@@ -179,200 +157,6 @@ def sum_groups(lora: Lora, groups: Tensor) -> Lora:
     return Lora(replace(spec, rank=K * r, alpha=spec.scaling * K * r), A, B)
 
 
-def tokenize_qa(base: BaseModel, question: str, answer: str, loss_on: LossOn) -> TokenSequence:
-    """Token ids and labels of ``qa_sequence(question, answer)`` (prompt and answer tokenized apart, no truncation)."""
-    return tokenize(base, *qa_sequence(base, question, answer), loss_on)
-
-
-Item = tuple[tuple[int, ...], TokenSequence]  # the documents a sequence is asked about (rows of the split), the sequence
-
-
-def collate(items: list[Item], embeddings: Tensor | Sequence[Tensor], pad_id: int,
-            teachers: Sequence[Lora] | None = None) -> HypernetBatch:
-    """Pads a list of ``(doc_rows, sequence)`` into a :class:`HypernetBatch`.
-
-    Args:
-        items: the documents each sequence is asked about (rows of the split's table) and the sequence.
-        embeddings: the split's pooled ``(D, E)`` embeddings, or its per-document token states ``D × (T_i, E)``.
-        pad_id: token id of the right padding.
-        teachers: per-document LoRAs of the split's documents (distillation), or ``None``.
-    """
-    ids, mask, labels = right_pad([seq for _, seq in items], pad_id)  # each (N, T)
-    per_item = [tuple(rows) for rows, _ in items]
-    unique = sorted({r for rows in per_item for r in rows})
-    where = {r: u for u, r in enumerate(unique)}
-    groups = torch.full((len(items), max(map(len, per_item))), -1, dtype=torch.long)  # (N, K)
-    for i, rows in enumerate(per_item):
-        groups[i, : len(rows)] = torch.tensor([where[r] for r in rows])
-    rows = torch.tensor(unique, dtype=torch.long)  # (U,)
-    teacher = stack([teachers[r] for r in unique]) if teachers is not None else None
-    if isinstance(embeddings, Tensor):
-        return HypernetBatch(embeddings[rows], ids, mask, labels, rows, groups, teacher)
-    states, doc_mask = pad_states([embeddings[r] for r in unique])  # (U, D, E), (U, D)
-    return HypernetBatch(states, ids, mask, labels, rows, groups, teacher, doc_mask)
-
-
-class HypernetDataModule(pl.LightningDataModule):
-    """Train/val documents of a corpus with their QA pairs and cached doc embeddings (never test documents)."""
-
-    def __init__(
-        self,
-        model: str = "tiny",
-        embed_layers: list[int] | None = None,
-        max_doc_tokens: int = 512,
-        readout: Literal["mean", "attention"] = "mean",
-        corpus: str | None = None,
-        train_split: str = "train",
-        val_split: str = "val",
-        qa_source: Literal["template", "llm"] = "template",
-        questions: bool = False,
-        loss_on: LossOn = "answer",
-        batch_size: int = 8,
-        max_train_docs: int | None = None,
-        max_val_pairs: int | None = 128,
-        teacher_store: str | None = None,
-        teacher_key: dict | None = None,
-        embedding_cache: str | None = None,
-        seed: int = 0,
-    ) -> None:
-        """
-        Args:
-            model: base model (linked from the module's ``model``).
-            embed_layers: doc-embedding layers (linked from the module).
-            max_doc_tokens: doc tokens read (linked from the module).
-            readout: the hypernet's readout (linked from the module): ``attention`` needs per-token states.
-            corpus: corpus folder; ``None``: the default fictional benchmark.
-            train_split: documents trained on.
-            val_split: documents validated on (unseen during training).
-            qa_source: ``template``: the corpus's ``doc_qa`` pairs (what augment's template source returns);
-                ``llm``: self-augmentation with the base model (``augment.augment_documents``; slow on CPU).
-            questions: also train (and validate) on the split's benchmark questions, each asked under the sum
-                of the generated LoRAs of its supporting documents: multi-document questions (compare, bridge,
-                inference) teach LoRAs that still work once summed, as the online path combines them.
-            loss_on: ``answer`` (answer tokens only) or ``all`` (prompt too).
-            batch_size: QA sequences per step.
-            max_train_docs: use only the first N training documents (debug).
-            max_val_pairs: validation QA pairs (a fixed, seeded sample; ``None``: all).
-            teacher_store: LoRA store with per-document LoRAs of the training documents (distillation).
-            teacher_key: ``{"augmentation": {...}, "encoder": {...}, "rank": 2, "alpha": 32}``: how the
-                teacher LoRAs were keyed (``store.store_key``).
-            embedding_cache: doc-embedding cache folder; ``None``: ``cache_dir("doc_embeddings")``.
-            seed: sampling seed.
-        """
-        super().__init__()
-        self.save_hyperparameters()
-        if "test" in (train_split, val_split):
-            raise HyperPragError("the hypernet never trains or validates on test documents; use train/val splits.")
-        self.tables: dict[str, dict] = {}
-
-    def _corpus(self):
-        if self.hparams.corpus is None:
-            from hyper_prag.benchmark import load_or_make_default
-
-            return load_or_make_default()
-        from hyper_prag.corpus import load_corpus
-
-        return load_corpus(self.hparams.corpus)
-
-    def _qa(self, corpus, docs, base: BaseModel) -> list[tuple[tuple[str, str], ...]]:
-        if self.hparams.qa_source == "template":  # the same pairs augment(source="template") returns
-            return [tuple(corpus.doc_qa.get(d.id, ())) for d in docs]
-        from hyper_prag.augment import AugmentConfig, augment_documents
-
-        return [aug.qa for aug in augment_documents(docs, AugmentConfig(source="llm"), base=base, corpus=corpus)]
-
-    def _teachers(self, base: BaseModel, docs) -> list[Lora]:
-        from hyper_prag.lora import LoraSpec
-        from hyper_prag.store import LoraStore, store_key
-
-        key = self.hparams.teacher_key or {}
-        spec = LoraSpec(rank=key.get("rank", 2), alpha=key.get("alpha", 32.0)).for_model(base)
-        keys = [store_key(d.text, base.identity, spec, key.get("augmentation", {}), key.get("encoder", {})) for d in docs]
-        store = LoraStore(self.hparams.teacher_store)
-        missing = store.missing(keys)
-        if missing:
-            raise HyperPragError(f"teacher store {self.hparams.teacher_store} lacks {len(missing)} of {len(keys)} "
-                                 "training documents; encode them first (hyper-prag encode --split train) "
-                                 "or set delta_weight and kl_weight to 0.")
-        return store.get_many(keys, base_model=base.identity)
-
-    def _question_items(self, corpus, split: str, docs, base: BaseModel) -> list[Item]:
-        """``(doc_rows, sequence)`` of the split's benchmark questions whose documents are all in ``docs``."""
-        row = {d.id: i for i, d in enumerate(docs)}
-        return [(tuple(row[d] for d in q.doc_ids), tokenize_qa(base, q.question, q.answers[0], self.hparams.loss_on))
-                for q in corpus.split(split).questions if q.doc_ids and all(d in row for d in q.doc_ids)]
-
-    def _documents(self, corpus, split: str) -> list:
-        """The documents of ``split`` (of the train split, the first ``max_train_docs``)."""
-        docs = list(corpus.split(split).documents)
-        if split == self.hparams.train_split and self.hparams.max_train_docs:
-            docs = docs[: self.hparams.max_train_docs]
-        return docs
-
-    def _layers(self, base: BaseModel) -> tuple[int, ...]:
-        return HypernetConfig(embed_layers=tuple(self.hparams.embed_layers or ())).for_model(base).embed_layers
-
-    def prepare_data(self) -> None:
-        """Computes the doc embeddings of both splits into the on-disk cache.
-
-        Lightning calls this on one process per machine before ``setup`` runs on every rank, so the ranks
-        of a distributed run read the embeddings instead of each computing them.
-        """
-        hp = self.hparams
-        base = shared_base(hp.model)
-        corpus = self._corpus()
-        cache = EmbeddingCache(hp.embedding_cache)
-        for split in (hp.train_split, hp.val_split):
-            docs = self._documents(corpus, split)
-            if docs:  # an empty split is reported by setup
-                cache.get(base, [d.text for d in docs], self._layers(base), hp.max_doc_tokens,
-                          tokens=hp.readout == "attention")
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.tables:
-            return
-        hp = self.hparams
-        base = shared_base(hp.model)
-        corpus = self._corpus()
-        test_ids = {d.id for d in corpus.documents if d.split == "test"}
-        layers = self._layers(base)
-        cache = EmbeddingCache(hp.embedding_cache)  # a hit after prepare_data
-        rng = random.Random(hp.seed)
-        for split in (hp.train_split, hp.val_split):
-            docs = self._documents(corpus, split)
-            # Never touch test documents (they are the benchmark's evaluation set).
-            assert not any(d.split == "test" or d.id in test_ids for d in docs), "test documents in hypernet training"
-            if not docs:
-                raise HyperPragError(f"corpus {corpus.name!r} has no {split!r} documents to train the hypernet on.")
-            qa = self._qa(corpus, docs, base)
-            items = [((row,), tokenize_qa(base, q, a, hp.loss_on)) for row, pairs in enumerate(qa) for q, a in pairs]
-            if hp.questions:
-                items += self._question_items(corpus, split, docs, base)
-            if not items:
-                raise HyperPragError(f"no QA pairs for the {split!r} documents; give the corpus doc_qa or use qa_source=llm.")
-            if split == hp.val_split and hp.max_val_pairs and len(items) > hp.max_val_pairs:
-                items = rng.sample(items, hp.max_val_pairs)
-            embeddings = cache.get(base, [d.text for d in docs], layers, hp.max_doc_tokens,
-                                   tokens=hp.readout == "attention")  # (D, E) or D × (T_i, E)
-            teachers = self._teachers(base, docs) if hp.teacher_store and split == hp.train_split else None
-            self.tables[split] = {"items": items, "embeddings": embeddings, "teachers": teachers, "docs": len(docs)}
-            log.info("hypernet data: %s %d documents, %d QA sequences", split, len(docs), len(items))
-        self.pad_id = base.tokenizer.pad_token_id
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        table = self.tables[split]
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(table["items"], batch_size=self.hparams.batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=partial(collate, embeddings=table["embeddings"], pad_id=self.pad_id,
-                                             teachers=table["teachers"]))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.train_split, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.val_split, shuffle=False)
-
-
 # ------------------------------------------------------------------------------------------------ module
 
 
@@ -393,14 +177,21 @@ class HypernetModule(pl.LightningModule):
         dropout: float = 0.0,
         readout: Literal["mean", "attention"] = "mean",
         heads: int = 4,
+        layers: list[int] | None = None,
+        bias_rank: int = 0,
+        output_scale_init: float | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 50,
         schedule: Literal["constant", "cosine"] = "constant",
         min_lr_ratio: float = 0.1,
-        lm_weight: float = 1.0,
-        delta_weight: float = 0.0,
+        ce_weight: float = 1.0,
         kl_weight: float = 0.0,
+        temperature: float = 1.0,
+        kl_support: KlSupport = "topk",
+        norm_weight: float = 0.0,
+        delta_weight: float = 0.0,
+        lora_kl_weight: float = 0.0,
         init_from: str | None = None,
     ) -> None:
         """
@@ -412,39 +203,63 @@ class HypernetModule(pl.LightningModule):
             emb_dim: layer/module embedding width.
             width: trunk width.
             depth: trunk linear layers.
-            rank: LoRA rank (paper: 2).
-            alpha: LoRA alpha (paper: 32).
+            rank: rank of the generated LoRA (paper: 2).
+            alpha: LoRA alpha (paper: 32); ΔW = alpha / rank · B A for the generated and the bias part.
             dropout: trunk dropout.
             readout: ``mean`` (one pooled doc vector) or ``attention`` (slot queries over the doc's tokens).
             heads: attention heads of the token readout.
+            layers: decoder layers the generated LoRA adapts (``None``: all). Upper layers only make steps
+                cheaper (the states below are computed once) and the LoRAs smaller.
+            bias_rank: rank of the learned document-independent bias LoRA concatenated to every generated one
+                (0: none, as before).
+            output_scale_init: start of a learned scalar on the generated B (e.g. 1e-3: ΔW_gen starts ≈ 0);
+                ``None``: no scalar, head_B zero-initialised (as before).
             lr: AdamW learning rate (after linear warm-up).
             weight_decay: AdamW weight decay.
             warmup_steps: linear learning-rate warm-up steps.
             schedule: after warm-up, ``constant`` or ``cosine`` decay to ``min_lr_ratio * lr`` at
                 ``trainer.max_steps`` (set max_steps to the steps the run will really make, e.g. within max_time).
             min_lr_ratio: final learning rate of the cosine schedule, as a fraction of ``lr``.
-            lm_weight: weight of (a), the end-to-end answer loss through the generated LoRA.
-            delta_weight: weight of (b), ‖ΔW_gen − ΔW_teacher‖² (needs the datamodule's teacher_store).
-            kl_weight: weight of (c), KL to the teacher-LoRA model's answer distribution (needs teacher_store).
-            init_from: start from this hypernet's weights (inference checkpoint or ``.ckpt``; same architecture),
-                with a fresh optimizer and schedule: fine-tuning the shipped checkpoint on another corpus, or at
-                another learning rate. ``--ckpt_path`` instead *resumes* a run (optimizer, step, timer).
+            ce_weight: weight of (a), the cross-entropy of the gold answer through the generated LoRA.
+            kl_weight: weight of (b), T² KL(context teacher ‖ student) on answer tokens (the datamodule then
+                computes the teacher's top-k, ``data.teacher_topk``).
+            temperature: T of (b) (DistilledPRAG: 2).
+            kl_support: ``topk`` (both renormalised over the teacher's top-k) or ``topk_tail`` (plus one bucket
+                for the remaining mass); see :mod:`hyper_prag.teacher`.
+            norm_weight: weight of (c), mean ‖ΔW_gen‖_F of the batch's generated LoRAs.
+            delta_weight: weight of (d), ‖ΔW_gen − ΔW_per-doc‖² (needs the datamodule's teacher_store).
+            lora_kl_weight: weight of (e), KL to the per-document-LoRA model's answer distribution (needs
+                teacher_store).
+            init_from: start from this hypernet's weights (inference checkpoint or ``.ckpt``; same architecture,
+                except that a bias LoRA may be added: it starts as initialised), with a fresh optimizer and
+                schedule: fine-tuning the shipped checkpoint on another corpus, or at another learning rate.
+                ``--ckpt_path`` instead *resumes* a run (optimizer, step, timer).
         """
         super().__init__()
         self.save_hyperparameters()
         self.base = shared_base(model)  # a dataclass, not an nn.Module: not a submodule, not in the checkpoint
         config = HypernetConfig(embed_layers=tuple(embed_layers or ()), max_doc_tokens=max_doc_tokens, doc_dim=doc_dim,
                                 emb_dim=emb_dim, width=width, depth=depth, rank=rank, alpha=alpha, dropout=dropout,
-                                readout=readout, heads=heads)
+                                readout=readout, heads=heads, layers=tuple(layers or ()), bias_rank=bias_rank,
+                                output_scale_init=output_scale_init)
         self.hypernet = Hypernet.for_model(self.base, config)
         if init_from:
-            start = load_hypernet(init_from, self.base)
-            if start.config != self.hypernet.config:
-                raise HyperPragError(f"init_from {init_from} has architecture {start.config.to_dict()}, this run "
-                                     f"{self.hypernet.config.to_dict()}; set the model keys to the checkpoint's.")
-            self.hypernet.load_state_dict(start.state_dict())
-            log.info("hypernet: initialised from %s", init_from)
+            self._init_from(init_from)
+        self.last_delta_norm = 0.0  # ‖ΔW_gen‖ of the last training batch (DivergenceGuard reads it)
         log.info("hypernet: %d parameters", self.hypernet.num_parameters())
+
+    def _init_from(self, path: str) -> None:
+        start = load_hypernet(path, self.base)
+        if replace(start.config, bias_rank=self.hypernet.config.bias_rank) != self.hypernet.config:
+            raise HyperPragError(f"init_from {path} has architecture {start.config.to_dict()}, this run "
+                                 f"{self.hypernet.config.to_dict()}; set the model keys to the checkpoint's "
+                                 "(only bias_rank may differ).")
+        state = start.state_dict()
+        if start.config.bias_rank != self.hypernet.config.bias_rank:
+            state = {k: v for k, v in state.items() if not k.startswith("bias_")}
+        missing, unexpected = self.hypernet.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("bias_") for k in missing), (missing, unexpected)
+        log.info("hypernet: initialised from %s%s", path, " (bias LoRA fresh)" if missing else "")
 
     def forward(self, doc_embedding: Tensor, mask: Tensor | None = None) -> Lora:
         return self.hypernet(doc_embedding, mask)
@@ -458,55 +273,101 @@ class HypernetModule(pl.LightningModule):
     def on_validation_start(self) -> None:
         self.base.model.to(self.device)
 
+    def student_logits(self, lora: Lora | None, batch: HypernetBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits at the labelled positions under ``lora`` (N LoRAs or ``None``): the full forward, or the layers
+        above the cached lower states."""
+        if batch.lower is None:
+            return labelled_logits(self.base, lora, batch.input_ids, batch.attention_mask, batch.labels)
+        start = min(self.hypernet.spec.layers)
+        if batch.lower_layer != start:
+            raise HyperPragError(f"the batch holds states entering layer {batch.lower_layer}, the hypernet adapts "
+                                 f"layers from {start}: link model.layers to data.layers.")
+        return upper_labelled_logits(self.base, lora, batch.lower, start, batch.attention_mask, batch.labels)
+
+    def answer_terms(self, lora: Lora | None, batch: HypernetBatch) -> dict[str, Tensor]:
+        """CE of the gold answer (and, with teacher tensors, the KL to the teacher) of each sequence, batch-mean."""
+        hp, n = self.hparams, len(batch.input_ids)
+        logits, targets, owner = self.student_logits(lora, batch)  # (K, V), (K,), (K,)
+        out = {"ce": per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean(),
+               "logits": logits}
+        if batch.teacher_indices is not None:
+            labelled = batch.labels[:, 1:] != IGNORE  # (N, T-1): the order of the K logits
+            keep = batch.teacher_mask[:, 1:][labelled]  # (K,) answer tokens
+            kl = topk_kl(logits, batch.teacher_indices[:, 1:][labelled], batch.teacher_logprobs[:, 1:][labelled],
+                         hp.temperature, hp.kl_support)  # (K,)
+            out["kl"] = masked_sample_mean(kl, keep, owner, n).mean()
+        return out
+
     def losses(self, batch: HypernetBatch, generated: Lora | None = None) -> dict[str, Tensor]:
         """All loss terms of one batch (weighted total under ``"loss"``); ``generated``: the batch's documents'
-        LoRAs when the caller already has them."""
+        generated LoRAs (without the bias) when the caller already has them."""
         hp = self.hparams
         if generated is None:
-            generated = self.hypernet(batch.doc_embedding, batch.doc_mask)  # (U, L, …)
-        lora = sum_groups(generated, batch.groups)  # (N, L, …)
-        n = len(batch.input_ids)
-        logits, targets, owner = labelled_logits(self.base, lora, batch.input_ids, batch.attention_mask,
-                                                 batch.labels)  # (K, V), (K,), (K,)
-        lm = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean()
-        out = {"lm": lm, "loss": hp.lm_weight * lm}
-        if hp.delta_weight or hp.kl_weight:
-            if batch.teacher is None:
-                raise HyperPragError("delta_weight/kl_weight > 0 need teacher LoRAs: set data.teacher_store.")
-            teacher = sum_groups(batch.teacher, batch.groups)  # (N, L, …)
+            generated = self.hypernet(batch.doc_embedding, batch.doc_mask, bias=False)  # (U, L, …) rank r
+        # Each document's LoRA carries the bias, and a multi-document question sums its documents' LoRAs,
+        # bias included: exactly what the online path gets from the stored LoRAs.
+        lora = sum_groups(self.hypernet.add_bias(generated), batch.groups)  # (N, L, …)
+        terms = self.answer_terms(lora, batch)
+        norms = delta_norm(generated)  # (U,)
+        out = {"ce": terms["ce"], "loss": hp.ce_weight * terms["ce"], "delta_norm": norms.detach().mean()}
+        if "kl" in terms:
+            out["kl"] = terms["kl"]
+        if hp.kl_weight:
+            if "kl" not in terms:
+                raise HyperPragError("kl_weight > 0 needs the teacher's top-k in the batch: the datamodule computes "
+                                     "it with data.distill (linked to model.kl_weight by the CLI).")
+            out["loss"] = out["loss"] + hp.kl_weight * terms["kl"]
+        if hp.norm_weight:
+            out["norm"] = norms.mean()
+            out["loss"] = out["loss"] + hp.norm_weight * out["norm"]
+        if hp.delta_weight or hp.lora_kl_weight:
+            if batch.teacher_lora is None:
+                raise HyperPragError("delta_weight/lora_kl_weight > 0 need per-document LoRAs: set data.teacher_store.")
+            teacher = sum_groups(batch.teacher_lora, batch.groups)  # (N, L, …)
             if hp.delta_weight:
                 out["delta"] = delta_distance(lora, teacher).mean()
                 out["loss"] = out["loss"] + hp.delta_weight * out["delta"]
-            if hp.kl_weight:
+            if hp.lora_kl_weight:
+                n = len(batch.input_ids)
                 with torch.no_grad():
-                    t_logits, _, _ = labelled_logits(self.base, teacher, batch.input_ids, batch.attention_mask,
-                                                     batch.labels)  # (K, V)
-                kl = F.kl_div(logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True,
+                    t_logits, _, owner = self.student_logits(teacher, batch)  # (K, V)
+                kl = F.kl_div(terms["logits"].log_softmax(-1), t_logits.log_softmax(-1), log_target=True,
                               reduction="none").sum(-1)  # (K,)
-                out["kl"] = per_sample_mean(kl, owner, n).mean()
-                out["loss"] = out["loss"] + hp.kl_weight * out["kl"]
-        with torch.no_grad():
-            out["delta_norm"] = delta_norm(lora).mean()
+                out["lora_kl"] = per_sample_mean(kl, owner, n).mean()
+                out["loss"] = out["loss"] + hp.lora_kl_weight * out["lora_kl"]
         return out
 
     def training_step(self, batch: HypernetBatch, batch_idx: int) -> Tensor:
         out = self.losses(batch)
+        self.last_delta_norm = float(out["delta_norm"])
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False, batch_size=len(batch.input_ids))
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False)
         return out["loss"]
 
     def validation_step(self, batch: HypernetBatch, batch_idx: int) -> None:
+        """val/loss: gold-answer CE under the right documents' LoRAs; the controls it must beat: no LoRA
+        (closed book), the wrong documents' LoRAs (same bias, another document's content) and, with a bias
+        LoRA, the bias alone. With a teacher: the KL of each, and the teacher's own CE (document in context)."""
         n = len(batch.input_ids)
-        generated = self.hypernet(batch.doc_embedding, batch.doc_mask)
-        out = self.losses(batch, generated)
-        closed = sequence_losses(self.base, None, batch.input_ids, batch.attention_mask, batch.labels).mean()
+        generated = self.hypernet(batch.doc_embedding, batch.doc_mask, bias=False)
+        out = self.losses(batch, generated)  # under the right documents' LoRAs
+        closed = self.answer_terms(None, batch)
         # Each question under the LoRAs of the *previous* sequence's documents: the gap to val/loss is what the
         # generated LoRAs carry about their own documents (beyond answer format and corpus-wide priors).
-        wrong = sum_groups(generated, batch.groups.roll(1, dims=0))
-        wrong_doc = sequence_losses(self.base, wrong, batch.input_ids, batch.attention_mask, batch.labels).mean()
-        self.log_dict({"val/loss": out["lm"], "val/loss_closed_book": closed, "val/loss_wrong_doc": wrong_doc,
-                       "val/delta_norm": out["delta_norm"]}, prog_bar=True, batch_size=n,
-                      sync_dist=True)  # DDP: the mean over every rank's share of the val set
+        wrong = self.answer_terms(sum_groups(self.hypernet.add_bias(generated), batch.groups.roll(1, dims=0)), batch)
+        metrics = {"val/loss": out["ce"], "val/loss_closed_book": closed["ce"], "val/loss_wrong_doc": wrong["ce"],
+                   "val/delta_norm": out["delta_norm"], "val/objective": out["loss"]}
+        bias = self.hypernet.bias_lora()
+        if bias is not None:
+            only = stack([bias] * n)  # (N, L, …) the document-independent part alone
+            metrics["val/loss_bias_only"] = self.answer_terms(only, batch)["ce"]
+        if "kl" in out:
+            metrics |= {"val/kl": out["kl"], "val/kl_closed_book": closed["kl"], "val/kl_wrong_doc": wrong["kl"]}
+            labelled = batch.labels[:, 1:] != IGNORE
+            gold = batch.teacher_gold[:, 1:][labelled]  # (K,)
+            owner = torch.arange(n, device=labelled.device)[:, None].expand_as(labelled)[labelled]
+            metrics["val/loss_teacher"] = masked_sample_mean(-gold, batch.teacher_mask[:, 1:][labelled], owner, n).mean()
+        self.log_dict(metrics, prog_bar=True, batch_size=n, sync_dist=True)  # DDP: the mean over every rank's share
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -529,12 +390,100 @@ class HypernetModule(pl.LightningModule):
             raise HyperPragError(f"checkpoint was trained for base model '{saved}', not '{self.base.identity}'.")
 
 
+# ------------------------------------------------------------------------------------------------- guard
+
+
+class DivergenceGuard(pl.Callback):
+    """Stops a run that diverges, rolls the hypernet back to its last good weights, and says why.
+
+    Two signs of divergence (one run's generated ΔW norm went 70 → 400 and ended worse than closed-book):
+
+    * the generated ΔW norm of a training batch exceeds ``max_delta_norm`` (or the loss is not finite);
+    * ``val/loss`` exceeds ``val/loss_closed_book`` by more than ``margin`` at ``patience`` validations in a row.
+
+    "Good" weights are those at the start of the fit and after every validation that passes. On a trip the
+    hypernet gets them back (so a ``last.ckpt`` that ``ModelCheckpoint`` writes after it holds them), ``trainer.
+    should_stop`` is set, the reason is logged and written to ``dirpath/divergence.json``, with the rolled-back
+    weights as ``dirpath/last-good.ckpt`` beside it (export that one). The decision is taken on every rank at once.
+    """
+
+    def __init__(self, max_delta_norm: float | None = None, margin: float | None = None, patience: int = 1,
+                 dirpath: str | None = None) -> None:
+        """
+        Args:
+            max_delta_norm: largest allowed mean ‖ΔW_gen‖_F of a training batch (``None``: not checked).
+            margin: allowed excess of val/loss over val/loss_closed_book (``None``: not checked).
+            patience: validations in a row above closed-book + margin before stopping.
+            dirpath: folder for ``divergence.json`` and ``last-good.ckpt`` (``None``: ``trainer.default_root_dir``).
+        """
+        super().__init__()
+        self.max_delta_norm, self.margin, self.patience, self.dirpath = max_delta_norm, margin, patience, dirpath
+        self.bad = 0
+        self.good: dict[str, Tensor] | None = None
+        self.good_step = 0
+        self.reason: str | None = None  # why the run was stopped (None: it was not)
+
+    def _snapshot(self, trainer: pl.Trainer, module: HypernetModule) -> None:
+        self.good = {k: v.detach().clone() for k, v in module.hypernet.state_dict().items()}
+        self.good_step = trainer.global_step
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: HypernetModule) -> None:
+        self._snapshot(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: HypernetModule, outputs, batch, batch_idx: int) -> None:
+        norm = pl_module.last_delta_norm
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        reason = None
+        if not math.isfinite(norm) or (self.max_delta_norm is not None and norm > self.max_delta_norm):
+            reason = f"generated ΔW norm {norm:.4g} exceeds max_delta_norm {self.max_delta_norm} at step {trainer.global_step}"
+        elif loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+            reason = f"training loss is not finite at step {trainer.global_step}"
+        self._decide(trainer, pl_module, reason)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: HypernetModule) -> None:
+        if trainer.sanity_checking or self.reason is not None:
+            return
+        metrics = trainer.callback_metrics
+        reason = None
+        if self.margin is not None and "val/loss" in metrics and "val/loss_closed_book" in metrics:
+            loss, closed = float(metrics["val/loss"]), float(metrics["val/loss_closed_book"])
+            self.bad = self.bad + 1 if not loss <= closed + self.margin else 0
+            if self.bad >= self.patience:
+                reason = (f"val/loss {loss:.4f} above closed-book {closed:.4f} + margin {self.margin} at {self.bad} "
+                          f"validation(s) in a row (step {trainer.global_step})")
+        if not self._decide(trainer, pl_module, reason) and self.bad == 0:
+            self._snapshot(trainer, pl_module)
+
+    def _decide(self, trainer: pl.Trainer, module: HypernetModule, reason: str | None) -> bool:
+        if not trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+            return False
+        self.reason = reason or "another rank diverged"
+        log.warning("divergence guard: %s; stopping and rolling the hypernet back to step %d", self.reason,
+                    self.good_step)
+        if self.good is not None:
+            module.hypernet.load_state_dict(self.good)
+        trainer.should_stop = True
+        folder = Path(self.dirpath or trainer.default_root_dir)
+        trainer.save_checkpoint(folder / "last-good.ckpt")
+        if trainer.is_global_zero:
+            (folder / "divergence.json").write_text(json.dumps(
+                {"reason": self.reason, "stopped_at_step": trainer.global_step, "rolled_back_to_step": self.good_step},
+                indent=2))
+        return True
+
+
+def _distills(kl_weight: float) -> bool:
+    return kl_weight > 0
+
+
 class HypernetCLI(LightningCLI):
-    """``python -m train.hypernet fit --config …``: the data's model/layers are linked to the module's."""
+    """``python -m train.hypernet fit --config …``: the data's model/layers are linked to the module's, and the
+    data computes the teacher's top-k exactly when the module distils (``model.kl_weight > 0``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        for key in ("model", "embed_layers", "max_doc_tokens", "readout"):
+        for key in ("model", "embed_layers", "max_doc_tokens", "readout", "layers"):
             parser.link_arguments(f"model.{key}", f"data.{key}")
+        parser.link_arguments("model.kl_weight", "data.distill", compute_fn=_distills)
 
 
 def main(args: Sequence[str] | None = None, run: bool = True) -> HypernetCLI:
@@ -544,4 +493,5 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> HypernetCLI:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     main()

@@ -366,7 +366,8 @@ class HypernetEncoder:
         """One LoRA per document text (float32, CPU).
 
         A text longer than :attr:`window` tokens is cut into pieces (:func:`~hyper_prag.encoders.split_text`);
-        its LoRA is the sum of the pieces' LoRAs (rank concatenation), so no part of it goes unread.
+        its LoRA is the sum of the pieces' LoRAs (rank concatenation), so no part of it goes unread. The
+        hypernet's bias LoRA (``bias_rank`` > 0) is added once per document, after the pieces are summed.
         """
         if not texts:
             return []
@@ -376,11 +377,13 @@ class HypernetEncoder:
         loras: list[Lora] = []
         for i in range(0, len(flat), self.batch_size):
             emb, mask = self.embed(flat[i : i + self.batch_size])  # (n, E) | (n, T, E) + (n, T)
-            lora = self.hypernet(emb.to(device), None if mask is None else mask.to(device))
+            lora = self.hypernet(emb.to(device), None if mask is None else mask.to(device), bias=False)
             loras += lora.to("cpu").detach().unbind()
+        bias = self.hypernet.bias_lora()
+        bias = bias.to("cpu").detach() if bias is not None else None
         out, start = [], 0
         for ps in pieces:
-            part = loras[start : start + len(ps)]
+            part = loras[start : start + len(ps)] + ([bias] if bias is not None else [])
             out.append(part[0] if len(part) == 1 else combine(part, "sum"))
             start += len(ps)
         return out
