@@ -43,8 +43,9 @@ Runner = Literal["lightning", "loop"]  # which trainer python -m train.encode ru
 
 
 def encode(
-    encoder: Literal["per-doc", "hypernet"] = "per-doc",
+    encoder: Literal["per-doc", "hypernet", "refine"] = "per-doc",
     checkpoint: str | None = None,
+    refine_steps: int = 4,
     model: str = DEFAULT_MODEL,
     device: str = "auto",
     dtype: str = "auto",
@@ -78,8 +79,10 @@ def encode(
     """Encodes a corpus split into a LoRA store with the per-document trainer or a hypernetwork (the YAML schema).
 
     Args:
-        encoder: ``per-doc`` (paper §3.2, batched trainer) or ``hypernet`` (needs ``checkpoint``).
-        checkpoint: hypernetwork checkpoint (``encoder="hypernet"``).
+        encoder: ``per-doc`` (paper §3.2, batched trainer), ``hypernet`` (needs ``checkpoint``), or ``refine``:
+            the hypernetwork's LoRA refined by ``refine_steps`` per-document steps (``trainer`` settings).
+        checkpoint: hypernetwork checkpoint (``encoder="hypernet"`` / ``"refine"``).
+        refine_steps: k, per-document steps from the generated LoRA (``encoder="refine"``; 0 = the hypernet's).
         model: ``smollm2-135m-instruct`` (packaged default), ``tiny`` (random 2-layer test model), a model
             folder or a hub id in the Hugging Face cache.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
@@ -138,12 +141,22 @@ def encode(
     if not documents:
         raise HyperPragError(f"no documents to encode in corpus {full.name!r} split {split!r}; check --split.")
     lora_store = assemble.open_store(store, model, store_dtype)
-    if encoder == "hypernet":
+    if encoder in ("hypernet", "refine"):
         if checkpoint is None:
-            raise HyperPragError("encoder 'hypernet' needs a checkpoint: pass --checkpoint PATH (see hypernet training).")
+            raise HyperPragError(f"encoder '{encoder}' needs a checkpoint: pass --checkpoint PATH (see hypernet training).")
         source = assemble.hypernet_source(checkpoint, base)
         assert isinstance(source, HypernetSource)
-        return encode_corpus(documents, source.encoder, lora_store, base, None, chunk_size, corpus=full,
+        if encoder == "hypernet":
+            return encode_corpus(documents, source.encoder, lora_store, base, None, chunk_size, corpus=full,
+                                 progress=progress, fabric=fabric)
+        from hyper_prag.augment import AugmentConfig
+        from hyper_prag.encoders.refine import RefineEncoder
+
+        if refine_steps < 0:
+            raise HyperPragError(f"refine_steps must be 0 or more, got {refine_steps}.")
+        refine = RefineEncoder(source.encoder, refine_steps, trainer, fit=fit or fit_steps)
+        augment_config = AugmentConfig(**(augment or {})) if refine.uses_augmentation else None
+        return encode_corpus(documents, refine, lora_store, base, augment_config, chunk_size, corpus=full,
                              progress=progress, fabric=fabric)
     config = {"rank": rank, "alpha": alpha, "target_modules": target_modules, "layers": layers, "trainer": trainer,
               "augment": augment, "warmup_split": warmup_split,

@@ -175,9 +175,11 @@ def evaluate_command(config: Mapping[str, Any], methods: Sequence[str], out: str
 
 
 def _encode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encoder", choices=["per-doc", "hypernet"], default=None,
+    parser.add_argument("--encoder", choices=["per-doc", "hypernet", "refine"], default=None,
                         help="per-doc: the paper's per-document LoRA training (batched); hypernet: a trained "
-                             "hypernetwork (--checkpoint). Default from the config: per-doc")
+                             "hypernetwork (--checkpoint); refine: its LoRA + --refine-steps per-document steps. "
+                             "Default from the config: per-doc")
+    parser.add_argument("--refine-steps", type=int, default=None, help="k per-document steps (--encoder refine)")
     parser.add_argument("--checkpoint", default=None, help="hypernetwork checkpoint (--encoder hypernet)")
     parser.add_argument("--config", default=None, help="YAML config (configs/encode/*.yaml); flags below override it")
     parser.add_argument("--corpus", default=None, help="corpus name or folder, datasets folder or hub id (default: fictional)")
@@ -199,7 +201,7 @@ def _run_encode(args: argparse.Namespace) -> None:
     from hyper_prag.api import encode, load_encode_config
 
     overrides: list[str] = []
-    for flag in ("encoder", "checkpoint", "corpus", "columns", "split", "limit", "store", "model", "device", "dtype",
+    for flag in ("encoder", "checkpoint", "refine_steps", "corpus", "columns", "split", "limit", "store", "model", "device", "dtype",
                  "local_files_only", "chunk_size", "strategy", "devices", "num_nodes", "log_dir"):
         value = getattr(args, flag)
         if value is not None:

@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from torch import Tensor, nn
 
 from hyper_prag.errors import HyperPragError
@@ -165,7 +166,8 @@ def _layer_states(base: BaseModel, texts: Sequence[str], layers: Sequence[int], 
     tok.padding_side = "right"
     decoder.layers = full[: max(layers) + 1]  # stop after the deepest chosen layer (restored below)
     try:
-        for i in range(0, len(texts), batch_size):
+        for i in tqdm(range(0, len(texts), batch_size), desc="document states", unit="batch",
+                      disable=len(texts) <= batch_size):
             batch = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
                         max_length=max_tokens, add_special_tokens=False).to(base.device)
             decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)

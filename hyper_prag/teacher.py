@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm.auto import tqdm
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -120,7 +121,8 @@ def teacher_topk(base: BaseModel, queries: Sequence[TeacherQuery], k: int = 16, 
     """
     out: list[TeacherTopK] = []
     pad = base.tokenizer.pad_token_id
-    for i in range(0, len(queries), batch_size):
+    for i in tqdm(range(0, len(queries), batch_size), desc="teacher top-k", unit="batch",
+                  disable=len(queries) <= batch_size):
         seqs = [teacher_sequence(base, q) for q in queries[i : i + batch_size]]
         ids, mask, labels = right_pad(seqs, pad)  # each (n, T)
         dev = base.device
@@ -264,7 +266,8 @@ def teacher_answers(base: BaseModel, questions: Sequence[tuple[tuple[str, ...], 
     todo = list(dict.fromkeys(k for k in keys if k not in table))
     if todo:
         where = {k: p for k, p in zip(keys, prompts)}
-        for i in range(0, len(todo), batch_size):
+        for i in tqdm(range(0, len(todo), batch_size), desc="teacher answers", unit="batch",
+                      disable=len(todo) <= batch_size):
             chunk = todo[i : i + batch_size]
             table |= dict(zip(chunk, base.generate([where[k] for k in chunk], max_new_tokens=max_new_tokens)))
         root.mkdir(parents=True, exist_ok=True)

@@ -120,3 +120,25 @@ def test_target_modules_and_layers_come_from_the_encode_config(folder, tmp_path)
     assert LoraStore(store).spec(key).target_modules == ("down_proj",)
     with pytest.raises(HyperPragError):
         api.encode(model="tiny", corpus=str(folder), store=str(store), limit=1, layers=(7,), logger="none", progress=False)
+
+
+def test_encode_with_the_refine_encoder_stores_k_step_loras(folder, tmp_path):
+    from hyper_prag.encoders.hypernet import save_inference_checkpoint
+    from hyper_prag.hypernet import Hypernet, HypernetConfig
+    from hyper_prag.store import LoraStore
+
+    base = api.assemble.load_model("tiny")
+    torch.manual_seed(0)
+    checkpoint = save_inference_checkpoint(Hypernet.for_model(base, HypernetConfig(doc_dim=16, emb_dim=8, width=16)),
+                                           tmp_path / "hn.safetensors")
+    common = dict(model="tiny", corpus=str(folder), limit=2, checkpoint=str(checkpoint), augment={"source": "template"},
+                  store_dtype="float32", logger="none", progress=False)
+    zero = api.encode(encoder="refine", refine_steps=0, store=str(tmp_path / "k0"), **common)
+    two = api.encode(encoder="refine", refine_steps=2, store=str(tmp_path / "k2"), **common)
+    hyper = api.encode(encoder="hypernet", store=str(tmp_path / "hyper"), **common)
+    assert zero.encoded == two.encoded == hyper.encoded == 2
+    k0, k2, gen = (LoraStore(tmp_path / n) for n in ("k0", "k2", "hyper"))
+    assert not set(k0.keys()) & set(k2.keys())  # k is in the key
+    a, b = sorted(k0.keys()), sorted(k2.keys())
+    assert any(not torch.equal(k0.get(x).B[m], k2.get(y).B[m]) for x, y in zip(a, b) for m in k0.get(x).B)
+    assert sorted(len(k0.get(x).B) for x in a) == sorted(len(gen.get(x).B) for x in gen.keys())

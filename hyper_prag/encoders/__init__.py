@@ -4,6 +4,8 @@
   augmented data, many documents in one batched bank;
 * :mod:`~hyper_prag.encoders.hypernet`: the amortized encoder, a trained hypernetwork (network in
   :mod:`hyper_prag.hypernet`) that generates a document's LoRA in one forward pass, and its checkpoint files;
+* :mod:`~hyper_prag.encoders.refine`: the hypernetwork's LoRA refined by k steps of the per-document
+  objective (k = 0: the generated LoRA itself), the knob between the two encoders above;
 * :mod:`~hyper_prag.encoders.peft_reference`: the paper's sequential per-document loop on PEFT, the
   reference the batched trainer is checked and timed against (not an :class:`Encoder` itself).
 
