@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-doc-lr", type=float, default=1e-3,
                         help="per-document learning rate (paper: 3e-4, measured too weak for SmolLM2-135M here)")
     parser.add_argument("--chunk-size", type=int, default=4, help="documents per per-doc LoRA bank")
+    parser.add_argument("--refine-steps", type=int, nargs="*", default=[],
+                        help="k values: rows 'hypernet+k' (the first checkpoint's LoRA + k per-document steps) and "
+                             "'random+k' (random init + the same k steps), e.g. --refine-steps 0 1 2 4 8")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -184,6 +187,33 @@ def main(argv: list[str] | None = None) -> dict:
         for name in [k for k in loras if not k.endswith("_wrong_doc")]:  # "hypernet", "hypernet:<stem>", …
             result[f"encode_cost_ratio_perdoc_over_{name}"] = seconds * 1000 / result[name]["ms_per_doc_batched"]
         loras["per_doc"] = trained
+
+    if args.refine_steps:
+        from hyper_prag.augment import AugmentConfig, augment_documents
+        from hyper_prag.encoders.per_doc import PerDocConfig, initial_loras
+        from hyper_prag.encoders.refine import RefineEncoder, train_steps
+        from hyper_prag.lora import LoraSpec
+
+        refine_config = PerDocConfig(lr=args.per_doc_lr)
+        augmented = augment_documents(docs, AugmentConfig(source="template"), base=base, corpus=corpus)
+        first = HypernetEncoder.from_checkpoint(args.checkpoint[0], base)
+        spec = LoraSpec().for_model(base)
+        dims = {m: base.module_dims(m) for m in spec.target_modules}
+        for k in args.refine_steps:
+            for row, make in (("hypernet", lambda idx: RefineEncoder(first, k, refine_config).encode(
+                                  [augmented[i] for i in idx])),
+                              ("random", lambda idx: train_steps(base, [augmented[i] for i in idx], initial_loras(
+                                  [docs[i].text for i in idx], spec, dims, refine_config).unbind(), k, refine_config)[0]
+                                  if k > 0 else list(initial_loras([docs[i].text for i in idx], spec, dims,
+                                                                   refine_config).unbind()))):
+                table: dict[str, Lora] = {}
+                start = time.perf_counter()
+                for c in range(0, len(docs), args.chunk_size):
+                    idx = list(range(c, min(c + args.chunk_size, len(docs))))
+                    table |= {docs[i].id: lora for i, lora in zip(idx, make(idx))}
+                result[f"{row}+{k}"] = {"s_per_doc": (time.perf_counter() - start) / len(docs), "k": k,
+                                        "lr": args.per_doc_lr}
+                loras[f"{row}+{k}"] = table
 
     scores = {}
     predictions = {}
