@@ -54,8 +54,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -69,6 +67,7 @@ from tqdm.auto import tqdm
 from torch import Tensor, nn
 
 from hyper_prag.errors import HyperPragError
+from hyper_prag.io import atomic_file
 from hyper_prag.lora import Lora, LoraSpec
 from hyper_prag.model import BaseModel
 from hyper_prag.paths import cache_dir
@@ -284,19 +283,12 @@ class EmbeddingCache:
             table.update({k: row.clone() for k, row in zip(todo, fresh)})
             log.info("doc embeddings: computed %d in %.1f s (%d cached)", len(todo), time.perf_counter() - start,
                      len(texts) - len(todo))
-            path.parent.mkdir(parents=True, exist_ok=True)
             # Several processes (the ranks of a distributed run) may write this file at once: each writes a
             # whole new file and renames it into place, so a reader sees one complete file or another, and
             # rows another process saved since we loaded are kept (one lost to a race is recomputed later).
             table.update({k: v for k, v in self._read(path).items() if k not in table})
-            fd, tmp = tempfile.mkstemp(prefix=".emb-", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
-                save_file({k: v.contiguous() for k, v in table.items()}, tmp)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_file(path) as tmp:
+                save_file({k: v.contiguous() for k, v in table.items()}, str(tmp))
         if tokens:
             return [table[k] for k in keys]  # N × (T_i, E)
         return torch.stack([table[k] for k in keys])  # (N, E)

@@ -53,6 +53,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from hyper_prag.io import atomic_file
 from hyper_prag.model import BaseModel
 from hyper_prag.paths import cache_dir
 from hyper_prag.prompts import question_prompt
@@ -197,16 +198,9 @@ class TeacherCache:
     def _save(self, path: Path, table: dict[str, Tensor]) -> None:
         # As the doc-embedding cache: a whole new file renamed into place (readers see one complete file), and
         # entries another process saved meanwhile are kept.
-        path.parent.mkdir(parents=True, exist_ok=True)
         table.update({k: v for k, v in self._read(path).items() if k not in table})
-        fd, tmp = tempfile.mkstemp(prefix=".teacher-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in table.items()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp:
+            save_file({k: v.contiguous() for k, v in table.items()}, str(tmp))
 
 
 def topk_kl(student_logits: Tensor, indices: Tensor, logprobs: Tensor, temperature: float = 1.0,
