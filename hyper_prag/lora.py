@@ -25,6 +25,7 @@ LoRA loads with ``peft.PeftModel.from_pretrained``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, replace
@@ -172,6 +173,18 @@ class Lora:
                     f"{source}: wrong shapes for '{m}': A {tuple(a.shape)}, B {tuple(b.shape)}; expected {want}. "
                     "The file does not match its spec or this base model; re-encode the document."
                 )
+
+
+def lora_sha256(lora: Lora) -> str:
+    """sha256 of a single LoRA's float32 values, module by module in its spec's order (A then B).
+
+    The identity of a LoRA's content: a warm-up LoRA enters the store keys it initialises by this hash.
+    """
+    digest = hashlib.sha256()
+    for m in lora.spec.target_modules:
+        digest.update(lora.A[m].detach().float().cpu().numpy().tobytes())
+        digest.update(lora.B[m].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_base_model(lora: Lora, identity: str, source: str = "LoRA") -> None:

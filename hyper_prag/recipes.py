@@ -25,17 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from hyper_prag.errors import HyperPragError
-from hyper_prag.lora import Lora, LoraSpec, load_lora, save_lora
-from hyper_prag.store import store_key
+from hyper_prag.lora import Lora, LoraSpec, load_lora, lora_sha256, save_lora
+from hyper_prag.store import canonical_json, store_key
 
 log = logging.getLogger(__name__)
 
 RECIPE_FORMAT = "hyper-prag-recipe/1"
 RECIPES_DIR = "recipes"
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,7 @@ class Recipe:
         """
         augmentation = dict(self.augmentation)
         if pairs and augmentation.get("source") == "template":
-            augmentation["pairs_sha256"] = hashlib.sha256(_canonical([list(p) for p in pairs]).encode()).hexdigest()
+            augmentation["pairs_sha256"] = hashlib.sha256(canonical_json([list(p) for p in pairs]).encode()).hexdigest()
         return store_key(text, self.base_identity, self.spec, augmentation, self.settings)
 
     @property
@@ -69,7 +65,7 @@ class Recipe:
         """16 hex digits of the sha256 over the key inputs: equal ids, equal keys."""
         spec = {"rank": self.spec.rank, "alpha": self.spec.alpha, "modules": list(self.spec.target_modules),
                 "layers": list(self.spec.layers)}
-        payload = _canonical({"encoder": self.encoder, "base": self.base_identity, "spec": spec,
+        payload = canonical_json({"encoder": self.encoder, "base": self.base_identity, "spec": spec,
                               "augmentation": dict(self.augmentation), "settings": dict(self.settings)})
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -80,8 +76,8 @@ class Recipe:
     def describe(self) -> str:
         """One line for listings and error messages."""
         keep = {k: v for k, v in self.settings.items() if k not in ("name", "warmup_sha256")}
-        return (f"{self.id} {self.encoder} r={self.spec.rank} alpha={self.spec.alpha:g} {_canonical(keep)} "
-                f"augmentation={_canonical(dict(self.augmentation))}")
+        return (f"{self.id} {self.encoder} r={self.spec.rank} alpha={self.spec.alpha:g} {canonical_json(keep)} "
+                f"augmentation={canonical_json(dict(self.augmentation))}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": RECIPE_FORMAT, "id": self.id, "encoder": self.encoder, "base_identity": self.base_identity,
@@ -201,16 +197,7 @@ def load_warmup(store_root: str | Path, recipe: Recipe) -> Lora:
         raise HyperPragError(f"recipe {recipe.id} in {store_root} has no recorded warm-up LoRA ({path}); "
                              "re-run `hyper-prag encode` with the same config to record it.")
     lora = load_lora(path)
-    if warmup_sha256(lora) != recipe.settings.get("warmup_sha256"):
+    if lora_sha256(lora) != recipe.settings.get("warmup_sha256"):
         raise HyperPragError(f"the warm-up LoRA {path} does not match recipe {recipe.id}: it was changed or "
                              "corrupted; delete it and re-run `hyper-prag encode` with the same config.")
     return lora
-
-
-def warmup_sha256(lora: Lora) -> str:
-    """sha256 of a warm-up LoRA's float32 values, module by module (A then B): the key's warm-up identity."""
-    digest = hashlib.sha256()
-    for m in lora.spec.target_modules:
-        digest.update(lora.A[m].detach().float().cpu().numpy().tobytes())
-        digest.update(lora.B[m].detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()

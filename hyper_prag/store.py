@@ -80,7 +80,8 @@ SIDECAR_FORMAT = "hyper-prag-store/1"
 _RESCAN_GRACE_NS = 2_000_000_000  # folder mtimes are coarse (ext4: ~4 ms); re-scan while one is this fresh
 
 
-def _canonical(obj: Any) -> str:
+def canonical_json(obj: Any) -> str:
+    """Sorted-key, separator-tight JSON: equal objects give equal text, hence equal hashes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
@@ -98,7 +99,7 @@ def store_key(document_text: str, base_model: str, spec: LoraSpec, augmentation:
         A 64-hex-digit sha256.
     """
     spec_part = {"rank": spec.rank, "alpha": spec.alpha, "modules": list(spec.target_modules), "layers": list(spec.layers)}
-    payload = _canonical({"text": document_text, "base": base_model, "spec": spec_part,
+    payload = canonical_json({"text": document_text, "base": base_model, "spec": spec_part,
                           "augmentation": dict(augmentation), "encoder": dict(encoder)})
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -466,7 +467,7 @@ class LoraStore:
         atomic_write_bytes(self._shard_path(name), data)
         info = {"format": SIDECAR_FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                 "dtype": dtype, "written_ns": time.time_ns()}
-        atomic_write_bytes(self._sidecar_path(name), _canonical(info | {"entries": entries}).encode())
+        atomic_write_bytes(self._sidecar_path(name), canonical_json(info | {"entries": entries}).encode())
         self._shard_info[name] = info
         signature = _signature(self._shard_path(name))
         for key, entry in entries.items():
@@ -666,7 +667,7 @@ class LoraStore:
             if legacy:  # add the per-entry hashes; the shard itself is unchanged
                 for key, raw in good.items():
                     entries[key]["sha256"] = entry_sha256(raw)
-                atomic_write_bytes(self._sidecar_path(name), _canonical(sidecar).encode())
+                atomic_write_bytes(self._sidecar_path(name), canonical_json(sidecar).encode())
             return
 
         def served_here(key: str) -> bool:  # a copy superseded by a newer one needs no rescue

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from hyper_prag.combine import combine
 from hyper_prag.encoders import split_text
 from hyper_prag.errors import HyperPragError
-from hyper_prag.lora import Lora, LoraSpec, init_lora, stack
+from hyper_prag.lora import Lora, LoraSpec, init_lora, lora_sha256, stack
 from hyper_prag.model import BaseModel
 from hyper_prag.prompts import training_sequence
 from hyper_prag.sequences import LossOn, TokenSequence, right_pad, sequence_losses, tokenize
@@ -364,11 +364,7 @@ class PerDocEncoder:
         """Encoder identity and trainer settings (enter the store key). The warm-up LoRA enters by content hash."""
         settings = {"name": self.name, **self.config.settings()}
         if self.config.init == "warmup":
-            digest = hashlib.sha256()
-            for m in self.spec.target_modules:
-                digest.update(self.warmup.A[m].detach().float().cpu().numpy().tobytes())
-                digest.update(self.warmup.B[m].detach().float().cpu().numpy().tobytes())
-            settings["warmup_sha256"] = digest.hexdigest()
+            settings["warmup_sha256"] = lora_sha256(self.warmup)
         return settings
 
     @property
