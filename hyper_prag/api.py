@@ -123,8 +123,6 @@ def encode(
     Returns:
         The :class:`EncodeReport` (of the whole run, on every rank).
     """
-    from hyper_prag.sources import HypernetSource
-
     if limit is not None and limit < 1:
         raise HyperPragError(f"limit must be a positive number of documents, got {limit}.")
     from hyper_prag.model import resolve_device
@@ -145,7 +143,6 @@ def encode(
         if checkpoint is None:
             raise HyperPragError(f"encoder '{encoder}' needs a checkpoint: pass --checkpoint PATH (see hypernet training).")
         source = assemble.hypernet_source(checkpoint, base)
-        assert isinstance(source, HypernetSource)
         if encoder == "hypernet":
             return encode_corpus(documents, source.encoder, lora_store, base, None, chunk_size, corpus=full,
                                  progress=progress, fabric=fabric)
