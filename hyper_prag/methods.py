@@ -69,8 +69,6 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("dragin", "dynamic", "documents", "none"),
 )}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)  # every method, in the order tables list them
-STATIC_METHODS: tuple[str, ...] = tuple(n for n, s in METHODS.items() if not s.dynamic)
-DYNAMIC_METHODS: tuple[str, ...] = tuple(n for n, s in METHODS.items() if s.dynamic)
 
 
 def method_spec(name: str) -> MethodSpec:

@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 # benchmarks/perdoc_recipe.py --interference: own document + 2 BM25 neighbours, lookup F1 sum 3.1, mean 2.1,
 # softmax 14.6, own LoRA alone 25.7; so softmax is the default.
 CombineMode = Literal["sum", "mean", "softmax"]
-COMBINE_MODES: tuple[str, ...] = ("softmax", "sum", "mean")
 
 log = logging.getLogger(__name__)
 
