@@ -33,6 +33,7 @@ import logging
 import mmap
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -392,7 +393,7 @@ class BaseModel:
             self._module_dims[module] = (linear.in_features, linear.out_features)
         return self._module_dims[module]
 
-    def chat_prompt(self, user: str, system: str | None = None) -> str:
+    def chat_prompt(self, user: str, system: str | None = None, history: Sequence[tuple[str, str]] = ()) -> str:
         """Builds the model's prompt for one user turn, ready for the assistant's answer.
 
         With a chat template this is the template's text up to the assistant-turn header. A base
@@ -402,6 +403,8 @@ class BaseModel:
         Args:
             user: the user message (question, possibly with passages before it).
             system: the system message; defaults to ``self.system_prompt`` (``None``: the template's own).
+            history: earlier (user, assistant) turns placed before ``user`` (e.g. a demonstration of the
+                answer format); in the plain format each is ``"{user}\nAnswer: {assistant}\n\n"``.
 
         Returns:
             The prompt text.
@@ -409,8 +412,12 @@ class BaseModel:
         system = system or self.system_prompt
         if not self.has_chat_template:
             head = f"{system.strip()}\n\n" if system else ""
-            return f"{head}{user}\n{PLAIN_ANSWER_CUE}"
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+            turns = "".join(f"{u}\n{PLAIN_ANSWER_CUE} {a.strip()}\n\n" for u, a in history)
+            return f"{head}{turns}{user}\n{PLAIN_ANSWER_CUE}"
+        messages = [{"role": "system", "content": system}] if system else []
+        for u, a in history:
+            messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": user})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @torch.no_grad()

@@ -3,11 +3,14 @@
 At inference every method asks the same question the same way; only what stands before the
 question differs (nothing, retrieved passages, or augmented passages). Per-document training
 sequences (paper §3.2, ``[d_i^k ⊕ q_i^j ⊕ a_i^j]``) end with exactly the inference prompt of a
-closed-book question, so what a LoRA learns is asked for in the form it was learnt.
+closed-book question, so what a LoRA learns is asked for in the form it was learnt. Every prompt
+starts with the same worked examples (:data:`DEMONSTRATIONS`, earlier user/assistant turns), so
+every method answers in the same short format and EM/F1 compare knowledge, not verbosity.
 
 A base model without a chat template (a pretrained, not instruction-tuned checkpoint) is asked in
 a plain format instead, built by :meth:`~hyper_prag.model.BaseModel.chat_prompt`::
 
+    <each worked example, as below, followed by " <its answer>\n\n">
     [Passage 1: …\n\n]Answer the question with a short phrase, without explanation.
     Question: <question>
     Answer:
@@ -24,6 +27,20 @@ from hyper_prag.model import BaseModel
 
 INSTRUCTION = "Answer the question with a short phrase, without explanation."
 
+# Fixed worked examples, placed as earlier user/assistant turns before every question of every method
+# (and of every training sequence): questions with and without a passage, each answered by the bare
+# answer. A small instruction-tuned model follows a shown format far more reliably than the instruction
+# alone, above all when passages stand before the question (SmolLM2-135M with the instruction only:
+# standard RAG answered in sentences, median 18 tokens; with these turns 4.5 tokens, measured on 40
+# fictional test lookups with the right document as passage).
+DEMONSTRATIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (  # (question, passages, answer)
+    ("Who founded Microsoft?", ("Microsoft is an American technology company founded by Bill Gates and Paul Allen "
+                                "in 1975. It is headquartered in Redmond.",), "Bill Gates and Paul Allen"),
+    ("When was the novel Dracula published?", (), "1897"),
+    ("What was Marie Curie's occupation?", ("Marie Curie was a physicist and chemist born in Warsaw in 1867.",),
+     "physicist"),
+)
+
 
 def user_message(question: str, passages: Sequence[str] = ()) -> str:
     """The user turn: optional numbered passages, the instruction, then the question."""
@@ -31,8 +48,15 @@ def user_message(question: str, passages: Sequence[str] = ()) -> str:
     return f"{context}{INSTRUCTION}\nQuestion: {question.strip()}"
 
 
+def demonstration() -> tuple[tuple[str, str], ...]:
+    """The worked examples every prompt starts with, as (user, assistant) turns."""
+    return tuple((user_message(q, passages), a) for q, passages, a in DEMONSTRATIONS)
+
+
 def question_prompt(base: BaseModel, question: str, passages: Sequence[str] = ()) -> str:
     """The full prompt for one question, ready for the answer (the plain format without a chat template).
+
+    The :func:`demonstration` turns stand before the question, the same for every method.
 
     Args:
         base: the model whose chat template (or plain format) is used.
@@ -43,7 +67,7 @@ def question_prompt(base: BaseModel, question: str, passages: Sequence[str] = ()
     Returns:
         The prompt string.
     """
-    return base.chat_prompt(user_message(question, passages))
+    return base.chat_prompt(user_message(question, passages), history=demonstration())
 
 
 def _target(base: BaseModel, answer: str) -> str:

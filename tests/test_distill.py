@@ -134,7 +134,7 @@ def test_module_kl_vanishes_when_the_student_is_the_teacher():
     assert same.abs() < 1e-7
     module, batch = module_and_batch(passages=True, kl_weight=1.0, temperature=2.0)  # the teacher reads the document
     out = module.losses(batch)
-    assert out["kl"] > 1e-5 and out["kl"] > 100 * same.abs()  # a random tiny model reads its context only a little
+    assert out["kl"] > 1e-6 and out["kl"] > 100 * same.abs()  # a random tiny model reads its context only a little
     torch.testing.assert_close(out["loss"], out["ce"] + out["kl"])
     out["loss"].backward()
     assert all(h.weight.grad.abs().sum() > 0 for h in module.hypernet.head_B.values())

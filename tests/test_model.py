@@ -135,12 +135,14 @@ def test_base_model_without_chat_template_gets_plain_prompts(tiny):
     plain.tokenizer.chat_template = None
     assert tiny.has_chat_template and not plain.has_chat_template
     prompt = prompts.question_prompt(plain, "Who founded Ardent Loom?", passages=["Ardent Loom was founded by Ilse Varn."])
-    assert prompt.startswith("Passage 1: Ardent Loom was founded by Ilse Varn.\n\n")
-    assert prompt.endswith("\nQuestion: Who founded Ardent Loom?\nAnswer:")
+    demo = "".join(f"{u}\nAnswer: {a}\n\n" for u, a in prompts.demonstration())  # the worked examples come first
+    assert prompt == f"{demo}Passage 1: Ardent Loom was founded by Ilse Varn.\n\n{prompts.INSTRUCTION}\n" \
+                     "Question: Who founded Ardent Loom?\nAnswer:"
     prefix, target = prompts.training_sequence(plain, "Doc.", "Who?", "Ilse Varn")
     assert prefix.endswith("Answer:") and target == " Ilse Varn" + plain.tokenizer.eos_token
     assert prompts.qa_sequence(plain, "Who?", "Ilse Varn")[1] == target
     assert prompts.qa_sequence(tiny, "Who?", "Ilse Varn")[1] == "Ilse Varn" + tiny.tokenizer.eos_token
     assert prompts.answer_text(plain, " Ilse Varn\nQuestion: next") == "Ilse Varn"
     assert plain.chat_prompt("Rewrite this.", system="Be brief.") == "Be brief.\n\nRewrite this.\nAnswer:"
+    assert plain.chat_prompt("Q2", history=[("Q1", "A1")]) == "Q1\nAnswer: A1\n\nQ2\nAnswer:"
     assert len(plain.generate([prompt], max_new_tokens=2)) == 1  # asking does not crash
