@@ -433,8 +433,10 @@ def evaluate(
               "encode_config": str(encode_config) if encode_config is not None else None,
               "recipe": chosen_recipe.id if chosen_recipe is not None else None,
               "documents_retrieved": len(needed)}
+    tokenizer = base.tokenizer
     results = compare(built, questions, costs=costs, n_resamples=resamples, seed=seed, chunk=batch_size,
-                      device=base.device, config=config, progress=progress)
+                      device=base.device, config=config, progress=progress,
+                      count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False).input_ids))
     paths = results.write(out) if out is not None else {}
     if wandb_mode != "disabled":
         from hyper_prag.tracking import log_results

@@ -16,10 +16,11 @@ import json
 import logging
 import math
 import resource
+import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from hyper_prag.errors import HyperPragError
 from hyper_prag.methods import STAGES, Answer, Method
-from hyper_prag.scoring import TOTAL, score, summarize
+from hyper_prag.scoring import TOTAL, bootstrap_ci, score, summarize
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ class MethodResult:
     bytes_per_doc: float | None = None  # LoRA store bytes per document (None: no store)
     wall_seconds: float = 0.0  # wall time of the whole method run
     predictions: list[dict[str, Any]] = field(default_factory=list)  # per question
+    median_answer_tokens: float | None = None  # median answer length in the model's tokens (None: not counted)
+
+
+# Paired comparisons shown under the table when both methods ran: (method, reference).
+PAIRS: tuple[tuple[str, str], ...] = (("rag", "closed-book"), ("prag", "closed-book"), ("prag", "rag"),
+                                      ("prag-both", "rag"), ("hypernet", "closed-book"), ("hypernet-both", "rag"))
 
 
 @dataclass
@@ -68,12 +75,34 @@ class Results:
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "types": self.types, "methods": [asdict(m) for m in self.methods]}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Results":
+        """The inverse of :meth:`to_dict` (a ``results.json`` read back)."""
+        names = {f for f in MethodResult.__dataclass_fields__}
+        methods = [MethodResult(**{k: v for k, v in m.items() if k in names}) for m in data["methods"]]
+        return cls(methods, list(data["types"]), dict(data.get("config", {})))
+
+    def paired(self, method: str, reference: str, metric: str = "f1") -> tuple[float, float, float] | None:
+        """Mean and 95% bootstrap CI of ``method − reference`` per question (same questions), or ``None``.
+
+        ``None`` when either method did not run or their per-question records do not cover the same questions.
+        """
+        names = {m.name for m in self.methods}
+        if method not in names or reference not in names:
+            return None
+        a = {p["id"]: p[metric] for p in self.method(method).predictions}
+        b = {p["id"]: p[metric] for p in self.method(reference).predictions}
+        if not a or a.keys() != b.keys():
+            return None
+        return bootstrap_ci([a[i] - b[i] for i in a], self.config.get("n_resamples", 1000), self.config.get("seed", 0))
+
     def to_markdown(self) -> str:
-        """One row per method: F1 ± CI per type and total, EM, accuracy, retriever calls/question, time/question
-        and its breakdown, costs."""
-        cols = [f"F1 {t}" for t in self.types] + ["F1 total", "EM", "Acc", "retrievals/q", "s/question",
-                                                   "retrieve/lora/apply/generate ms", "enc. s/doc", "bytes/doc",
-                                                   "peak RSS MiB"]
+        """One row per method: F1 ± CI per type and total, EM, answer contained, median answer length,
+        retriever calls/question, time/question and its breakdown, costs; then the paired F1 differences
+        of :data:`PAIRS`."""
+        cols = [f"F1 {t}" for t in self.types] + ["F1 total", "EM", "contained", "med. tokens", "retrievals/q",
+                                                   "s/question", "retrieve/lora/apply/generate ms", "enc. s/doc",
+                                                   "bytes/doc", "peak RSS MiB"]
         lines = ["| method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
 
         def pm(cell: Mapping[str, float]) -> str:
@@ -85,16 +114,21 @@ class Results:
             med = m.latency["median"]
             row = [pm(m.scores[t]["f1"]) for t in self.types] + [pm(m.scores[TOTAL]["f1"]), pm(m.scores[TOTAL]["em"]),
                                                                  pm(m.scores[TOTAL]["accuracy"])]
-            row += [f"{m.retrievals:.2f}", f"{med['total']:.3f}", "/".join(f"{1000 * med[s]:.1f}" for s in STAGES),
+            row += ["–" if m.median_answer_tokens is None else f"{m.median_answer_tokens:g}", f"{m.retrievals:.2f}", f"{med['total']:.3f}", "/".join(f"{1000 * med[s]:.1f}" for s in STAGES),
                     "–" if m.encode_seconds_per_doc is None else f"{m.encode_seconds_per_doc:.2f}",
                     "–" if m.bytes_per_doc is None else f"{m.bytes_per_doc:,.0f}",
                     f"{m.memory.get('max_rss_mib', math.nan):.0f}"]
             lines.append(f"| {m.name} | " + " | ".join(row) + " |")
         n = self.config.get("questions", "?")
-        notes = ["", f"F1/EM/Acc in %, mean ± half-width of the 95% bootstrap CI over {n} questions "
+        notes = ["", f"F1/EM/contained in %, mean ± half-width of the 95% bootstrap CI over {n} questions "
                       f"({self.config.get('n_resamples', 1000)} resamples, seed {self.config.get('seed', 0)}); "
-                      "times are medians per question (batch stages divided evenly over the batch); "
-                      "peak RSS is the process maximum so far (monotone over methods)."]
+                      "contained: an accepted answer appears in the prediction; med. tokens: median answer length "
+                      "in the model's tokens; times are medians per question (batch stages divided evenly over the "
+                      "batch); peak RSS is the process maximum so far (monotone over methods)."]
+        diffs = [(a, b, d) for a, b in PAIRS if (d := self.paired(a, b)) is not None]
+        if diffs:
+            notes += ["", "| paired ΔF1 (same questions) | mean | 95% CI |", "|---|---|---|"]
+            notes += [f"| {a} − {b} | {100 * d[0]:+.1f} | [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] |" for a, b, d in diffs]
         return "\n".join(lines + notes) + "\n"
 
     def write(self, out: str | Path, plots: bool = True) -> dict[str, Path]:
@@ -148,7 +182,7 @@ def peak_memory(device: Any = None) -> dict[str, float]:
 def compare(
     methods: Sequence[Method], questions: Sequence[Any], *, costs: Mapping[str, Mapping[str, float | None]] | None = None,
     n_resamples: int = 1000, seed: int = 0, chunk: int = 8, device: Any = None, progress: bool = True,
-    config: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None, count_tokens: Callable[[str], int] | None = None,
 ) -> Results:
     """Runs every method over the same questions and scores them.
 
@@ -163,6 +197,8 @@ def compare(
         device: the model's device, for CUDA peak memory.
         progress: show tqdm bars.
         config: recorded in the results (benchmark, split, k, ...).
+        count_tokens: the length of an answer in tokens (the base model's tokenizer), for the median answer
+            length of each method; ``None``: not reported.
 
     Returns:
         The :class:`Results`.
@@ -189,6 +225,7 @@ def compare(
                 bar.update(min(chunk, len(texts) - i))
         wall = time.perf_counter() - start
         per_question = [score(a.prediction, q.answers) for a, q in zip(answers, questions)]
+        lengths = [count_tokens(a.prediction) for a in answers] if count_tokens is not None else None
         cost = (costs or {}).get(method.name, {})
         results.append(MethodResult(
             name=method.name,
@@ -201,11 +238,13 @@ def compare(
             wall_seconds=wall,
             predictions=[{"id": q.id, "type": q.type, "question": q.question, "answers": list(q.answers),
                           "prediction": a.prediction, "doc_ids": list(a.doc_ids), "lora_names": list(a.lora_names),
-                          "retrievals": a.retrievals, "timing": dict(a.timing), **s}
-                         for a, q, s in zip(answers, questions, per_question)],
+                          "retrievals": a.retrievals, "timing": dict(a.timing), **s,
+                          **({} if lengths is None else {"answer_tokens": lengths[i]})}
+                         for i, (a, q, s) in enumerate(zip(answers, questions, per_question))],
+            median_answer_tokens=None if lengths is None else float(statistics.median(lengths)),
         ))
         total = results[-1].scores[TOTAL]
-        log.info("%s: F1 %.1f EM %.1f Acc %.1f, %.3f s/question (median)", method.name, 100 * total["f1"]["mean"],
+        log.info("%s: F1 %.1f EM %.1f contained %.1f, %.3f s/question (median)", method.name, 100 * total["f1"]["mean"],
                  100 * total["em"]["mean"], 100 * total["accuracy"]["mean"], results[-1].latency["median"]["total"])
     cfg = {"questions": len(questions), "n_resamples": n_resamples, "seed": seed, **(config or {})}
     return Results(results, all_types, cfg)

@@ -118,6 +118,8 @@ def log_results(results: Results, *, plots: Mapping[str, Path] = {}, project: st
                     f"{m.name}/seconds_per_question": m.latency["median"]["total"]}
         if m.encode_seconds_per_doc is not None:
             summary[f"{m.name}/encode_seconds_per_doc"] = m.encode_seconds_per_doc
+        if m.median_answer_tokens is not None:
+            summary[f"{m.name}/median_answer_tokens"] = m.median_answer_tokens
     images = {key.removesuffix("_png"): Path(p) for key, p in plots.items() if str(p).endswith(".png")}
     return log_tables({"summary": (SUMMARY_COLUMNS, summary_rows(results)),
                        "answers": (ANSWER_COLUMNS, answer_rows(results))},

@@ -13,7 +13,7 @@ from hyper_prag.api import evaluate
 from hyper_prag.assemble import build_method
 from hyper_prag.cli import evaluate_command
 from hyper_prag.errors import HyperPragError
-from hyper_prag.evaluate import compare
+from hyper_prag.evaluate import Results, compare
 from hyper_prag.methods import STAGES, Answer
 from hyper_prag.pipeline import Pipeline
 from hyper_prag.scoring import bootstrap_ci, exact_match, f1_score, normalize_answer, score
@@ -116,6 +116,25 @@ def test_compare_scores_per_type_and_total():
     assert g.latency["median"]["total"] == pytest.approx(0.04)
     assert (g.encode_seconds_per_doc, g.bytes_per_doc) == (2.5, 100) and h.encode_seconds_per_doc is None
     assert len(g.predictions) == 5 and g.predictions[3]["prediction"] == "15,140"
+
+
+def test_answer_length_and_paired_differences_are_reported():
+    gold = Oracle("prag", {q.question: q.answers[0] for q in QUESTIONS})
+    chatty = Oracle("closed-book", {q.question: f"I think that the answer is {q.answers[0]}, of course" for q in QUESTIONS})
+    results = compare([chatty, gold], QUESTIONS, progress=False, n_resamples=200,
+                      count_tokens=lambda text: len(text.split()))
+    assert results.method("prag").median_answer_tokens == 1.0  # "1913", "Ilse Varn", ...: median of word counts
+    assert results.method("closed-book").median_answer_tokens == 9.0  # 8 words around a one-word answer
+    assert [p["answer_tokens"] for p in results.method("closed-book").predictions][:2] == [11, 10]
+    mean, low, high = results.paired("prag", "closed-book")
+    f1 = [p["f1"] for p in results.method("closed-book").predictions]
+    assert mean == pytest.approx(1 - sum(f1) / len(f1)) and low <= mean <= high
+    assert results.paired("prag", "rag") is None  # rag did not run
+    table = results.to_markdown()
+    assert "| contained | med. tokens |" in table and "| prag − closed-book |" in table
+    again = Results.from_dict(json.loads(json.dumps(results.to_dict())))
+    assert again.to_markdown() == table
+    assert compare([gold], QUESTIONS, progress=False).method("prag").median_answer_tokens is None
 
 
 def test_results_files_are_written(tiny, tmp_path):
