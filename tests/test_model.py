@@ -22,6 +22,23 @@ def test_chat_prompt_ends_with_assistant_turn(tiny):
     assert prompt.rstrip().endswith("assistant")
 
 
+def test_every_method_and_training_sequence_shares_the_worked_examples(tiny):
+    from hyper_prag import prompts
+
+    turns = prompts.demonstration()
+    assert len(turns) == len(prompts.DEMONSTRATIONS) and all(a and len(a.split()) <= 5 for _, a in turns)
+    closed = prompts.question_prompt(tiny, "Who founded Ardent Loom?")
+    rag = prompts.question_prompt(tiny, "Who founded Ardent Loom?", passages=["Ardent Loom was founded by Ilse Varn."])
+    with_examples = tiny.chat_prompt("X", history=turns)
+    head = with_examples[: with_examples.index("X")]  # system turn + the worked examples, before the question's turn
+    assert closed.startswith(head) and rag.startswith(head)
+    assert closed.count(prompts.DEMONSTRATIONS[0][0]) == rag.count(prompts.DEMONSTRATIONS[0][0]) == 1
+    prefix, _ = prompts.training_sequence(tiny, "Ardent Loom was founded by Ilse Varn.", "Who founded Ardent Loom?", "Ilse Varn")
+    assert prefix.endswith(closed)  # a LoRA learns its facts asked exactly as closed-book/P-RAG ask them
+    student, _ = prompts.qa_sequence(tiny, "Who founded Ardent Loom?", "Ilse Varn")
+    assert student == closed
+
+
 def test_tiny_generates_a_batch(tiny):
     out = tiny.generate([tiny.chat_prompt("Hi"), tiny.chat_prompt("A longer question here?")], max_new_tokens=4)
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
