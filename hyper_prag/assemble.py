@@ -161,6 +161,7 @@ def per_doc_from_config(base: BaseModel, corpus: Corpus, config: Mapping[str, An
     """
     from hyper_prag.augment import AugmentConfig, augment_documents
     from hyper_prag.encoders.per_doc import PerDocEncoder, train_warmup_lora
+    from hyper_prag.prompts import format_id
 
     augment_config = AugmentConfig(**(config.get("augment") or {}))
     spec = LoraSpec(rank=config["rank"], alpha=config["alpha"],
@@ -171,7 +172,7 @@ def per_doc_from_config(base: BaseModel, corpus: Corpus, config: Mapping[str, An
     if trainer.init == "warmup":
         provenance = {"warmup": {"split": config["warmup_split"], "docs": config["warmup_docs"],
                                  "steps": config["warmup_steps"], "corpus": corpus.fingerprint}}
-        settings = {"name": PerDocEncoder.name, **trainer.settings()}
+        settings = {"name": PerDocEncoder.name, **trainer.settings(), "prompt": format_id()}  # = encoder.settings()
         if warmup is None and store_root is not None:
             warmup = recorded_warmup(store_root, base, spec, settings, augment_config.settings(), provenance["warmup"])
         if warmup is None:
@@ -193,9 +194,15 @@ def per_doc_from_recipe(base: BaseModel, recipe: Recipe, store_root: str | Path)
     from hyper_prag.augment import AugmentConfig
     from hyper_prag.encoders.per_doc import PerDocConfig, PerDocEncoder
 
+    from hyper_prag.prompts import format_id
+
     if recipe.base_identity != base.identity:
         raise HyperPragError(f"recipe {recipe.id} was made for base model {recipe.base_identity}, not {base.identity}.")
-    trainer = PerDocConfig(**{k: v for k, v in recipe.settings.items() if k not in ("name", "warmup_sha256")})
+    if recipe.settings.get("prompt") != format_id():
+        raise HyperPragError(f"recipe {recipe.id} in {store_root} trained its LoRAs under another prompt format than "
+                             f"this version asks in ({recipe.settings.get('prompt')} vs {format_id()}); re-encode the "
+                             "documents with `hyper-prag encode` (or `hyper-prag evaluate --encode-config ...`).")
+    trainer = PerDocConfig(**{k: v for k, v in recipe.settings.items() if k not in ("name", "warmup_sha256", "prompt")})
     warmup = load_warmup(store_root, recipe) if recipe.uses_warmup else None
     encoder = PerDocEncoder(base, recipe.spec, trainer, warmup=warmup)
     augment_config = AugmentConfig(**(recipe.augment or {}))

@@ -21,6 +21,8 @@ not stop by itself after the answer: :func:`answer_text` keeps the first line of
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 
 from hyper_prag.model import BaseModel
@@ -51,6 +53,22 @@ def user_message(question: str, passages: Sequence[str] = ()) -> str:
 def demonstration() -> tuple[tuple[str, str], ...]:
     """The worked examples every prompt starts with, as (user, assistant) turns."""
     return tuple((user_message(q, passages), a) for q, passages, a in DEMONSTRATIONS)
+
+
+def fixed_head(base: BaseModel) -> str:
+    """What every prompt of ``base`` starts with: the system turn and the worked examples, up to the
+    question's own user message. Training sequences read it but carry no loss on it
+    (``sequences.tokenize(..., unlearned=fixed_head(base))``)."""
+    mark = "\u0000question\u0000"
+    full = base.chat_prompt(mark, history=demonstration())
+    return full[: full.index(mark)]
+
+
+def format_id() -> str:
+    """12 hex digits naming the prompt format (instruction, worked examples, what training learns of them);
+    part of every per-document store key, so LoRAs trained under another format are never served."""
+    payload = json.dumps({"instruction": INSTRUCTION, "examples": DEMONSTRATIONS, "head": "unlearned"}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def question_prompt(base: BaseModel, question: str, passages: Sequence[str] = ()) -> str:

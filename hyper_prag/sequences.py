@@ -13,6 +13,11 @@ carries a label: the next-token id it must predict, or :data:`IGNORE` (no loss):
     labels     [p_1 … p_P  a_1 … a_A  IGN … IGN]     loss_on="all"    (paper: the whole d ⊕ q ⊕ a)
     labels     [IGN … IGN  a_1 … a_A  IGN … IGN]     loss_on="answer"
 
+A prefix may hold an *unlearned* span (``tokenize(..., unlearned=...)``): text every sequence shares, such
+as the prompt's system turn and worked examples (:func:`hyper_prag.prompts.fixed_head`). It is read but
+never learned, whatever ``loss_on`` says: a LoRA trained on it learns to repeat the worked examples'
+answers instead of its document.
+
 Sequence n of a right-padded batch under LoRA n (``inject.injected(mode="batched")``) has the loss
 
     loss_n = 1/|K_n| Σ_{t ∈ K_n} −log p(labels[n, t+1] | input_ids[n, ≤ t]; W + ΔW_n)
@@ -34,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hyper_prag.errors import HyperPragError
 from hyper_prag.inject import injected
 from hyper_prag.lora import Lora
 from hyper_prag.model import BaseModel
@@ -50,8 +56,8 @@ class TokenSequence:
     labels: tuple[int, ...]
 
 
-def tokenize(base: BaseModel, prefix: str, target: str, loss_on: LossOn, max_length: int | None = None
-             ) -> TokenSequence:
+def tokenize(base: BaseModel, prefix: str, target: str, loss_on: LossOn, max_length: int | None = None,
+             unlearned: str = "") -> TokenSequence:
     """Tokenises ``prefix ⊕ target`` (prefix and target separately, so the target span is exact).
 
     Args:
@@ -60,15 +66,29 @@ def tokenize(base: BaseModel, prefix: str, target: str, loss_on: LossOn, max_len
         target: the tokens to learn (the answer and its end-of-turn token).
         loss_on: ``"all"``: every position carries a loss; ``"answer"``: the prefix positions are IGNORE.
         max_length: keep the last ``max_length`` tokens (the question and answer survive); ``None``: all.
+        unlearned: a span of ``prefix`` (its last occurrence) whose tokens are IGNORE under any ``loss_on``;
+            the prefix is tokenised in three pieces around it (split at the chat template's special
+            tokens, so the ids are those of the whole prefix). ``""``: none.
 
     Returns:
         The :class:`TokenSequence`.
     """
     tok = base.tokenizer
-    p = tok(prefix, add_special_tokens=False)["input_ids"]
+    at = prefix.rfind(unlearned) if unlearned else -1
+    if unlearned and at < 0:
+        raise HyperPragError("the unlearned span is not part of the training prefix; build both from the same "
+                             "prompt (hyper_prag.prompts).")
+    pieces = [(prefix, True)] if at < 0 else [(prefix[:at], True), (unlearned, False),
+                                              (prefix[at + len(unlearned):], True)]
+    p: list[int] = []
+    labels: list[int] = []
+    for text, learned in pieces:
+        piece = tok(text, add_special_tokens=False)["input_ids"] if text else []
+        p += piece
+        labels += list(piece) if learned and loss_on == "all" else [IGNORE] * len(piece)
     a = tok(target, add_special_tokens=False)["input_ids"]
     ids = p + a
-    labels = ([IGNORE] * len(p) if loss_on == "answer" else list(p)) + list(a)
+    labels += list(a)
     if max_length is not None:
         ids, labels = ids[-max_length:], labels[-max_length:]
     return TokenSequence(tuple(ids), tuple(labels))

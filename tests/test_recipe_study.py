@@ -16,9 +16,10 @@ from hyper_prag.augment import AugmentConfig, AugmentedDocument
 from hyper_prag.combine import combine, combine_renormalized, delta_norms, scale, softmax_weights
 from hyper_prag.corpus import Corpus, Document, Question
 from hyper_prag.encoders.per_doc import PerDocConfig, document_sequences
-from hyper_prag.sequences import IGNORE
 from hyper_prag.errors import HyperPragError
 from hyper_prag.inject import injected
+from hyper_prag.prompts import fixed_head, training_sequence
+from hyper_prag.sequences import IGNORE
 
 from tests.conftest import random_lora
 
@@ -237,7 +238,13 @@ def test_answer_only_loss_masks_the_prompt(tiny):
     n = len(target)
     assert all(label == IGNORE for label in answer_only.labels[:-n])  # document, chat template and question
     assert list(answer_only.labels[-n:]) == target == list(answer_only.input_ids[-n:])
-    assert IGNORE not in whole.labels  # the paper's loss: every position
+    # The paper's loss: every position, but the system turn and worked examples every sequence shares.
+    head = len(tiny.tokenizer(fixed_head(tiny), add_special_tokens=False)["input_ids"])
+    start = whole.input_ids.index(tiny.tokenizer("<|im_start|>", add_special_tokens=False)["input_ids"][0])
+    assert all(label == IGNORE for label in whole.labels[start:start + head])
+    assert IGNORE not in whole.labels[:start] and IGNORE not in whole.labels[start + head:]
+    assert whole.input_ids == tuple(tiny.tokenizer(  # pieces tokenised apart = the whole text tokenised at once
+        "".join(training_sequence(tiny, DOCS[0].text, *aug.qa[0])), add_special_tokens=False)["input_ids"])
 
 
 def test_both_sources_merge_template_and_llm_pairs(tiny, corpus, monkeypatch):

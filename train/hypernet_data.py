@@ -37,7 +37,7 @@ from hyper_prag.hypernet import EmbeddingCache, HypernetConfig, pad_states
 from hyper_prag.inject import injected
 from hyper_prag.lora import Lora, stack
 from hyper_prag.model import BaseModel
-from hyper_prag.prompts import qa_sequence
+from hyper_prag.prompts import fixed_head, qa_sequence
 from hyper_prag.sequences import IGNORE, LossOn, TokenSequence, right_pad, tokenize
 from hyper_prag.teacher import TeacherCache, TeacherQuery, TeacherTopK, teacher_answers
 
@@ -172,8 +172,9 @@ class HypernetBatch:
 
 
 def tokenize_qa(base: BaseModel, question: str, answer: str, loss_on: LossOn) -> TokenSequence:
-    """Token ids and labels of ``qa_sequence(question, answer)`` (prompt and answer tokenized apart, no truncation)."""
-    return tokenize(base, *qa_sequence(base, question, answer), loss_on)
+    """Token ids and labels of ``qa_sequence(question, answer)`` (prompt and answer tokenized apart, no truncation;
+    the prompt's system turn and worked examples carry no loss under any ``loss_on``)."""
+    return tokenize(base, *qa_sequence(base, question, answer), loss_on, unlearned=fixed_head(base))
 
 
 @dataclass(eq=False)

@@ -52,7 +52,7 @@ from hyper_prag.encoders import split_text
 from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import Lora, LoraSpec, init_lora, lora_sha256, stack
 from hyper_prag.model import BaseModel
-from hyper_prag.prompts import training_sequence
+from hyper_prag.prompts import fixed_head, format_id, training_sequence
 from hyper_prag.sequences import LossOn, TokenSequence, right_pad, sequence_losses, tokenize
 
 if TYPE_CHECKING:
@@ -119,7 +119,9 @@ def document_sequences(base: BaseModel, aug: "AugmentedDocument", config: PerDoc
         log.warning("document %r has no augmented QA pair: training its LoRA on its text alone", aug.doc_id)
         eos = base.tokenizer.eos_token or ""
         return [tokenize(base, "", f"{d.strip()}{eos}", "all", config.max_length) for d in aug.variants]
-    return [tokenize(base, *training_sequence(base, d, q, a), config.loss_on, config.max_length) for d, q, a in pairs]
+    head = fixed_head(base)  # the system turn and worked examples: read, never learned
+    return [tokenize(base, *training_sequence(base, d, q, a), config.loss_on, config.max_length, unlearned=head)
+            for d, q, a in pairs]
 
 
 def step_schedule(sequences: Sequence[Sequence[TokenSequence]], epochs: int, pad_id: int) -> list[StepBatch]:
@@ -362,7 +364,7 @@ class PerDocEncoder:
 
     def settings(self) -> dict:
         """Encoder identity and trainer settings (enter the store key). The warm-up LoRA enters by content hash."""
-        settings = {"name": self.name, **self.config.settings()}
+        settings = {"name": self.name, **self.config.settings(), "prompt": format_id()}
         if self.config.init == "warmup":
             settings["warmup_sha256"] = lora_sha256(self.warmup)
         return settings

@@ -32,6 +32,7 @@ from hyper_prag.encoders.per_doc import FitBank, MetricsLogger, PerDocConfig, do
 from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import Lora, stack
 from hyper_prag.model import BaseModel
+from hyper_prag.prompts import format_id
 
 if TYPE_CHECKING:
     from hyper_prag.augment import AugmentedDocument
@@ -67,7 +68,7 @@ class RefineEncoder:
         """Encoder identity: k, the trainer settings that apply, and the hypernet's (its checkpoint sha256)."""
         trainer = {k: v for k, v in self.config.settings().items() if k in ("lr", "weight_decay", "loss_on", "max_length")}
         return {"name": self.name, "steps": self.steps, "trainer": trainer if self.steps else {},
-                "hypernet": self.hypernet.settings()}
+                "hypernet": self.hypernet.settings(), **({"prompt": format_id()} if self.steps else {})}
 
     def encode(self, documents: Sequence["AugmentedDocument"]) -> list[Lora]:
         """The generated LoRA of every document, refined by ``steps`` per-document steps on its augmented data.
