@@ -194,14 +194,9 @@ def per_doc_from_recipe(base: BaseModel, recipe: Recipe, store_root: str | Path)
     from hyper_prag.augment import AugmentConfig
     from hyper_prag.encoders.per_doc import PerDocConfig, PerDocEncoder
 
-    from hyper_prag.prompts import format_id
-
     if recipe.base_identity != base.identity:
         raise HyperPragError(f"recipe {recipe.id} was made for base model {recipe.base_identity}, not {base.identity}.")
-    if recipe.settings.get("prompt") != format_id():
-        raise HyperPragError(f"recipe {recipe.id} in {store_root} trained its LoRAs under another prompt format than "
-                             f"this version asks in ({recipe.settings.get('prompt')} vs {format_id()}); re-encode the "
-                             "documents with `hyper-prag encode` (or `hyper-prag evaluate --encode-config ...`).")
+    _check_prompt_format(recipe, store_root)
     trainer = PerDocConfig(**{k: v for k, v in recipe.settings.items() if k not in ("name", "warmup_sha256", "prompt")})
     warmup = load_warmup(store_root, recipe) if recipe.uses_warmup else None
     encoder = PerDocEncoder(base, recipe.spec, trainer, warmup=warmup)
@@ -210,8 +205,21 @@ def per_doc_from_recipe(base: BaseModel, recipe: Recipe, store_root: str | Path)
 
 
 def per_doc_from_store(base: BaseModel, store_root: str | Path, recipe_id: str | None = None) -> Recipe:
-    """The recorded per-document recipe of this base model in a store (see :func:`hyper_prag.recipes.find_recipe`)."""
-    return find_recipe(store_root, base.identity, "per-doc", recipe_id)
+    """The recorded per-document recipe of this base model in a store (see :func:`hyper_prag.recipes.find_recipe`);
+    one trained under another prompt format than this version's is refused."""
+    recipe = find_recipe(store_root, base.identity, "per-doc", recipe_id)
+    _check_prompt_format(recipe, store_root)
+    return recipe
+
+
+def _check_prompt_format(recipe: Recipe, store_root: str | Path) -> None:
+    """Refuses a per-document recipe whose LoRAs learned another prompt format than the one asked in now."""
+    from hyper_prag.prompts import format_id
+
+    if recipe.settings.get("prompt") != format_id():
+        raise HyperPragError(f"recipe {recipe.id} in {store_root} trained its LoRAs under another prompt format than "
+                             f"this version asks in ({recipe.settings.get('prompt')} vs {format_id()}); re-encode the "
+                             "documents with `hyper-prag encode` (or `hyper-prag evaluate --encode-config ...`).")
 
 
 def augment_function(base: BaseModel, corpus: Corpus, augment_config: "AugmentConfig"

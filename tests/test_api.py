@@ -142,3 +142,17 @@ def test_encode_with_the_refine_encoder_stores_k_step_loras(folder, tmp_path):
     a, b = sorted(k0.keys()), sorted(k2.keys())
     assert any(not torch.equal(k0.get(x).B[m], k2.get(y).B[m]) for x, y in zip(a, b) for m in k0.get(x).B)
     assert sorted(len(k0.get(x).B) for x in a) == sorted(len(gen.get(x).B) for x in gen.keys())
+
+
+def test_a_store_encoded_under_another_prompt_format_is_refused(folder, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    api.encode(model="tiny", corpus=str(folder), split="test", store=str(store), trainer=PerDocConfig(epochs=1),
+               augment={"source": "template"}, runner="loop", logger="none", progress=False)
+    answer = api.ask("Who founded Ardent Loom?", "prag", benchmark=str(folder), model="tiny", store=store,
+                     max_new_tokens=2)
+    assert answer.lora_names  # the recorded format is this version's: served
+    import hyper_prag.prompts as prompts
+
+    monkeypatch.setattr(prompts, "DEMONSTRATIONS", (("Who?", (), "Nobody"),))  # the next version asks otherwise
+    with pytest.raises(HyperPragError, match="another prompt format.*hyper-prag encode"):
+        api.ask("Who founded Ardent Loom?", "prag", benchmark=str(folder), model="tiny", store=store)
