@@ -91,7 +91,7 @@ class EncodeRecipe:
     warmup_steps: int = 64  # init="warmup": warm-up sequences (steps)
 
     def settings(self) -> dict[str, Any]:
-        return {**asdict(self), "target_modules": list(self.target_modules)}
+        return {**asdict(self), "trainer": self.trainer.settings(), "target_modules": list(self.target_modules)}
 
     def id(self, base_identity: str) -> str:
         """16 hex digits naming this recipe for this base model (its cache folder)."""
@@ -115,6 +115,7 @@ FACTORS: dict[str, list[dict[str, Any]]] = {
     "rank": [{"rank": 4}, {"rank": 8}],
     "modules": [{"target_modules": ("down_proj",)}, {"target_modules": ("gate_proj", "up_proj")}],
     "init": [{"init": "warmup"}],
+    "examples": [{"examples": False}],
 }
 _TRAINER_FIELDS = {f.name for f in fields(PerDocConfig)}
 _RECIPE_FIELDS = {f.name for f in fields(EncodeRecipe)} - {"trainer"}

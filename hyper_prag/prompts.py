@@ -100,7 +100,8 @@ def answer_text(base: BaseModel, completion: str) -> str:
     return text if base.has_chat_template else text.split("\n", 1)[0].strip()
 
 
-def training_sequence(base: BaseModel, document: str, question: str, answer: str) -> tuple[str, str]:
+def training_sequence(base: BaseModel, document: str, question: str, answer: str, examples: bool = True
+                      ) -> tuple[str, str]:
     """One per-document training sequence ``d ⊕ q ⊕ a`` (paper §3.2), as ``(prefix, answer)``.
 
     The prefix is the document (or one of its rewrites) followed by the closed-book question
@@ -113,11 +114,14 @@ def training_sequence(base: BaseModel, document: str, question: str, answer: str
         document: d_i^k, the document or a rewrite of it.
         question: q_i^j.
         answer: a_i^j.
+        examples: the worked examples stand before the question, as at answer time; ``False``: the
+            question alone after the system turn (shorter and cheaper to train on).
 
     Returns:
         ``(prefix, target)``, to be concatenated by the tokenizer.
     """
-    return f"{document.strip()}\n\n{question_prompt(base, question)}", _target(base, answer)
+    prompt = question_prompt(base, question) if examples else base.chat_prompt(user_message(question))
+    return f"{document.strip()}\n\n{prompt}", _target(base, answer)
 
 
 def qa_sequence(base: BaseModel, question: str, answer: str) -> tuple[str, str]:

@@ -247,6 +247,22 @@ def test_answer_only_loss_masks_the_prompt(tiny):
         "".join(training_sequence(tiny, DOCS[0].text, *aug.qa[0])), add_special_tokens=False)["input_ids"])
 
 
+def test_examples_off_trains_on_the_question_alone_and_names_itself_in_the_key(tiny):
+    aug = AugmentedDocument("d", DOCS[0].text, (), (("What is the birth year of Mara Olen?", "1950"),))
+    (with_examples,) = document_sequences(tiny, aug, PerDocConfig())
+    (without,) = document_sequences(tiny, aug, PerDocConfig(examples=False))
+    text = tiny.tokenizer.decode(without.input_ids)
+    assert "Bill Gates" not in text and "Mara Olen" in text and "1950" in text
+    assert "Bill Gates" in tiny.tokenizer.decode(with_examples.input_ids)
+    assert len(without.input_ids) < len(with_examples.input_ids)
+    assert IGNORE not in without.labels  # nothing shared to mask: the whole sequence is learned (loss_on="all")
+    # The default leaves the key as it was before the knob existed; switching it off names it.
+    assert "examples" not in PerDocConfig().settings()
+    assert PerDocConfig(examples=False).settings()["examples"] is False
+    off = study.with_overrides(study.BASE, {"examples": False})
+    assert off.id(tiny.identity) != study.BASE.id(tiny.identity)
+
+
 def test_both_sources_merge_template_and_llm_pairs(tiny, corpus, monkeypatch):
     made = {"template": (("What was Mara Olen's job?", "painter"),), "llm": (("Who is Mara Olen?", "a painter"),
                                                                              ("What was Mara Olen's job?", "painter"))}

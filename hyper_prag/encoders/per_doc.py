@@ -76,9 +76,18 @@ class PerDocConfig:
     init: Literal["random", "warmup"] = "random"  # paper Table 2: warm-up initialisation is better
     max_length: int = 3000  # tokens per sequence; longer ones keep their last max_length tokens
     seed: int = 0  # random init: each document's A is drawn from a generator seeded by (seed, its text)
+    # The prompt's worked examples stand in every training sequence, as at answer time (read, never learned).
+    # False: the sequences hold the document, the system turn and the question alone: about half the tokens
+    # of a short document's sequence, so about half the training cost, at a prompt that differs from the one
+    # asked at answer time.
+    examples: bool = True
 
     def settings(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; ``examples`` only when switched off, so keys stored before it existed stay valid."""
+        settings = asdict(self)
+        if self.examples:
+            del settings["examples"]
+        return settings
 
 
 @dataclass
@@ -119,9 +128,9 @@ def document_sequences(base: BaseModel, aug: "AugmentedDocument", config: PerDoc
         log.warning("document %r has no augmented QA pair: training its LoRA on its text alone", aug.doc_id)
         eos = base.tokenizer.eos_token or ""
         return [tokenize(base, "", f"{d.strip()}{eos}", "all", config.max_length) for d in aug.variants]
-    head = fixed_head(base)  # the system turn and worked examples: read, never learned
-    return [tokenize(base, *training_sequence(base, d, q, a), config.loss_on, config.max_length, unlearned=head)
-            for d, q, a in pairs]
+    head = fixed_head(base) if config.examples else ""  # the system turn and worked examples: read, never learned
+    return [tokenize(base, *training_sequence(base, d, q, a, examples=config.examples), config.loss_on,
+                     config.max_length, unlearned=head) for d, q, a in pairs]
 
 
 def step_schedule(sequences: Sequence[Sequence[TokenSequence]], epochs: int, pad_id: int) -> list[StepBatch]:
