@@ -336,6 +336,9 @@ def test_refine_with_zero_steps_is_the_generated_lora_bit_for_bit(tiny):
         assert got.spec == want.spec
         assert all(torch.equal(got.A[m], want.A[m]) and torch.equal(got.B[m], want.B[m]) for m in want.spec.target_modules)
     assert RefineEncoder(hyper, steps=3).settings() != encoder.settings()  # k is in the store key
+    # Training without the worked examples trains other sequences: it names itself in the key.
+    off = RefineEncoder(hyper, steps=3, config=PerDocConfig(examples=False)).settings()
+    assert off != RefineEncoder(hyper, steps=3).settings() and off["trainer"]["examples"] is False
 
 
 def test_refine_steps_lower_the_per_document_loss(tiny):

@@ -66,7 +66,8 @@ class RefineEncoder:
 
     def settings(self) -> dict:
         """Encoder identity: k, the trainer settings that apply, and the hypernet's (its checkpoint sha256)."""
-        trainer = {k: v for k, v in self.config.settings().items() if k in ("lr", "weight_decay", "loss_on", "max_length")}
+        applies = ("lr", "weight_decay", "loss_on", "max_length", "examples")  # examples: only when switched off
+        trainer = {k: v for k, v in self.config.settings().items() if k in applies}
         return {"name": self.name, "steps": self.steps, "trainer": trainer if self.steps else {},
                 "hypernet": self.hypernet.settings(), **({"prompt": format_id()} if self.steps else {})}
 
