@@ -81,7 +81,8 @@ def encode(
     Args:
         encoder: ``per-doc`` (paper §3.2, batched trainer), ``hypernet`` (needs ``checkpoint``), or ``refine``:
             the hypernetwork's LoRA refined by ``refine_steps`` per-document steps (``trainer`` settings).
-        checkpoint: hypernetwork checkpoint (``encoder="hypernet"`` / ``"refine"``).
+        checkpoint: hypernetwork checkpoint (``encoder="hypernet"`` / ``"refine"``): a path or a shipped one's
+            name (``fictional``, ``squad``); ``None``: the one shipped for ``corpus``.
         refine_steps: k, per-document steps from the generated LoRA (``encoder="refine"``; 0 = the hypernet's).
         model: ``smollm2-135m-instruct`` (packaged default), ``tiny`` (random 2-layer test model), a model
             folder or a hub id in the Hugging Face cache.
@@ -140,9 +141,7 @@ def encode(
         raise HyperPragError(f"no documents to encode in corpus {full.name!r} split {split!r}; check --split.")
     lora_store = assemble.open_store(store, model, store_dtype)
     if encoder in ("hypernet", "refine"):
-        if checkpoint is None:
-            raise HyperPragError(f"encoder '{encoder}' needs a checkpoint: pass --checkpoint PATH (see hypernet training).")
-        source = assemble.hypernet_source(checkpoint, base)
+        source = assemble.hypernet_source(checkpoint, base, corpus if corpus is not None else assemble.DEFAULT_CORPUS)
         if encoder == "hypernet":
             return encode_corpus(documents, source.encoder, lora_store, base, None, chunk_size, corpus=full,
                                  progress=progress, fabric=fabric)
@@ -247,7 +246,8 @@ def ask(
         retriever: ``bm25`` (paper) or ``dense``.
         store: LoRA store folder (``prag*``; default: the cache's store of ``model``).
         recipe: which recorded per-document recipe of the store to read (needed only when it holds several).
-        hypernet: hypernetwork checkpoint (``hypernet*``).
+        hypernet: hypernetwork checkpoint (``hypernet*``): a path or a shipped one's name; ``None``: the one
+            shipped for ``benchmark``.
         combine: how the k LoRAs are combined: ``softmax`` (weights from the retrieval scores), ``sum`` (the
             paper), ``mean``.
         max_new_tokens: generation budget.
@@ -273,7 +273,7 @@ def ask(
         if spec.lora == "store":
             source = StoreSource(lora_store, found, full.doc_qa)
     elif spec.lora == "hypernet":
-        source = assemble.hypernet_source(hypernet, base)
+        source = assemble.hypernet_source(hypernet, base, benchmark)
     pipeline = Pipeline(base, retriever_, corpus, k=k, max_new_tokens=max_new_tokens, combine_mode=combine,
                         batch_size=1, augment=augment)
     return assemble.build_method(method, pipeline, source).answer([question])[0]
@@ -342,7 +342,8 @@ def evaluate(
         encode_config: encode YAML whose settings the ``prag`` methods use; ``None``: the store's recorded
             recipe (``recipe`` chooses among several), or the encode defaults if the store has none.
         recipe: a recorded recipe id (when ``encode_config`` is not given).
-        hypernet: hypernetwork checkpoint (``hypernet*`` methods).
+        hypernet: hypernetwork checkpoint (``hypernet*`` methods): a path or a shipped one's name
+            (``fictional``, ``squad``); ``None``: the one shipped for ``benchmark``.
         combine: how k LoRAs are combined: ``softmax`` (weights from the retrieval scores), ``sum`` (the
             paper), ``mean``.
         max_new_tokens: generation budget per answer.
@@ -413,7 +414,7 @@ def evaluate(
                 costs[m] = {"encode_seconds_per_doc": enc, "bytes_per_doc": stats.get("bytes_per_document")}
             sources["store"] = source
     if "hypernet" in kinds:
-        hyper = assemble.hypernet_source(hypernet, base)
+        hyper = assemble.hypernet_source(hypernet, base, benchmark)
         start = time.perf_counter()
         hyper.loras(needed)  # generation cost per document (the online path pays it in its `lora` stage)
         per_doc_s = (time.perf_counter() - start) / max(1, len(needed))

@@ -68,7 +68,9 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, help="LoRA store folder (prag methods; default: cache)")
     parser.add_argument("--recipe", default=None,
                         help="which per-document recipe recorded in the store to read (only if it holds several)")
-    parser.add_argument("--hypernet", default=None, help="hypernetwork checkpoint (hypernet methods)")
+    parser.add_argument("--hypernet", default=None,
+                        help="hypernetwork checkpoint of the hypernet methods: a path or a shipped one's name "
+                             "(fictional, squad); default: the one shipped for --benchmark")
     parser.add_argument("--combine", choices=["softmax", "sum", "mean"], default="softmax",
                         help="how k LoRAs are combined: softmax of the retrieval scores as weights (measured best), "
                              "sum (the paper), mean")
@@ -180,7 +182,9 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
                              "hypernetwork (--checkpoint); refine: its LoRA + --refine-steps per-document steps. "
                              "Default from the config: per-doc")
     parser.add_argument("--refine-steps", type=int, default=None, help="k per-document steps (--encoder refine)")
-    parser.add_argument("--checkpoint", default=None, help="hypernetwork checkpoint (--encoder hypernet)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="hypernetwork checkpoint (--encoder hypernet|refine): a path or a shipped one's name "
+                             "(fictional, squad); default: the one shipped for --corpus")
     parser.add_argument("--config", default=None, help="YAML config (configs/encode/*.yaml); flags below override it")
     parser.add_argument("--corpus", default=None, help="corpus name or folder, datasets folder or hub id (default: fictional)")
     _columns_argument(parser)

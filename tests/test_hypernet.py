@@ -365,11 +365,31 @@ def test_weights_that_do_not_match_their_recorded_sha256_are_refused(tiny, tmp_p
         HypernetEncoder.from_checkpoint(tmp_path / "hn", tiny)
 
 
-def test_shipped_checkpoint_matches_its_recorded_sha256():
-    from hyper_prag.encoders.hypernet import SHIPPED_CHECKPOINT, file_sha256
+def test_checkpoint_resolves_by_benchmark_or_shipped_name(tmp_path, monkeypatch):
+    from hyper_prag.encoders import hypernet as module
 
-    described = json.loads(SHIPPED_CHECKPOINT.with_suffix(".json").read_text())
-    assert file_sha256(SHIPPED_CHECKPOINT) == described["weights_sha256"]
+    fictional = tmp_path / "hypernet-fictional.safetensors"
+    fictional.write_bytes(b"weights")
+    monkeypatch.setattr(module, "SHIPPED_CHECKPOINTS", {"fictional": fictional, "squad": tmp_path / "absent.safetensors"})
+    assert module.resolve_checkpoint(None, "fictional") == fictional
+    assert module.resolve_checkpoint("fictional", "squad") == fictional  # a name picks that one on any benchmark
+    assert module.resolve_checkpoint(tmp_path / "mine", "fictional") == tmp_path / "mine"  # a path is taken as given
+    with pytest.raises(HyperPragError, match="no hypernetwork checkpoint is shipped for benchmark 'my_corpus'.*fictional"):
+        module.resolve_checkpoint(None, "my_corpus")
+    with pytest.raises(HyperPragError, match="no hypernetwork checkpoint is shipped for benchmark 'squad'"):
+        module.resolve_checkpoint(None, "squad")
+    with pytest.raises(HyperPragError, match="squad hypernetwork is not shipped.*train_hypernets_gpu.sh"):
+        module.resolve_checkpoint("squad", "fictional")
+
+
+def test_every_shipped_checkpoint_matches_its_recorded_sha256():
+    from hyper_prag.encoders.hypernet import SHIPPED_CHECKPOINTS, file_sha256
+
+    for path in SHIPPED_CHECKPOINTS.values():
+        if path.is_file():
+            described = json.loads(path.with_suffix(".json").read_text())
+            assert file_sha256(path) == described["weights_sha256"], path.name
+            assert path.stat().st_size <= 30e6
 
 
 class _RunsCode:

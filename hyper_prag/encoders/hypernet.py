@@ -59,6 +59,40 @@ CONFIG_FILE = "config.json"
 CKPT_KEY = "hyper_prag_hypernet"  # the hypernet's description inside a Lightning .ckpt (written by training)
 # The shipped checkpoint for the default base model (SmolLM2-135M-Instruct), trained by configs/hypernet/smollm2.yaml.
 SHIPPED_CHECKPOINT = Path(__file__).parents[1] / "checkpoints" / "hypernet-smollm2.safetensors"
+# Checkpoints for the default base model by the benchmark whose train split made them; a name here is also
+# accepted wherever a checkpoint path is (``--hypernet squad``). A missing file is not shipped yet.
+SHIPPED_CHECKPOINTS: dict[str, Path] = {
+    "fictional": SHIPPED_CHECKPOINT,
+    "squad": SHIPPED_CHECKPOINT.with_name("hypernet-smollm2-squad.safetensors"),
+}
+
+
+def resolve_checkpoint(checkpoint: str | Path | None, benchmark: str | Path | None = None) -> Path:
+    """The hypernetwork checkpoint file or folder meant by ``checkpoint``.
+
+    Args:
+        checkpoint: a path, a name of :data:`SHIPPED_CHECKPOINTS`, or ``None``: the shipped checkpoint
+            trained on ``benchmark``.
+        benchmark: the benchmark the LoRAs are for (a name of :data:`SHIPPED_CHECKPOINTS` or a corpus folder).
+
+    Raises:
+        HyperPragError: a name that is not shipped, or no checkpoint given and none shipped for ``benchmark``.
+    """
+    trained = ", ".join(f"{name} ({path.name})" for name, path in SHIPPED_CHECKPOINTS.items() if path.is_file())
+    if checkpoint is None:
+        name = str(benchmark) if benchmark is not None else None
+        if name in SHIPPED_CHECKPOINTS and SHIPPED_CHECKPOINTS[name].is_file():
+            return SHIPPED_CHECKPOINTS[name]
+        raise HyperPragError(f"no hypernetwork checkpoint is shipped for benchmark {name!r}: pass --hypernet PATH "
+                             f"(a trained checkpoint) or the name of a shipped one: {trained or 'none'}.")
+    if str(checkpoint) in SHIPPED_CHECKPOINTS:
+        path = SHIPPED_CHECKPOINTS[str(checkpoint)]
+        if not path.is_file():
+            raise HyperPragError(f"the {checkpoint} hypernetwork is not shipped in this version ({path} is missing): "
+                                 f"train it (scripts/train_hypernets_gpu.sh) and pass its path, or use one of: "
+                                 f"{trained or 'none'}.")
+        return path
+    return Path(checkpoint)
 
 
 # ----------------------------------------------------------------------------------- checkpoint files
@@ -402,4 +436,4 @@ class HypernetEncoder:
 
 __all__ = ["HypernetEncoder", "load_hypernet", "save_inference_checkpoint", "checkpoint_sha256", "file_sha256",
            "read_training_checkpoint", "export_hypernet", "validation_curve", "add_export_arguments",
-           "run_export_hypernet", "SHIPPED_CHECKPOINT", "WEIGHTS_FILE", "CONFIG_FILE"]
+           "run_export_hypernet", "SHIPPED_CHECKPOINT", "SHIPPED_CHECKPOINTS", "resolve_checkpoint", "WEIGHTS_FILE", "CONFIG_FILE"]
