@@ -9,6 +9,7 @@ A :class:`~hyper_prag.errors.HyperPragError` becomes one clear line on stderr (e
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -142,6 +143,29 @@ def _run_evaluate(args: argparse.Namespace) -> None:
                        resamples=args.resamples, seed=args.seed, out=args.out, wandb_project=args.wandb_project,
                        wandb_mode=args.wandb_mode, wandb_dir=args.wandb_dir)
     print(results.to_markdown())
+    print(f"wrote {args.out}/results.json, results.md, f1.png, latency.png")
+
+
+def _merge_results_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", help="results folders (or results.json files) of evaluate runs of the same "
+                                                "questions; a method in several keeps the last run's rows")
+    parser.add_argument("--out", required=True, help="folder for the merged results.json, results.md and plots")
+
+
+def _run_merge_results(args: argparse.Namespace) -> None:
+    from hyper_prag.evaluate import Results
+
+    runs = []
+    for run in args.runs:
+        path = Path(run) / "results.json" if Path(run).is_dir() else Path(run)
+        try:
+            runs.append(Results.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise HyperPragError(f"cannot read evaluate results from {path} ({err}); give a folder that "
+                                 "`hyper-prag evaluate --out` wrote.") from err
+    merged = Results.merge(runs)
+    merged.write(args.out)
+    print(merged.to_markdown())
     print(f"wrote {args.out}/results.json, results.md, f1.png, latency.png")
 
 
@@ -412,6 +436,8 @@ COMMANDS: dict[str, Command] = {
     "ask": (_ask_arguments, _run_ask, "answer one question: retrieve, apply LoRAs, generate; shows documents and LoRAs used"),
     "evaluate": (_evaluate_arguments, _run_evaluate,
                  "compare methods on a benchmark: F1/EM with CIs, latency, encoding cost, storage"),
+    "merge-results": (_merge_results_arguments, _run_merge_results,
+                      "merge evaluate runs of the same questions (e.g. store-free methods first, prag later) into one table"),
     "export-lora": (_export_lora_arguments, _run_export_lora,
                     "write one document's stored LoRA as a PEFT adapter folder (peft.PeftModel.from_pretrained)"),
     "export-hypernet": (_export_hypernet_arguments, _run_export_hypernet,

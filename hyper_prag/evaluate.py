@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hyper_prag.errors import HyperPragError
-from hyper_prag.methods import STAGES, Answer, Method
+from hyper_prag.methods import METHOD_NAMES, STAGES, Answer, Method
 from hyper_prag.scoring import TOTAL, bootstrap_ci, score, summarize
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,11 @@ PAIRS: tuple[tuple[str, str], ...] = (("rag", "closed-book"), ("prag", "closed-b
                                       ("prag-both", "rag"), ("hypernet", "closed-book"), ("hypernet-both", "rag"))
 
 
+# What runs must share for their rows to stand in one table: the same questions, asked and scored the same way.
+SAME_QUESTIONS: tuple[str, ...] = ("benchmark", "split", "model", "base_identity", "device", "dtype", "k", "retriever",
+                                   "combine", "max_new_tokens", "limit", "per_type", "n_resamples", "seed")
+
+
 @dataclass
 class Results:
     """Everything one harness run measured."""
@@ -81,6 +86,38 @@ class Results:
         names = {f for f in MethodResult.__dataclass_fields__}
         methods = [MethodResult(**{k: v for k, v in m.items() if k in names}) for m in data["methods"]]
         return cls(methods, list(data["types"]), dict(data.get("config", {})))
+
+    @classmethod
+    def merge(cls, runs: Sequence["Results"]) -> "Results":
+        """One table from runs that asked the same questions the same way: e.g. the methods that need no
+        store first, the per-document ones once their store is built. A method in several runs keeps the
+        last run's rows. The config is the first run's, completed by the later runs' settings (encode
+        config, store, hypernet), so :func:`hyper_prag.cli.evaluate_command` gives the one command that
+        makes the whole table.
+
+        Raises:
+            HyperPragError: no runs, or runs of other questions or other settings.
+        """
+        if not runs:
+            raise HyperPragError("nothing to merge: give at least one results.json.")
+        first = runs[0]
+        asked = _asked(first, 1)
+        methods: dict[str, MethodResult] = {}
+        config = dict(first.config)
+        for i, run in enumerate(runs, start=1):
+            for key in SAME_QUESTIONS:
+                if run.config.get(key) != first.config.get(key):
+                    raise HyperPragError(f"run {i} has {key} = {run.config.get(key)!r} but run 1 has "
+                                         f"{first.config.get(key)!r}: only runs of the same questions asked the same "
+                                         "way merge into one table.")
+            if _asked(run, i) != asked:
+                raise HyperPragError(f"run {i} asked other questions than run 1: only runs of the same questions merge.")
+            methods.update({m.name: m for m in run.methods})
+            config.update({k: v for k, v in run.config.items() if v is not None and config.get(k) is None})
+        order = {name: i for i, name in enumerate(METHOD_NAMES)}
+        config["merged_runs"] = len(runs)
+        return cls(sorted(methods.values(), key=lambda m: order.get(m.name, len(order))),
+                   sorted({t for run in runs for t in run.types}), config)
 
     def paired(self, method: str, reference: str, metric: str = "f1") -> tuple[float, float, float] | None:
         """Mean and 95% bootstrap CI of ``method − reference`` per question (same questions), or ``None``.
@@ -148,6 +185,15 @@ class Results:
             paths["f1_png"] = plot_f1(self, out / "f1.png")
             paths["latency_png"] = plot_latency(self, out / "latency.png")
         return paths
+
+
+def _asked(run: Results, number: int) -> tuple[str, ...]:
+    """The question ids of a run, in the order asked (every method of a run asks the same ones)."""
+    asked = {tuple(p["id"] for p in m.predictions) for m in run.methods}
+    if len(asked) != 1 or not next(iter(asked)):
+        raise HyperPragError(f"run {number} has no per-question records to merge (or its methods asked different "
+                             "questions): re-run it with this version's `hyper-prag evaluate`.")
+    return asked.pop()
 
 
 def _json_default(obj: Any) -> Any:

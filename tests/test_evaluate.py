@@ -137,6 +137,40 @@ def test_answer_length_and_paired_differences_are_reported():
     assert compare([gold], QUESTIONS, progress=False).method("prag").median_answer_tokens is None
 
 
+def test_runs_of_the_same_questions_merge_into_one_table(tmp_path, capsys):
+    from hyper_prag.cli import main
+
+    gold = Oracle("prag", {q.question: q.answers[0] for q in QUESTIONS})
+    chatty = Oracle("closed-book", {q.question: f"maybe {q.answers[0]} or not" for q in QUESTIONS})
+    wrong = Oracle("rag", {q.question: "no idea" for q in QUESTIONS})
+    setting = {"benchmark": "tiny-eval", "split": "test", "k": 3, "combine": "softmax"}
+    first = compare([chatty, wrong], QUESTIONS, progress=False, n_resamples=200)
+    first.config |= setting | {"encode_config": None}
+    later = compare([gold], QUESTIONS, progress=False, n_resamples=200)
+    later.config |= setting | {"encode_config": "configs/encode/demo.yaml"}
+    merged = Results.merge([later, first])
+    assert [m.name for m in merged.methods] == ["closed-book", "rag", "prag"]  # the tables' method order
+    assert merged.paired("prag", "rag")[0] == pytest.approx(1.0)
+    assert merged.config["encode_config"] == "configs/encode/demo.yaml" and merged.config["merged_runs"] == 2
+    assert "--encode-config configs/encode/demo.yaml" in evaluate_command(merged.config, [m.name for m in merged.methods])
+    first.write(tmp_path / "a")
+    later.write(tmp_path / "b", plots=False)
+    assert main(["merge-results", str(tmp_path / "a"), str(tmp_path / "b" / "results.json"), "--out", str(tmp_path / "m")]) == 0
+    table = (tmp_path / "m" / "results.md").read_text()
+    assert "| prag − rag | +100.0 |" in table and (tmp_path / "m" / "f1.png").is_file()
+
+    other_k = compare([gold], QUESTIONS, progress=False, n_resamples=200)
+    other_k.config |= setting | {"k": 1}
+    with pytest.raises(HyperPragError, match="run 2 has k = 1 but run 1 has 3"):
+        Results.merge([first, other_k])
+    fewer = compare([gold], QUESTIONS[:3], progress=False, n_resamples=200)
+    fewer.config |= setting
+    with pytest.raises(HyperPragError, match="run 2 asked other questions"):
+        Results.merge([first, fewer])
+    assert main(["merge-results", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "cannot read evaluate results" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_results_files_are_written(tiny, tmp_path):
     docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())
     corpus = Corpus(name="tiny-eval", documents=docs, questions=tuple(QUESTIONS))
