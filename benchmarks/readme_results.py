@@ -36,7 +36,10 @@ def command(results: dict) -> str:
         words = shlex.split(evaluate_command({**config, "benchmark": Path(config["benchmark"]).name}, methods))
         return "make demo   # hyper-prag demo saves the slice in the cache, then runs:\n" + shlex.join(
             _portable(a) for a in words)
-    return shlex.join(_portable(a) for a in shlex.split(evaluate_command(config, methods)))
+    line = shlex.join(_portable(a) for a in shlex.split(evaluate_command(config, methods)))
+    if config.get("merged_runs", 1) > 1:  # hyper-prag merge-results: the one command that makes the whole table
+        line += f"\n# (measured as {config['merged_runs']} runs of these questions, merged by `hyper-prag merge-results`)"
+    return line
 
 
 def section(folder: Path) -> str:
