@@ -50,9 +50,14 @@ def child_env(cache: Path) -> dict[str, str]:
 def reference(cache, tmp_path_factory) -> LoraStore:
     """The store one process makes from the same config (in this process, no launcher)."""
     store = tmp_path_factory.mktemp("reference") / "store"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HYPER_PRAG_CACHE", str(cache))
-        report = encode_corpus_split(**load_encode_config(None, ENCODE + ["--store", str(store)]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs: float sums split over threads round differently, and the
+    try:                      # warm-up LoRA's bytes (hence every key) would differ from the ranks'
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HYPER_PRAG_CACHE", str(cache))
+            report = encode_corpus_split(**load_encode_config(None, ENCODE + ["--store", str(store)]))
+    finally:
+        torch.set_num_threads(threads)
     assert (report.encoded, report.skipped) == (8, 0)
     return LoraStore(store)
 
