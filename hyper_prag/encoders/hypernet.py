@@ -78,19 +78,22 @@ def resolve_checkpoint(checkpoint: str | Path | None, benchmark: str | Path | No
     Raises:
         HyperPragError: a name that is not shipped, or no checkpoint given and none shipped for ``benchmark``.
     """
-    trained = ", ".join(f"{name} ({path.name})" for name, path in SHIPPED_CHECKPOINTS.items() if path.is_file())
+    def shipped() -> str:  # for the messages only
+        return ", ".join(f"{name} ({path.name})" for name, path in SHIPPED_CHECKPOINTS.items() if path.is_file()) or "none"
+
     if checkpoint is None:
         name = str(benchmark) if benchmark is not None else None
         if name in SHIPPED_CHECKPOINTS and SHIPPED_CHECKPOINTS[name].is_file():
             return SHIPPED_CHECKPOINTS[name]
-        raise HyperPragError(f"no hypernetwork checkpoint is shipped for benchmark {name!r}: pass --hypernet PATH "
-                             f"(a trained checkpoint) or the name of a shipped one: {trained or 'none'}.")
+        raise HyperPragError(f"no hypernetwork checkpoint is shipped for benchmark {name!r}: pass a trained "
+                             f"checkpoint's path (--hypernet / --checkpoint PATH) or the name of a shipped one: "
+                             f"{shipped()}.")
     if str(checkpoint) in SHIPPED_CHECKPOINTS:
         path = SHIPPED_CHECKPOINTS[str(checkpoint)]
         if not path.is_file():
             raise HyperPragError(f"the {checkpoint} hypernetwork is not shipped in this version ({path} is missing): "
                                  f"train it (scripts/train_hypernets_gpu.sh) and pass its path, or use one of: "
-                                 f"{trained or 'none'}.")
+                                 f"{shipped()}.")
         return path
     return Path(checkpoint)
 
