@@ -116,6 +116,7 @@ FACTORS: dict[str, list[dict[str, Any]]] = {
     "modules": [{"target_modules": ("down_proj",)}, {"target_modules": ("gate_proj", "up_proj")}],
     "init": [{"init": "warmup"}],
     "examples": [{"examples": False}],
+    "qa_context": [{"qa_context": "none"}],
 }
 _TRAINER_FIELDS = {f.name for f in fields(PerDocConfig)}
 _RECIPE_FIELDS = {f.name for f in fields(EncodeRecipe)} - {"trainer"}

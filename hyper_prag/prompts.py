@@ -124,6 +124,13 @@ def training_sequence(base: BaseModel, document: str, question: str, answer: str
     return f"{document.strip()}\n\n{prompt}", _target(base, answer)
 
 
+def closed_book_sequence(base: BaseModel, question: str, answer: str, examples: bool = True) -> tuple[str, str]:
+    """A question/answer pair without its document, as ``(prefix, answer)``: the closed-book question
+    prompt (with the worked examples, or the question alone after the system turn) and the answer."""
+    prompt = question_prompt(base, question) if examples else base.chat_prompt(user_message(question))
+    return prompt, _target(base, answer)
+
+
 def qa_sequence(base: BaseModel, question: str, answer: str) -> tuple[str, str]:
     """A question/answer pair with no document: what a generated LoRA alone must answer (hypernetwork)."""
     return question_prompt(base, question), _target(base, answer)

@@ -18,7 +18,7 @@ from hyper_prag.corpus import Corpus, Document, Question
 from hyper_prag.encoders.per_doc import PerDocConfig, document_sequences
 from hyper_prag.errors import HyperPragError
 from hyper_prag.inject import injected
-from hyper_prag.prompts import fixed_head, training_sequence
+from hyper_prag.prompts import fixed_head, question_prompt, training_sequence
 from hyper_prag.sequences import IGNORE
 
 from tests.conftest import random_lora
@@ -41,9 +41,9 @@ study = _study_module()
 
 # Su et al., SIGIR 2025, "Parametric Retrieval Augmented Generation", §4 implementation details:
 # LoRA rank 2 and alpha 32 on the FFN, lr 3e-4, 1 epoch, 1 rewrite and 3 QA pairs from the LLM itself,
-# the causal-LM loss over the whole sequence, and warm-up initialisation (better in its Table 2).
+# the causal-LM loss over the whole sequence d ⊕ q ⊕ a, and warm-up initialisation (better in its Table 2).
 PAPER = {"rank": 2, "alpha": 32.0, "lr": 3e-4, "epochs": 1, "n_rewrites": 1, "n_qa": 3, "source": "llm",
-         "loss_on": "all", "init": "warmup"}
+         "loss_on": "all", "init": "warmup", "qa_context": "document"}
 
 
 def test_paper_yaml_reproduces_the_papers_listing():
@@ -53,9 +53,16 @@ def test_paper_yaml_reproduces_the_papers_listing():
     trainer, augment = config["trainer"], AugmentConfig(**config["augment"])
     found = {"rank": config["rank"], "alpha": config["alpha"], "lr": trainer.lr, "epochs": trainer.epochs,
              "n_rewrites": augment.n_rewrites, "n_qa": augment.n_qa, "source": augment.source,
-             "loss_on": trainer.loss_on, "init": trainer.init}
+             "loss_on": trainer.loss_on, "init": trainer.init, "qa_context": trainer.qa_context}
     assert found == PAPER
     assert config["encoder"] == "per-doc" and config["model"] == "smollm2-135m-instruct"
+
+
+def test_demo_yaml_is_the_measured_closed_book_recipe_and_keys_apart_from_the_paper():
+    demo, paper = (load_encode_config(ROOT / "configs" / "encode" / f"{name}.yaml") for name in ("demo", "paper"))
+    trainer = demo["trainer"]
+    assert (trainer.qa_context, trainer.examples, trainer.epochs, AugmentConfig(**demo["augment"]).n_qa) == ("none", False, 3, 0)
+    assert trainer.settings()["qa_context"] == "none" and "qa_context" not in paper["trainer"].settings()
 
 
 # --------------------------------------------------------------------------------- combine: the fixes
@@ -261,6 +268,32 @@ def test_examples_off_trains_on_the_question_alone_and_names_itself_in_the_key(t
     assert PerDocConfig(examples=False).settings()["examples"] is False
     off = study.with_overrides(study.BASE, {"examples": False})
     assert off.id(tiny.identity) != study.BASE.id(tiny.identity)
+
+
+def test_closed_book_qa_trains_the_text_then_each_pair_without_its_document(tiny):
+    qa = (("What is the birth year of Mara Olen?", "1950"), ("What did Mara Olen do for a living?", "painter"))
+    aug = AugmentedDocument("d", DOCS[0].text, ("A rewrite of the text about Mara Olen.",), qa)
+    sequences = document_sequences(tiny, aug, PerDocConfig(qa_context="none"))
+    assert len(sequences) == 2 + 2  # one plain-text sequence per variant, then one per pair
+    texts = [tiny.tokenizer.decode(s.input_ids) for s in sequences]
+    assert texts[0].startswith(DOCS[0].text.strip()) and texts[1].startswith("A rewrite")
+    assert all(IGNORE not in s.labels for s in sequences[:2])  # the text itself: every token learned
+    first_doc_words = DOCS[0].text.split()[:4]
+    for (question, answer), sequence, text in zip(qa, sequences[2:], texts[2:]):
+        assert question in text and answer in text and " ".join(first_doc_words) not in text
+        # exactly the closed-book prompt asked at answer time, followed by the answer
+        assert text.startswith(tiny.tokenizer.decode(tiny.tokenizer(question_prompt(tiny, question),
+                                                                    add_special_tokens=False)["input_ids"]))
+    answer_only = document_sequences(tiny, aug, PerDocConfig(qa_context="none", loss_on="answer"))
+    n = len(tiny.tokenizer(f"1950{tiny.tokenizer.eos_token}", add_special_tokens=False)["input_ids"])
+    assert [label for label in answer_only[2].labels if label != IGNORE] == list(answer_only[2].input_ids[-n:])
+    # The default leaves the key as it was before the knob existed; the closed-book layout names itself.
+    assert "qa_context" not in PerDocConfig().settings()
+    assert PerDocConfig(qa_context="none").settings()["qa_context"] == "none"
+    closed = study.with_overrides(study.BASE, {"qa_context": "none"})
+    assert closed.id(tiny.identity) != study.BASE.id(tiny.identity)
+    with pytest.raises(HyperPragError, match="qa_context"):
+        PerDocConfig(qa_context="nothing")
 
 
 def test_both_sources_merge_template_and_llm_pairs(tiny, corpus, monkeypatch):

@@ -52,7 +52,7 @@ from hyper_prag.encoders import split_text
 from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import Lora, LoraSpec, init_lora, lora_sha256, stack
 from hyper_prag.model import BaseModel
-from hyper_prag.prompts import fixed_head, format_id, training_sequence
+from hyper_prag.prompts import closed_book_sequence, fixed_head, format_id, training_sequence
 from hyper_prag.sequences import LossOn, TokenSequence, right_pad, sequence_losses, tokenize
 
 if TYPE_CHECKING:
@@ -81,12 +81,25 @@ class PerDocConfig:
     # of a short document's sequence, so about half the training cost, at a prompt that differs from the one
     # asked at answer time.
     examples: bool = True
+    # Where a QA pair is trained. "document": after the document, d ⊕ q ⊕ a (paper §3.2); the answer can be
+    # copied from the context, so the loss on it teaches reading more than remembering. "none": each pair as
+    # the closed-book question it will be asked as (no document before it), plus one causal-LM sequence per
+    # variant d_i^k (the text itself, every token learned): the LoRA alone must produce the answer.
+    qa_context: Literal["document", "none"] = "document"
+
+    def __post_init__(self) -> None:
+        if self.qa_context not in ("document", "none"):
+            raise HyperPragError(f"qa_context must be 'document' (the paper) or 'none' (closed-book QA pairs and "
+                                 f"the document as plain text), not {self.qa_context!r}.")
 
     def settings(self) -> dict:
-        """The fields as a dict; ``examples`` only when switched off, so keys stored before it existed stay valid."""
+        """The fields as a dict; ``examples`` and ``qa_context`` only when changed from their defaults, so keys
+        stored before they existed stay valid."""
         settings = asdict(self)
         if self.examples:
             del settings["examples"]
+        if self.qa_context == "document":
+            del settings["qa_context"]
         return settings
 
 
@@ -117,18 +130,24 @@ def document_sequences(base: BaseModel, aug: "AugmentedDocument", config: PerDoc
         config: trainer settings (``loss_on``, ``max_length``).
 
     Returns:
-        One :class:`TokenSequence` per (d_i^k, q_i^j, a_i^j); for a document the augmentation left with
-        no QA pair (the LLM's output never parsed), one causal-LM sequence per variant d_i^k, so the
-        document is still encoded (its text is the whole target) instead of failing the run.
+        ``qa_context="document"``: one :class:`TokenSequence` per (d_i^k, q_i^j, a_i^j); for a document
+        the augmentation left with no QA pair (the LLM's output never parsed), one causal-LM sequence per
+        variant d_i^k, so the document is still encoded (its text is the whole target) instead of failing
+        the run. ``qa_context="none"``: one causal-LM sequence per variant d_i^k, then one closed-book
+        sequence q_i^j ⊕ a_i^j per QA pair.
     """
     from hyper_prag.augment import training_pairs
 
+    eos = base.tokenizer.eos_token or ""
+    texts = [tokenize(base, "", f"{d.strip()}{eos}", "all", config.max_length) for d in aug.variants]
+    head = fixed_head(base) if config.examples else ""  # the system turn and worked examples: read, never learned
+    if config.qa_context == "none":
+        return texts + [tokenize(base, *closed_book_sequence(base, q, a, examples=config.examples), config.loss_on,
+                                 config.max_length, unlearned=head) for q, a in aug.qa]
     pairs = training_pairs(aug)
     if not pairs:
         log.warning("document %r has no augmented QA pair: training its LoRA on its text alone", aug.doc_id)
-        eos = base.tokenizer.eos_token or ""
-        return [tokenize(base, "", f"{d.strip()}{eos}", "all", config.max_length) for d in aug.variants]
-    head = fixed_head(base) if config.examples else ""  # the system turn and worked examples: read, never learned
+        return texts
     return [tokenize(base, *training_sequence(base, d, q, a, examples=config.examples), config.loss_on,
                      config.max_length, unlearned=head) for d, q, a in pairs]
 
