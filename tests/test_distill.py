@@ -339,6 +339,10 @@ def test_refine_with_zero_steps_is_the_generated_lora_bit_for_bit(tiny):
     # Training without the worked examples trains other sequences: it names itself in the key.
     off = RefineEncoder(hyper, steps=3, config=PerDocConfig(examples=False)).settings()
     assert off != RefineEncoder(hyper, steps=3).settings() and off["trainer"]["examples"] is False
+    # So does training the QA pairs closed-book; the default layout leaves the key as it was.
+    closed = RefineEncoder(hyper, steps=3, config=PerDocConfig(qa_context="none")).settings()
+    assert closed != RefineEncoder(hyper, steps=3).settings() and closed["trainer"]["qa_context"] == "none"
+    assert "qa_context" not in RefineEncoder(hyper, steps=3).settings()["trainer"]
 
 
 def test_refine_steps_lower_the_per_document_loss(tiny):

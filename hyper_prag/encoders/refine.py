@@ -66,7 +66,8 @@ class RefineEncoder:
 
     def settings(self) -> dict:
         """Encoder identity: k, the trainer settings that apply, and the hypernet's (its checkpoint sha256)."""
-        applies = ("lr", "weight_decay", "loss_on", "max_length", "examples")  # examples: only when switched off
+        # examples and qa_context appear only when changed from their defaults (keys stored before them stay)
+        applies = ("lr", "weight_decay", "loss_on", "max_length", "examples", "qa_context")
         trainer = {k: v for k, v in self.config.settings().items() if k in applies}
         return {"name": self.name, "steps": self.steps, "trainer": trainer if self.steps else {},
                 "hypernet": self.hypernet.settings(), **({"prompt": format_id()} if self.steps else {})}
