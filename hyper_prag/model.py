@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from jinja2 import TemplateError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -392,6 +393,37 @@ class BaseModel:
             linear = self.ffn_linear(0, module)
             self._module_dims[module] = (linear.in_features, linear.out_features)
         return self._module_dims[module]
+
+    @property
+    def default_system(self) -> str:
+        """The system text a prompt of this model carries when none is given: ``system_prompt``, else the
+        chat template's own default system turn (e.g. SmolLM2's "You are a helpful AI assistant named
+        SmolLM, …"), else nothing. Text added to the system turn (retrieved passages) goes after it, so the
+        model keeps the system turn it was tuned with."""
+        if self.system_prompt:
+            return self.system_prompt
+        if not self.has_chat_template or not self.takes_system_turn:
+            return ""
+        user = [{"role": "user", "content": "\u0000"}]
+        bare = self.tokenizer.apply_chat_template(user, tokenize=False)
+        marked = self.tokenizer.apply_chat_template([{"role": "system", "content": "\u0001"}, *user], tokenize=False)
+        head, tail = marked.split("\u0001", 1)
+        if not bare.startswith(head) or not bare.endswith(tail) or len(bare) < len(head) + len(tail):
+            return ""  # the template's default turn is not a system message it lets us replace
+        return bare[len(head): len(bare) - len(tail)]
+
+    @property
+    def takes_system_turn(self) -> bool:
+        """Whether a prompt of this model can carry a system turn: a chat template that accepts the system
+        role (Gemma's rejects it), or the plain format of a model without one (its head)."""
+        if not self.has_chat_template:
+            return True
+        try:
+            self.tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                               tokenize=False)
+        except TemplateError:
+            return False
+        return True
 
     def chat_prompt(self, user: str, system: str | None = None, history: Sequence[tuple[str, str]] = ()) -> str:
         """Builds the model's prompt for one user turn, ready for the assistant's answer.

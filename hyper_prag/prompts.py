@@ -1,17 +1,29 @@
 """The prompt templates every method shares (one place, so every method is scored on equal terms).
 
-At inference every method asks the same question the same way; only what stands before the
-question differs (nothing, retrieved passages, or augmented passages). Per-document training
-sequences (paper §3.2, ``[d_i^k ⊕ q_i^j ⊕ a_i^j]``) end with exactly the inference prompt of a
-closed-book question, so what a LoRA learns is asked for in the form it was learnt. Every prompt
-starts with the same worked examples (:data:`DEMONSTRATIONS`, earlier user/assistant turns), so
-every method answers in the same short format and EM/F1 compare knowledge, not verbosity.
+At inference every method asks the same question the same way; only what stands in the system turn
+differs (nothing, retrieved passages, or augmented passages). Per-document training sequences
+(paper §3.2, ``[d_i^k ⊕ q_i^j ⊕ a_i^j]``) end with exactly the inference prompt of a closed-book
+question, so what a LoRA learns is asked for in the form it was learnt. Every prompt holds the same
+worked examples (:data:`DEMONSTRATIONS`, earlier user/assistant turns), so every method answers in the
+same short format and EM/F1 compare knowledge, not verbosity::
+
+    system     <the model's own system text>[\n\nPassage 1: …\n\nPassage 2: …]
+    user       Answer the question with a short phrase, without explanation.\nQuestion: <example>
+    assistant  <its bare answer>                                  (… one pair per worked example)
+    user       Answer the question with a short phrase, without explanation.\nQuestion: <question>
+    assistant  ▌
+
+Passages stand in the system turn, not in the question's user turn (only a chat template without a system
+role, such as Gemma's, gets them at the start of the question's user turn): the last user turn then reads
+exactly like a worked example, and a small model answers it in their format. With the passages in the
+user turn before the question, SmolLM2-135M restated them in sentences (standard RAG median 17.5 answer
+tokens on 100 fictional test questions) and read them worse (see ``benchmarks/demo_variants.py``).
 
 A base model without a chat template (a pretrained, not instruction-tuned checkpoint) is asked in
 a plain format instead, built by :meth:`~hyper_prag.model.BaseModel.chat_prompt`::
 
-    <each worked example, as below, followed by " <its answer>\n\n">
-    [Passage 1: …\n\n]Answer the question with a short phrase, without explanation.
+    [Passage 1: …\n\n…\n\n]<each worked example, as below, followed by " <its answer>\n\n">
+    Answer the question with a short phrase, without explanation.
     Question: <question>
     Answer:
 
@@ -30,34 +42,48 @@ from hyper_prag.model import BaseModel
 INSTRUCTION = "Answer the question with a short phrase, without explanation."
 
 # Fixed worked examples, placed as earlier user/assistant turns before every question of every method
-# (and of every training sequence): questions with and without a passage, each answered by the bare
-# answer. A small instruction-tuned model follows a shown format far more reliably than the instruction
-# alone, above all when passages stand before the question (SmolLM2-135M with the instruction only:
-# standard RAG answered in sentences, median 18 tokens; with these turns 4.5 tokens, measured on 40
-# fictional test lookups with the right document as passage).
-DEMONSTRATIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (  # (question, passages, answer)
-    ("Who founded Microsoft?", ("Microsoft is an American technology company founded by Bill Gates and Paul Allen "
-                                "in 1975. It is headquartered in Redmond.",), "Bill Gates and Paul Allen"),
-    ("When was the novel Dracula published?", (), "1897"),
-    ("What was Marie Curie's occupation?", ("Marie Curie was a physicist and chemist born in Warsaw in 1867.",),
-     "physicist"),
+# (and of every training sequence that keeps them): each question answered by the bare answer. A small
+# instruction-tuned model follows a shown format far more reliably than the instruction alone; the kinds
+# of question a small model otherwise answers in sentences (two-hop, comparison, yes/no) are among them.
+DEMONSTRATIONS: tuple[tuple[str, str], ...] = (  # (question, answer)
+    ("Who founded Microsoft?", "Bill Gates and Paul Allen"),
+    ("When was the novel Dracula published?", "1897"),
+    ("What was Marie Curie's occupation?", "physicist"),
+    ("In which city was the author of Dracula born?", "Dublin"),
+    ("Who was born earlier, Albert Einstein or Isaac Newton?", "Isaac Newton"),
+    ("Were Mozart and Beethoven born in the same country?", "no"),
 )
 
+# Where retrieved passages stand (part of the format id): in the system turn, after the model's own text.
+PASSAGES_IN = "system"
 
-def user_message(question: str, passages: Sequence[str] = ()) -> str:
-    """The user turn: optional numbered passages, the instruction, then the question."""
-    context = "".join(f"Passage {i + 1}: {p.strip()}\n\n" for i, p in enumerate(passages))
-    return f"{context}{INSTRUCTION}\nQuestion: {question.strip()}"
+
+def user_message(question: str) -> str:
+    """The user turn: the instruction, then the question."""
+    return f"{INSTRUCTION}\nQuestion: {question.strip()}"
+
+
+def system_message(base: BaseModel, passages: Sequence[str] = ()) -> str | None:
+    """The system turn: the model's own system text, then the numbered passages; ``None`` (the model's
+    default turn) without passages."""
+    if not passages:
+        return None
+    own = base.default_system.strip()
+    return f"{own}\n\n{_passage_block(passages)}" if own else _passage_block(passages)
+
+
+def _passage_block(passages: Sequence[str]) -> str:
+    return "\n\n".join(f"Passage {i + 1}: {p.strip()}" for i, p in enumerate(passages))
 
 
 def demonstration() -> tuple[tuple[str, str], ...]:
-    """The worked examples every prompt starts with, as (user, assistant) turns."""
-    return tuple((user_message(q, passages), a) for q, passages, a in DEMONSTRATIONS)
+    """The worked examples every prompt holds, as (user, assistant) turns."""
+    return tuple((user_message(q), a) for q, a in DEMONSTRATIONS)
 
 
 def fixed_head(base: BaseModel) -> str:
-    """What every prompt of ``base`` starts with: the system turn and the worked examples, up to the
-    question's own user message. Training sequences read it but carry no loss on it
+    """What every prompt of ``base`` without passages starts with: the system turn and the worked examples,
+    up to the question's own user message. Training sequences read it but carry no loss on it
     (``sequences.tokenize(..., unlearned=fixed_head(base))``)."""
     mark = "\u0000question\u0000"
     full = base.chat_prompt(mark, history=demonstration())
@@ -67,14 +93,16 @@ def fixed_head(base: BaseModel) -> str:
 def format_id() -> str:
     """12 hex digits naming the prompt format (instruction, worked examples, what training learns of them);
     part of every per-document store key, so LoRAs trained under another format are never served."""
-    payload = json.dumps({"instruction": INSTRUCTION, "examples": DEMONSTRATIONS, "head": "unlearned"}, sort_keys=True)
+    payload = json.dumps({"instruction": INSTRUCTION, "examples": DEMONSTRATIONS, "head": "unlearned",
+                          "passages": PASSAGES_IN}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def question_prompt(base: BaseModel, question: str, passages: Sequence[str] = ()) -> str:
     """The full prompt for one question, ready for the answer (the plain format without a chat template).
 
-    The :func:`demonstration` turns stand before the question, the same for every method.
+    The :func:`demonstration` turns stand before the question, the same for every method; passages
+    stand in the system turn (:func:`system_message`).
 
     Args:
         base: the model whose chat template (or plain format) is used.
@@ -85,7 +113,9 @@ def question_prompt(base: BaseModel, question: str, passages: Sequence[str] = ()
     Returns:
         The prompt string.
     """
-    return base.chat_prompt(user_message(question, passages), history=demonstration())
+    if passages and not base.takes_system_turn:  # a template without a system role: before the instruction
+        return base.chat_prompt(f"{_passage_block(passages)}\n\n{user_message(question)}", history=demonstration())
+    return base.chat_prompt(user_message(question), system=system_message(base, passages), history=demonstration())
 
 
 def _target(base: BaseModel, answer: str) -> str:

@@ -36,7 +36,7 @@ def save_tiny(folder, config_name: str, model_name: str, seed: int = 0, **extra)
     tokenizer = load_tokenizer()
     config = getattr(transformers, config_name)(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         **extra,
     )

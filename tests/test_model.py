@@ -31,8 +31,16 @@ def test_every_method_and_training_sequence_shares_the_worked_examples(tiny):
     rag = prompts.question_prompt(tiny, "Who founded Ardent Loom?", passages=["Ardent Loom was founded by Ilse Varn."])
     with_examples = tiny.chat_prompt("X", history=turns)
     head = with_examples[: with_examples.index("X")]  # system turn + the worked examples, before the question's turn
-    assert closed.startswith(head) and rag.startswith(head)
+    assert closed.startswith(head)
     assert closed.count(prompts.DEMONSTRATIONS[0][0]) == rag.count(prompts.DEMONSTRATIONS[0][0]) == 1
+    # The passages stand in the system turn, after the model's own text; from the first worked example on,
+    # a RAG prompt is the closed-book prompt, so every method's question turn reads like a worked example.
+    first = turns[0][0]
+    assert rag[rag.index(first):] == closed[closed.index(first):]
+    system = rag[: rag.index(first)]
+    assert tiny.default_system and tiny.default_system in system
+    assert system.index(tiny.default_system) < system.index("Passage 1: Ardent Loom was founded by Ilse Varn.")
+    assert "Passage" not in closed
     prefix, _ = prompts.training_sequence(tiny, "Ardent Loom was founded by Ilse Varn.", "Who founded Ardent Loom?", "Ilse Varn")
     assert prefix.endswith(closed)  # a LoRA learns its facts asked exactly as closed-book/P-RAG ask them
     student, _ = prompts.qa_sequence(tiny, "Who founded Ardent Loom?", "Ilse Varn")
@@ -152,8 +160,9 @@ def test_base_model_without_chat_template_gets_plain_prompts(tiny):
     plain.tokenizer.chat_template = None
     assert tiny.has_chat_template and not plain.has_chat_template
     prompt = prompts.question_prompt(plain, "Who founded Ardent Loom?", passages=["Ardent Loom was founded by Ilse Varn."])
-    demo = "".join(f"{u}\nAnswer: {a}\n\n" for u, a in prompts.demonstration())  # the worked examples come first
-    assert prompt == f"{demo}Passage 1: Ardent Loom was founded by Ilse Varn.\n\n{prompts.INSTRUCTION}\n" \
+    demo = "".join(f"{u}\nAnswer: {a}\n\n" for u, a in prompts.demonstration())  # the worked examples
+    assert plain.default_system == ""  # no template, no system text of its own: the passages come first
+    assert prompt == f"Passage 1: Ardent Loom was founded by Ilse Varn.\n\n{demo}{prompts.INSTRUCTION}\n" \
                      "Question: Who founded Ardent Loom?\nAnswer:"
     prefix, target = prompts.training_sequence(plain, "Doc.", "Who?", "Ilse Varn")
     assert prefix.endswith("Answer:") and target == " Ilse Varn" + plain.tokenizer.eos_token
@@ -163,3 +172,34 @@ def test_base_model_without_chat_template_gets_plain_prompts(tiny):
     assert plain.chat_prompt("Rewrite this.", system="Be brief.") == "Be brief.\n\nRewrite this.\nAnswer:"
     assert plain.chat_prompt("Q2", history=[("Q1", "A1")]) == "Q1\nAnswer: A1\n\nQ2\nAnswer:"
     assert len(plain.generate([prompt], max_new_tokens=2)) == 1  # asking does not crash
+
+
+def test_passages_join_the_model_s_own_system_text_whatever_its_template(tiny):
+    from hyper_prag import prompts
+
+    assert tiny.default_system in tiny.chat_prompt("Q")  # the template's default system turn, read back
+    briefed = replace(tiny, system_prompt="Be brief.")
+    assert briefed.default_system == "Be brief."
+    assert prompts.system_message(briefed, ["Doc one.", "Doc two."]) == "Be brief.\n\nPassage 1: Doc one.\n\nPassage 2: Doc two."
+    assert prompts.system_message(briefed) is None  # no passages: the model's own system turn, unchanged
+    bare = replace(tiny, tokenizer=copy.deepcopy(tiny.tokenizer))
+    bare.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                                    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert bare.default_system == ""  # a template that adds no system turn of its own
+    prompt = prompts.question_prompt(bare, "Who?", ["Doc one."])
+    assert prompt.startswith("<|im_start|>system\nPassage 1: Doc one.<|im_end|>\n")
+
+
+def test_a_template_without_a_system_role_gets_the_passages_in_the_question_s_turn(tiny):
+    from hyper_prag import prompts
+
+    gemma = replace(tiny, tokenizer=copy.deepcopy(tiny.tokenizer))
+    gemma.tokenizer.chat_template = (  # Gemma's rule: a system turn is an error
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    assert tiny.takes_system_turn and not gemma.takes_system_turn and gemma.default_system == ""
+    prompt = prompts.question_prompt(gemma, "Who?", ["Doc one."])
+    assert prompt.endswith(f"<start_of_turn>user\nPassage 1: Doc one.\n\n{prompts.user_message('Who?')}<end_of_turn>\n"
+                           "<start_of_turn>model\n")
+    assert prompts.question_prompt(gemma, "Who?").startswith("<start_of_turn>user\n")  # closed-book: no system turn
