@@ -197,7 +197,7 @@ def per_doc_from_recipe(base: BaseModel, recipe: Recipe, store_root: str | Path)
     if recipe.base_identity != base.identity:
         raise HyperPragError(f"recipe {recipe.id} was made for base model {recipe.base_identity}, not {base.identity}.")
     _check_prompt_format(recipe, store_root)
-    trainer = PerDocConfig(**{k: v for k, v in recipe.settings.items() if k not in ("name", "warmup_sha256", "prompt")})
+    trainer = PerDocConfig(**{k: v for k, v in recipe.settings.items() if k not in ("name", "warmup_sha256", "replay_sha256", "prompt")})
     warmup = load_warmup(store_root, recipe) if recipe.uses_warmup else None
     encoder = PerDocEncoder(base, recipe.spec, trainer, warmup=warmup)
     augment_config = AugmentConfig(**(recipe.augment or {}))

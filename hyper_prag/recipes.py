@@ -75,7 +75,7 @@ class Recipe:
 
     def describe(self) -> str:
         """One line for listings and error messages."""
-        keep = {k: v for k, v in self.settings.items() if k not in ("name", "warmup_sha256")}
+        keep = {k: v for k, v in self.settings.items() if k not in ("name", "warmup_sha256", "replay_sha256")}
         return (f"{self.id} {self.encoder} r={self.spec.rank} alpha={self.spec.alpha:g} {canonical_json(keep)} "
                 f"augmentation={canonical_json(dict(self.augmentation))}")
 

@@ -296,6 +296,37 @@ def test_closed_book_qa_trains_the_text_then_each_pair_without_its_document(tiny
         PerDocConfig(qa_context="nothing")
 
 
+def test_replay_trains_the_first_general_questions_closed_book_after_the_document_s_own(tiny, tmp_path):
+    from hyper_prag.assemble import per_doc_from_recipe
+    from hyper_prag.encoders.per_doc import REPLAY_QA, PerDocEncoder
+    from hyper_prag.lora import LoraSpec
+    from hyper_prag.recipes import Recipe
+
+    qa = (("What is the birth year of Mara Olen?", "1950"),)
+    aug = AugmentedDocument("d", DOCS[0].text, (), qa)
+    for layout in ("none", "document"):
+        plain = document_sequences(tiny, aug, PerDocConfig(qa_context=layout))
+        replayed = document_sequences(tiny, aug, PerDocConfig(qa_context=layout, replay=2))
+        assert len(replayed) == len(plain) + 2 and [s.input_ids for s in replayed[:len(plain)]] == \
+            [s.input_ids for s in plain]  # the document's own sequences are untouched
+        for (question, answer), sequence in zip(REPLAY_QA[:2], replayed[len(plain):]):
+            text = tiny.tokenizer.decode(sequence.input_ids)
+            assert text.startswith(tiny.tokenizer.decode(tiny.tokenizer(question_prompt(tiny, question),
+                                                                        add_special_tokens=False)["input_ids"]))
+            assert answer in text and "Mara Olen" not in text  # closed-book, about no document
+    # Off by default and then absent from the key; on, it names the count and the pairs' content.
+    assert "replay" not in PerDocConfig().settings()
+    spec = LoraSpec(rank=2, target_modules=("down_proj",))
+    on = PerDocEncoder(tiny, spec, PerDocConfig(replay=2)).settings()
+    assert on["replay"] == 2 and on["replay_sha256"] != PerDocEncoder(tiny, spec, PerDocConfig(replay=3)).settings()[
+        "replay_sha256"] and "replay_sha256" not in PerDocEncoder(tiny, spec, PerDocConfig()).settings()
+    # A recorded recipe rebuilds the same trainer (its content hash is not a trainer field).
+    recipe = Recipe("per-doc", tiny.identity, spec.for_model(tiny), {"source": "template"}, on)
+    assert per_doc_from_recipe(tiny, recipe, tmp_path).encoder.settings() == on
+    with pytest.raises(HyperPragError, match="replay"):
+        PerDocConfig(replay=len(REPLAY_QA) + 1)
+
+
 def test_both_sources_merge_template_and_llm_pairs(tiny, corpus, monkeypatch):
     made = {"template": (("What was Mara Olen's job?", "painter"),), "llm": (("Who is Mara Olen?", "a painter"),
                                                                              ("What was Mara Olen's job?", "painter"))}

@@ -38,6 +38,7 @@ order, such as the ``lightning.Trainer`` runner of ``train/encode.py``, passed t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +65,22 @@ log = logging.getLogger(__name__)
 
 QA_ROOM = 256  # tokens of a training sequence kept for the chat template, a question and its answer
 
+# General-knowledge questions of the kinds a LoRA trained on one document's single-fact pairs stops answering
+# in their own way (comparisons, yes/no), each with its bare answer; none is a worked example of the prompt.
+REPLAY_QA: tuple[tuple[str, str], ...] = (
+    ("Who was born later, Charles Darwin or Albert Einstein?", "Albert Einstein"),
+    ("Were Pablo Picasso and Salvador Dali born in the same country?", "yes"),
+    ("Which city has the larger population, Tokyo or Oslo?", "Tokyo"),
+    ("Was the Eiffel Tower built before 1800?", "no"),
+    ("Which was founded first, the University of Oxford or Harvard University?", "the University of Oxford"),
+    ("Were William Shakespeare and Leo Tolstoy born in the same country?", "no"),
+)
+
+
+def replay_sha256(n: int) -> str:
+    """Content hash of the first ``n`` replay pairs (enters the store key of a recipe that trains them)."""
+    return hashlib.sha256(json.dumps(REPLAY_QA[:n]).encode()).hexdigest()
+
 
 @dataclass(frozen=True)
 class PerDocConfig:
@@ -86,11 +103,18 @@ class PerDocConfig:
     # the closed-book question it will be asked as (no document before it), plus one causal-LM sequence per
     # variant d_i^k (the text itself, every token learned): the LoRA alone must produce the answer.
     qa_context: Literal["document", "none"] = "document"
+    # Format replay: the first `replay` pairs of REPLAY_QA (general-knowledge comparison and yes/no questions,
+    # none about the document) are trained closed-book beside the document's own pairs every epoch, so a LoRA
+    # trained only on single-fact questions keeps answering other kinds of question in their own way.
+    replay: int = 0
 
     def __post_init__(self) -> None:
         if self.qa_context not in ("document", "none"):
             raise HyperPragError(f"qa_context must be 'document' (the paper) or 'none' (closed-book QA pairs and "
                                  f"the document as plain text), not {self.qa_context!r}.")
+        if not 0 <= self.replay <= len(REPLAY_QA):
+            raise HyperPragError(f"replay must be between 0 and {len(REPLAY_QA)} (the replay pairs there are), "
+                                 f"not {self.replay}.")
 
     def settings(self) -> dict:
         """The fields as a dict; ``examples`` and ``qa_context`` only when changed from their defaults, so keys
@@ -100,6 +124,8 @@ class PerDocConfig:
             del settings["examples"]
         if self.qa_context == "document":
             del settings["qa_context"]
+        if not self.replay:
+            del settings["replay"]
         return settings
 
 
@@ -141,15 +167,17 @@ def document_sequences(base: BaseModel, aug: "AugmentedDocument", config: PerDoc
     eos = base.tokenizer.eos_token or ""
     texts = [tokenize(base, "", f"{d.strip()}{eos}", "all", config.max_length) for d in aug.variants]
     head = fixed_head(base) if config.examples else ""  # the system turn and worked examples: read, never learned
+    replay = [tokenize(base, *closed_book_sequence(base, q, a, examples=config.examples), config.loss_on,
+                       config.max_length, unlearned=head) for q, a in REPLAY_QA[:config.replay]]
     if config.qa_context == "none":
         return texts + [tokenize(base, *closed_book_sequence(base, q, a, examples=config.examples), config.loss_on,
-                                 config.max_length, unlearned=head) for q, a in aug.qa]
+                                 config.max_length, unlearned=head) for q, a in aug.qa] + replay
     pairs = training_pairs(aug)
     if not pairs:
         log.warning("document %r has no augmented QA pair: training its LoRA on its text alone", aug.doc_id)
-        return texts
+        return texts + replay
     return [tokenize(base, *training_sequence(base, d, q, a, examples=config.examples), config.loss_on,
-                     config.max_length, unlearned=head) for d, q, a in pairs]
+                     config.max_length, unlearned=head) for d, q, a in pairs] + replay
 
 
 def step_schedule(sequences: Sequence[Sequence[TokenSequence]], epochs: int, pad_id: int) -> list[StepBatch]:
@@ -395,6 +423,8 @@ class PerDocEncoder:
         settings = {"name": self.name, **self.config.settings(), "prompt": format_id()}
         if self.config.init == "warmup":
             settings["warmup_sha256"] = lora_sha256(self.warmup)
+        if self.config.replay:
+            settings["replay_sha256"] = replay_sha256(self.config.replay)
         return settings
 
     @property

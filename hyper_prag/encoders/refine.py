@@ -28,7 +28,8 @@ from torch import Tensor
 
 from hyper_prag.combine import pad_rank
 from hyper_prag.encoders.hypernet import HypernetEncoder
-from hyper_prag.encoders.per_doc import FitBank, MetricsLogger, PerDocConfig, document_sequences, fit_steps, train_bank
+from hyper_prag.encoders.per_doc import (FitBank, MetricsLogger, PerDocConfig, document_sequences, fit_steps,
+                                        replay_sha256, train_bank)
 from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import Lora, stack
 from hyper_prag.model import BaseModel
@@ -66,9 +67,11 @@ class RefineEncoder:
 
     def settings(self) -> dict:
         """Encoder identity: k, the trainer settings that apply, and the hypernet's (its checkpoint sha256)."""
-        # examples and qa_context appear only when changed from their defaults (keys stored before them stay)
-        applies = ("lr", "weight_decay", "loss_on", "max_length", "examples", "qa_context")
+        # examples, qa_context and replay appear only when changed from their defaults (older keys stay)
+        applies = ("lr", "weight_decay", "loss_on", "max_length", "examples", "qa_context", "replay")
         trainer = {k: v for k, v in self.config.settings().items() if k in applies}
+        if self.config.replay:
+            trainer["replay_sha256"] = replay_sha256(self.config.replay)
         return {"name": self.name, "steps": self.steps, "trainer": trainer if self.steps else {},
                 "hypernet": self.hypernet.settings(), **({"prompt": format_id()} if self.steps else {})}
 
