@@ -58,18 +58,13 @@ VARIANTS["v4"] = BEFORE + (TWO_HOP,) + VARIANTS["v3"][3:]  # shipped now (with t
 VARIANTS["v5"] = VARIANTS["v1"] + VARIANTS["v3"][3:]
 
 
-def _user(question: str, passages: Sequence[str] = ()) -> str:
-    context = "".join(f"Passage {i + 1}: {p.strip()}\n\n" for i, p in enumerate(passages))
-    return f"{context}{prompts.user_message(question)}"
-
-
 def layout_prompt(examples: tuple[Example, ...], layout: str):
     """A ``question_prompt`` replacement asking with ``examples`` in ``layout``."""
-    shown = tuple((_user(q, ps if layout != "system" else ()), a) for q, ps, a in examples)
+    shown = tuple((prompts.user_message(q, ps if layout != "system" else ()), a) for q, ps, a in examples)
 
     def question_prompt(base: BaseModel, question: str, passages: Sequence[str] = ()) -> str:
         if layout == "user":
-            return base.chat_prompt(_user(question, passages), history=shown)
+            return base.chat_prompt(prompts.user_message(question, passages), history=shown)
         return base.chat_prompt(prompts.user_message(question), system=prompts.system_message(base, passages),
                                 history=shown)
 

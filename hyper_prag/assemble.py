@@ -26,7 +26,7 @@ from hyper_prag.lora import Lora, LoraSpec
 from hyper_prag.methods import Augmented, LoraSource, Method, method_spec
 from hyper_prag.model import DEFAULT_MODEL, BaseModel
 from hyper_prag.pipeline import Pipeline, RetrievalMethod
-from hyper_prag.recipes import Recipe, find_recipe, list_recipes, load_warmup, recipe_for
+from hyper_prag.recipes import CONTENT_HASHES, Recipe, find_recipe, list_recipes, load_warmup, recipe_for
 
 if TYPE_CHECKING:
     from hyper_prag.augment import AugmentConfig
@@ -197,7 +197,7 @@ def per_doc_from_recipe(base: BaseModel, recipe: Recipe, store_root: str | Path)
     if recipe.base_identity != base.identity:
         raise HyperPragError(f"recipe {recipe.id} was made for base model {recipe.base_identity}, not {base.identity}.")
     _check_prompt_format(recipe, store_root)
-    trainer = PerDocConfig(**{k: v for k, v in recipe.settings.items() if k not in ("name", "warmup_sha256", "replay_sha256", "prompt")})
+    trainer = PerDocConfig(**{k: v for k, v in recipe.settings.items() if k not in ("name", "prompt", *CONTENT_HASHES)})
     warmup = load_warmup(store_root, recipe) if recipe.uses_warmup else None
     encoder = PerDocEncoder(base, recipe.spec, trainer, warmup=warmup)
     augment_config = AugmentConfig(**(recipe.augment or {}))

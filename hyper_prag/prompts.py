@@ -58,9 +58,11 @@ DEMONSTRATIONS: tuple[tuple[str, str], ...] = (  # (question, answer)
 PASSAGES_IN = "system"
 
 
-def user_message(question: str) -> str:
-    """The user turn: the instruction, then the question."""
-    return f"{INSTRUCTION}\nQuestion: {question.strip()}"
+def user_message(question: str, passages: Sequence[str] = ()) -> str:
+    """The user turn: the instruction, then the question; ``passages`` (numbered) before them only where the
+    passages cannot stand in the system turn (see :func:`question_prompt`)."""
+    context = f"{_passage_block(passages)}\n\n" if passages else ""
+    return f"{context}{INSTRUCTION}\nQuestion: {question.strip()}"
 
 
 def system_message(base: BaseModel, passages: Sequence[str] = ()) -> str | None:
@@ -114,7 +116,7 @@ def question_prompt(base: BaseModel, question: str, passages: Sequence[str] = ()
         The prompt string.
     """
     if passages and not base.takes_system_turn:  # a template without a system role: before the instruction
-        return base.chat_prompt(f"{_passage_block(passages)}\n\n{user_message(question)}", history=demonstration())
+        return base.chat_prompt(user_message(question, passages), history=demonstration())
     return base.chat_prompt(user_message(question), system=system_message(base, passages), history=demonstration())
 
 

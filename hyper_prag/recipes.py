@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 RECIPE_FORMAT = "hyper-prag-recipe/1"
 RECIPES_DIR = "recipes"
+# Encoder settings that name content by its hash (the warm-up LoRA, the replayed pairs): in the key, not trainer fields.
+CONTENT_HASHES = ("warmup_sha256", "replay_sha256")
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Recipe:
 
     def describe(self) -> str:
         """One line for listings and error messages."""
-        keep = {k: v for k, v in self.settings.items() if k not in ("name", "warmup_sha256", "replay_sha256")}
+        keep = {k: v for k, v in self.settings.items() if k not in ("name", *CONTENT_HASHES)}
         return (f"{self.id} {self.encoder} r={self.spec.rank} alpha={self.spec.alpha:g} {canonical_json(keep)} "
                 f"augmentation={canonical_json(dict(self.augmentation))}")
 
