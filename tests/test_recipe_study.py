@@ -327,6 +327,55 @@ def test_replay_trains_the_first_general_questions_closed_book_after_the_documen
         PerDocConfig(replay=len(REPLAY_QA) + 1)
 
 
+def test_replay_loss_on_answer_learns_only_the_replayed_answers(tiny, tmp_path):
+    from hyper_prag.assemble import per_doc_from_recipe
+    from hyper_prag.encoders.per_doc import REPLAY_QA, PerDocEncoder
+    from hyper_prag.lora import LoraSpec
+    from hyper_prag.recipes import Recipe
+    from hyper_prag.sequences import IGNORE
+
+    aug = AugmentedDocument("d", DOCS[0].text, (), (("What is the birth year of Mara Olen?", "1950"),))
+    config = PerDocConfig(qa_context="none", replay=2, replay_loss_on="answer")
+    every = document_sequences(tiny, aug, PerDocConfig(qa_context="none", replay=2))
+    answer_only = document_sequences(tiny, aug, config)
+    assert [s.input_ids for s in answer_only] == [s.input_ids for s in every]
+    assert [s.labels for s in answer_only[:-2]] == [s.labels for s in every[:-2]]  # the document's own: untouched
+    for (_, answer), sequence in zip(REPLAY_QA[:2], answer_only[-2:]):
+        learned = [t for t in sequence.labels if t != IGNORE]
+        assert answer in tiny.tokenizer.decode(learned) and len(learned) < len(sequence.labels) / 3
+        assert list(sequence.labels[-len(learned):]) == learned  # the learned tokens are the sequence's end
+    # In the key only when changed, and a recorded recipe rebuilds it.
+    assert "replay_loss_on" not in PerDocConfig(replay=2).settings()
+    spec = LoraSpec(rank=2, target_modules=("down_proj",))
+    settings = PerDocEncoder(tiny, spec, config).settings()
+    assert settings["replay_loss_on"] == "answer"
+    assert settings != PerDocEncoder(tiny, spec, PerDocConfig(qa_context="none", replay=2)).settings()
+    recipe = Recipe("per-doc", tiny.identity, spec.for_model(tiny), {"source": "template"}, settings)
+    assert per_doc_from_recipe(tiny, recipe, tmp_path).encoder.settings() == settings
+    with pytest.raises(HyperPragError, match="replay_loss_on"):
+        PerDocConfig(replay_loss_on="question")
+
+
+def test_spread_replay_stands_evenly_among_the_document_s_sequences_which_end_the_epoch(tiny, tmp_path):
+    from hyper_prag.encoders.per_doc import PerDocEncoder, spread
+    from hyper_prag.lora import LoraSpec
+
+    assert spread(list("abcdefghi"), list("1234")) == list("a1bc2de3fg4hi")
+    assert spread(list("ab"), list("12")) == list("1a2b") and spread(list("ab"), []) == list("ab")
+    qa = tuple((f"What is fact {i} of Mara Olen?", str(1950 + i)) for i in range(5))
+    aug = AugmentedDocument("d", DOCS[0].text, (), qa)
+    for layout in ("none", "document"):
+        end = document_sequences(tiny, aug, PerDocConfig(qa_context=layout, replay=3))
+        spread_ = document_sequences(tiny, aug, PerDocConfig(qa_context=layout, replay=3, replay_position="spread"))
+        own, replayed = end[:-3], end[-3:]
+        assert sorted(s.input_ids for s in spread_) == sorted(s.input_ids for s in end)
+        assert [s for s in spread_ if s not in replayed] == own and spread_[-1] == own[-1] and spread_[0] == own[0]
+    settings = PerDocEncoder(tiny, LoraSpec(rank=2), PerDocConfig(replay=3, replay_position="spread")).settings()
+    assert settings["replay_position"] == "spread" and "replay_position" not in PerDocConfig(replay=3).settings()
+    with pytest.raises(HyperPragError, match="replay_position"):
+        PerDocConfig(replay_position="start")
+
+
 def test_both_sources_merge_template_and_llm_pairs(tiny, corpus, monkeypatch):
     made = {"template": (("What was Mara Olen's job?", "painter"),), "llm": (("Who is Mara Olen?", "a painter"),
                                                                              ("What was Mara Olen's job?", "painter"))}

@@ -107,6 +107,14 @@ class PerDocConfig:
     # none about the document) are trained closed-book beside the document's own pairs every epoch, so a LoRA
     # trained only on single-fact questions keeps answering other kinds of question in their own way.
     replay: int = 0
+    # What a replayed pair is trained on: "all" (every token, as the document's own pairs under loss_on="all")
+    # or "answer" (its bare answer only). A sequence's loss is a mean over its learned tokens, so "answer"
+    # weighs a replayed answer ten to twenty times more: on the fictional questions the LoRAs then answer
+    # most questions "yes" or "no" (kept for that ablation; "all" is the one to use).
+    replay_loss_on: LossOn = "all"
+    # Where the replayed pairs stand in each epoch: "end" (after the document's own sequences) or "spread"
+    # (evenly among them, the document's own last), so an epoch does not end on questions about no document.
+    replay_position: Literal["end", "spread"] = "end"
 
     def __post_init__(self) -> None:
         if self.qa_context not in ("document", "none"):
@@ -115,10 +123,16 @@ class PerDocConfig:
         if not 0 <= self.replay <= len(REPLAY_QA):
             raise HyperPragError(f"replay must be between 0 and {len(REPLAY_QA)} (the replay pairs there are), "
                                  f"not {self.replay}.")
+        if self.replay_loss_on not in ("all", "answer"):
+            raise HyperPragError(f"replay_loss_on must be 'all' (every token of a replayed pair) or 'answer' (its "
+                                 f"answer only), not {self.replay_loss_on!r}.")
+        if self.replay_position not in ("end", "spread"):
+            raise HyperPragError(f"replay_position must be 'end' (after the document's own sequences) or 'spread' "
+                                 f"(evenly among them), not {self.replay_position!r}.")
 
     def settings(self) -> dict:
-        """The fields as a dict; ``examples`` and ``qa_context`` only when changed from their defaults, so keys
-        stored before they existed stay valid."""
+        """The fields as a dict; ``examples``, ``qa_context`` and the ``replay`` fields only when changed from
+        their defaults, so keys stored before they existed stay valid."""
         settings = asdict(self)
         if self.examples:
             del settings["examples"]
@@ -126,6 +140,10 @@ class PerDocConfig:
             del settings["qa_context"]
         if not self.replay:
             del settings["replay"]
+        if self.replay_loss_on == "all":
+            del settings["replay_loss_on"]
+        if self.replay_position == "end":
+            del settings["replay_position"]
         return settings
 
 
@@ -167,17 +185,27 @@ def document_sequences(base: BaseModel, aug: "AugmentedDocument", config: PerDoc
     eos = base.tokenizer.eos_token or ""
     texts = [tokenize(base, "", f"{d.strip()}{eos}", "all", config.max_length) for d in aug.variants]
     head = fixed_head(base) if config.examples else ""  # the system turn and worked examples: read, never learned
-    replay = [tokenize(base, *closed_book_sequence(base, q, a, examples=config.examples), config.loss_on,
+    replay = [tokenize(base, *closed_book_sequence(base, q, a, examples=config.examples), config.replay_loss_on,
                        config.max_length, unlearned=head) for q, a in REPLAY_QA[:config.replay]]
     if config.qa_context == "none":
-        return texts + [tokenize(base, *closed_book_sequence(base, q, a, examples=config.examples), config.loss_on,
-                                 config.max_length, unlearned=head) for q, a in aug.qa] + replay
-    pairs = training_pairs(aug)
-    if not pairs:
+        own = texts + [tokenize(base, *closed_book_sequence(base, q, a, examples=config.examples), config.loss_on,
+                                config.max_length, unlearned=head) for q, a in aug.qa]
+    elif pairs := training_pairs(aug):
+        own = [tokenize(base, *training_sequence(base, d, q, a, examples=config.examples), config.loss_on,
+                        config.max_length, unlearned=head) for d, q, a in pairs]
+    else:
         log.warning("document %r has no augmented QA pair: training its LoRA on its text alone", aug.doc_id)
-        return texts + replay
-    return [tokenize(base, *training_sequence(base, d, q, a, examples=config.examples), config.loss_on,
-                     config.max_length, unlearned=head) for d, q, a in pairs] + replay
+        own = texts
+    return own + replay if config.replay_position == "end" else spread(own, replay)
+
+
+def spread(own: Sequence[TokenSequence], extra: Sequence[TokenSequence]) -> list[TokenSequence]:
+    """``own`` with ``extra`` inserted evenly among it, order kept: the j-th extra sequence (from 0) before
+    ``own[(j + 1) · len(own) // (len(extra) + 1)]``, so ``own``'s last sequence stays last."""
+    out = list(own)
+    for j in reversed(range(len(extra))):
+        out.insert((j + 1) * len(own) // (len(extra) + 1), extra[j])
+    return out
 
 
 def step_schedule(sequences: Sequence[Sequence[TokenSequence]], epochs: int, pad_id: int) -> list[StepBatch]:

@@ -67,8 +67,9 @@ class RefineEncoder:
 
     def settings(self) -> dict:
         """Encoder identity: k, the trainer settings that apply, and the hypernet's (its checkpoint sha256)."""
-        # examples, qa_context and replay appear only when changed from their defaults (older keys stay)
-        applies = ("lr", "weight_decay", "loss_on", "max_length", "examples", "qa_context", "replay")
+        # examples, qa_context and the replay fields appear only when changed from their defaults (older keys stay)
+        applies = ("lr", "weight_decay", "loss_on", "max_length", "examples", "qa_context", "replay", "replay_loss_on",
+                   "replay_position")
         trainer = {k: v for k, v in self.config.settings().items() if k in applies}
         if self.config.replay:
             trainer["replay_sha256"] = replay_sha256(self.config.replay)
