@@ -372,6 +372,8 @@ def test_spread_replay_stands_evenly_among_the_document_s_sequences_which_end_th
         assert [s for s in spread_ if s not in replayed] == own and spread_[-1] == own[-1] and spread_[0] == own[0]
     settings = PerDocEncoder(tiny, LoraSpec(rank=2), PerDocConfig(replay=3, replay_position="spread")).settings()
     assert settings["replay_position"] == "spread" and "replay_position" not in PerDocConfig(replay=3).settings()
+    # Without replayed pairs neither replay knob changes a LoRA, so neither changes the key.
+    assert PerDocConfig(replay_position="spread", replay_loss_on="answer").settings() == PerDocConfig().settings()
     with pytest.raises(HyperPragError, match="replay_position"):
         PerDocConfig(replay_position="start")
 

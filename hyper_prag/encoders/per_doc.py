@@ -140,9 +140,9 @@ class PerDocConfig:
             del settings["qa_context"]
         if not self.replay:
             del settings["replay"]
-        if self.replay_loss_on == "all":
+        if not self.replay or self.replay_loss_on == "all":  # without replayed pairs they change nothing
             del settings["replay_loss_on"]
-        if self.replay_position == "end":
+        if not self.replay or self.replay_position == "end":
             del settings["replay_position"]
         return settings
 
@@ -178,7 +178,8 @@ def document_sequences(base: BaseModel, aug: "AugmentedDocument", config: PerDoc
         the augmentation left with no QA pair (the LLM's output never parsed), one causal-LM sequence per
         variant d_i^k, so the document is still encoded (its text is the whole target) instead of failing
         the run. ``qa_context="none"``: one causal-LM sequence per variant d_i^k, then one closed-book
-        sequence q_i^j ⊕ a_i^j per QA pair.
+        sequence q_i^j ⊕ a_i^j per QA pair. The ``replay`` general pairs come after these
+        (``replay_position="end"``) or evenly among them (``"spread"``).
     """
     from hyper_prag.augment import training_pairs
 
