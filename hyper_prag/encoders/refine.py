@@ -67,10 +67,9 @@ class RefineEncoder:
 
     def settings(self) -> dict:
         """Encoder identity: k, the trainer settings that apply, and the hypernet's (its checkpoint sha256)."""
-        # examples, qa_context and the replay fields appear only when changed from their defaults (older keys stay)
-        applies = ("lr", "weight_decay", "loss_on", "max_length", "examples", "qa_context", "replay", "replay_loss_on",
-                   "replay_position")
-        trainer = {k: v for k, v in self.config.settings().items() if k in applies}
+        # Every trainer setting but the three that do not apply here, so a new one cannot be left out of the key
+        # (those that appear only when changed from their defaults keep older keys valid).
+        trainer = {k: v for k, v in self.config.settings().items() if k not in ("init", "epochs", "seed")}
         if self.config.replay:
             trainer["replay_sha256"] = replay_sha256(self.config.replay)
         return {"name": self.name, "steps": self.steps, "trainer": trainer if self.steps else {},
