@@ -50,6 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from hyper_prag.activated import ACTIVE
 from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import Lora, check_base_model
 from hyper_prag.model import BaseModel
@@ -77,14 +78,19 @@ def exclusive(base: BaseModel) -> Iterator[BaseModel]:
         yield base
 
 
-def _side_hook(A: Tensor, B: Tensor, scaling: float, batched: bool):
-    """Returns a forward hook adding s · B (A x) to a linear's output.
+def _side_hook(A: Tensor, B: Tensor, scaling: float, batched: bool, active_from: int = 0):
+    """Returns a forward hook adding s · B (A x) to a linear's output (at positions ≥ ``active_from`` only).
 
     A: (r, d_in) or (N, r, d_in); B: (d_out, r) or (N, d_out, r).
     """
 
     def hook(module: nn.Linear, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
         x = args[0]  # (N, T, d_in) or (T, d_in)
+        if active_from:
+            # Activated LoRA in one full forward: the positions before active_from see no ΔW (their input is zeroed
+            # on the side path only), as if they had been read by the base model into a KV cache.
+            keep = torch.arange(x.shape[-2], device=x.device) >= active_from  # (T,)
+            x = x * keep[:, None].to(x.dtype)
         if batched:
             if x.dim() != 3 or x.shape[0] != A.shape[0]:
                 raise HyperPragError(
@@ -248,7 +254,7 @@ class _Merge:
 
 @contextmanager
 def injected(
-    base: BaseModel, lora: Lora, mode: InjectMode = "side", restore: RestoreMode = "subtract"
+    base: BaseModel, lora: Lora, mode: InjectMode = "side", restore: RestoreMode = "subtract", active_from: int = 0
 ) -> Iterator[BaseModel]:
     """Applies ``lora`` to ``base`` for the duration of a ``with`` block, then restores the model.
 
@@ -261,6 +267,8 @@ def injected(
         mode: see the module docstring.
         restore: for ``merged``, how the weights are put back bit-exactly: ``"subtract"`` (no weight
             copies; see the module docstring) or ``"copy"`` (saves each touched weight).
+        active_from: ``side``/``batched``: the LoRA acts only at positions ≥ this index of each forward (an
+            activated LoRA in one full forward, :mod:`hyper_prag.activated`; 0: every position).
 
     Yields:
         ``base``, with the LoRA applied.
@@ -268,9 +276,11 @@ def injected(
     Raises:
         HyperPragError: wrong base model, shapes, non-finite weights, or mode/batch mismatch.
     """
-    with model_lock(base):
+    with model_lock(base), _active(base):
         lora = _prepare(base, lora, mode)
         spec = lora.spec
+        if active_from and mode == "merged":
+            raise HyperPragError("a merged LoRA acts at every position; use mode='side' or 'batched' with active_from.")
         if mode == "merged":
             merge = _Merge(base, lora, restore)
             try:
@@ -286,12 +296,24 @@ def injected(
             for m in spec.target_modules:
                 for i, layer in enumerate(spec.layers):
                     A, B = lora.A[m][..., i, :, :], lora.B[m][..., i, :, :]  # (N?, r, d_in), (N?, d_out, r)
-                    hook = _side_hook(A, B, spec.scaling, batched=mode == "batched")
+                    hook = _side_hook(A, B, spec.scaling, batched=mode == "batched", active_from=active_from)
                     handles.append(base.ffn_linear(layer, m).register_forward_hook(hook))
             yield base
         finally:
             for handle in handles:
                 handle.remove()
+
+
+@contextmanager
+def _active(base: BaseModel) -> Iterator[None]:
+    """Marks ``base`` as holding a LoRA (a prompt head's KV cache must not be computed then)."""
+    nested = base.model in ACTIVE
+    ACTIVE.add(base.model)
+    try:
+        yield
+    finally:
+        if not nested:
+            ACTIVE.discard(base.model)
 
 
 def merge_memory(base: BaseModel, lora: Lora, restore: RestoreMode = "subtract") -> MergeMemory:

@@ -37,6 +37,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 
+from hyper_prag.errors import HyperPragError
 from hyper_prag.model import BaseModel
 
 INSTRUCTION = "Answer the question with a short phrase, without explanation."
@@ -86,10 +87,21 @@ def demonstration() -> tuple[tuple[str, str], ...]:
 def fixed_head(base: BaseModel) -> str:
     """What every prompt of ``base`` without passages starts with: the system turn and the worked examples,
     up to the question's own user message. Training sequences read it but carry no loss on it
-    (``sequences.tokenize(..., unlearned=fixed_head(base))``)."""
+    (``sequences.tokenize(..., unlearned=fixed_head(base))``); an activated LoRA acts after it
+    (:mod:`hyper_prag.activated`)."""
     mark = "\u0000question\u0000"
     full = base.chat_prompt(mark, history=demonstration())
     return full[: full.index(mark)]
+
+
+def head_of(prompt: str) -> str:
+    """The part of a :func:`question_prompt` before its question's user message (system turn with any passages,
+    worked examples): what an activated LoRA leaves to the base model. Without passages it is :func:`fixed_head`."""
+    at = prompt.rfind(INSTRUCTION)  # the question's user message opens with the instruction (the last one)
+    if at < 0:
+        raise HyperPragError("the prompt does not hold a question turn of hyper_prag.prompts; build it with "
+                             "question_prompt.")
+    return prompt[:at]
 
 
 def format_id() -> str:

@@ -32,6 +32,7 @@ nothing before it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hyper_prag.activated import HeadCache, from_head_end, suffix_hidden
 from hyper_prag.errors import HyperPragError
 from hyper_prag.inject import injected
 from hyper_prag.lora import Lora
@@ -116,7 +118,7 @@ def right_pad(sequences: Sequence[TokenSequence], pad_id: int) -> tuple[Tensor, 
 
 
 def labelled_logits(base: BaseModel, lora: Lora | None, input_ids: Tensor, attention_mask: Tensor,
-                    labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                    labels: Tensor, head: HeadCache | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Logits at the labelled positions of each sequence, with sequence n under LoRA n (or under no LoRA).
 
     Args:
@@ -125,11 +127,17 @@ def labelled_logits(base: BaseModel, lora: Lora | None, input_ids: Tensor, atten
         input_ids: ``(N, T)``.
         attention_mask: ``(N, T)``, 1 = real token.
         labels: ``(N, T)``, IGNORE where no loss.
+        head: the cached prompt head every sequence starts with (:mod:`hyper_prag.activated`): the LoRA acts from
+            the question onward and only the tokens after the head run (the same logits as a full forward with
+            ``injected(..., active_from=P)``); ``None``: a full forward, the LoRA at every position.
 
     Returns:
         ``(logits (K, V) float32, targets (K,), owner (K,))``: the K labelled positions of the batch, and the
         sequence each belongs to.
     """
+    if head is not None:
+        return _labelled_after_head(base, lora, input_ids, attention_mask, labels, head)
+
     def hidden() -> Tensor:
         return base.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
@@ -138,11 +146,35 @@ def labelled_logits(base: BaseModel, lora: Lora | None, input_ids: Tensor, atten
     else:
         with injected(base, lora, mode="batched"):
             h = hidden()  # (N, T, H)
+    return labelled_positions(base, h, labels)
+
+
+def labelled_positions(base: BaseModel, h: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """LM-head logits where the next token carries a label: ``h`` ``(N, T, H)`` at positions predicting
+    ``labels[:, 1:]`` ``(N, T−1)``. Returns ``(logits (K, V) float32, targets (K,), owner (K,))``."""
     targets = labels[:, 1:]  # (N, T-1): token t+1 is predicted at position t
     labelled = targets != IGNORE  # (N, T-1)
     logits = base.model.lm_head(h[:, :-1][labelled]).float()  # (K, V): only positions with a label
     owner = torch.arange(len(targets), device=labels.device)[:, None].expand_as(targets)[labelled]  # (K,)
     return logits, targets[labelled], owner
+
+
+def check_after_head(head: HeadCache, input_ids: Tensor, labels: Tensor) -> None:
+    """Checks that sequences ``(N, T)`` start with ``head`` and carry no label inside it (a loss there cannot be
+    computed from the cache: the head is read, never learned)."""
+    head.check_prefix(input_ids)
+    if bool((labels[:, 1: head.length] != IGNORE).any()):
+        raise HyperPragError("these sequences carry a loss inside the cached prompt head; tokenize them with "
+                             "unlearned=prompt_head(base) or use apply_from='all'.")
+
+
+def _labelled_after_head(base: BaseModel, lora: Lora | None, input_ids: Tensor, attention_mask: Tensor,
+                         labels: Tensor, head: HeadCache) -> tuple[Tensor, Tensor, Tensor]:
+    check_after_head(head, input_ids, labels)
+    P = head.length
+    with injected(base, lora, mode="batched") if lora is not None else nullcontext():
+        h = suffix_hidden(base, head, input_ids[:, P:], attention_mask[:, P:])  # (N, T − P, H)
+    return labelled_positions(base, from_head_end(head, h), labels[:, P - 1:])  # positions P − 1 … T − 1
 
 
 def per_sample_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
@@ -153,7 +185,7 @@ def per_sample_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
 
 
 def sequence_losses(base: BaseModel, lora: Lora | None, input_ids: Tensor, attention_mask: Tensor,
-                    labels: Tensor) -> Tensor:
+                    labels: Tensor, head: HeadCache | None = None) -> Tensor:
     """The causal-LM loss of each sequence under its own LoRA: a mean over its labelled tokens (module docstring).
 
     Args:
@@ -162,13 +194,15 @@ def sequence_losses(base: BaseModel, lora: Lora | None, input_ids: Tensor, atten
         input_ids: ``(N, T)``.
         attention_mask: ``(N, T)``.
         labels: ``(N, T)``.
+        head: see :func:`labelled_logits`.
 
     Returns:
         ``(N,)`` losses; a trainer sums them (one gradient per sequence) or averages them.
     """
-    logits, targets, owner = labelled_logits(base, lora, input_ids, attention_mask, labels)  # (K, V), (K,), (K,)
+    logits, targets, owner = labelled_logits(base, lora, input_ids, attention_mask, labels, head)  # (K, V), (K,), (K,)
     return per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, len(input_ids))  # (N,)
 
 
-__all__ = ["IGNORE", "LossOn", "TokenSequence", "tokenize", "right_pad", "labelled_logits", "per_sample_mean",
+__all__ = ["IGNORE", "LossOn", "TokenSequence", "tokenize", "right_pad", "labelled_logits", "labelled_positions",
+           "check_after_head", "per_sample_mean",
            "sequence_losses"]

@@ -20,10 +20,10 @@ LAYERS: dict[str, int] = {
     "lora": 1, "model": 1,
     # stages that know nothing of the online path
     "corpus": 2, "benchmark": 2, "realdata": 2, "store": 2, "retrieve": 2, "combine": 2, "inject": 2,
-    "prompts": 2, "methods": 2, "scoring": 2, "augment": 2, "sequences": 2, "teacher": 2,
+    "prompts": 2, "methods": 2, "scoring": 2, "augment": 2, "sequences": 2, "teacher": 2, "activated": 2,
     # encoders and what encode records
     "encoders": 3, "encoders.per_doc": 3, "encoders.hypernet": 3, "encoders.peft_reference": 3, "hypernet": 3,
-    "encoders.refine": 3,
+    "encoders.refine": 3, "encoders.gradient": 3,
     "recipes": 3,
     "encode": 4, "sources": 4, "pipeline": 4,
     "dynamic": 5, "plots": 5,
