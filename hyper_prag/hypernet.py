@@ -22,6 +22,21 @@ rows of A, slots r..2r-1 the columns of B, each read from the tokens it attends 
 so a rank-1 component can carry one specific span of the document (a name, a year) instead of the
 average of all of them.
 
+``readout="fastweight"`` (after Generative Adapter's outer-product adapter) needs no pooled vector and no trunk:
+the document shapes every LoRA from initialisation. For each adapted layer l, with H_l the layer's normalised
+input states over the document's T tokens (what its own attention projections read)::
+
+    K = H_l W_kᵀ,  V = H_l W_vᵀ              (T, r)    W_k, W_v (r, hidden) start as the top-r directions of
+                                                      the layer's k_proj / v_proj, then train
+    C_l = polar(K_{t}ᵀ V_{t+shift} / √T)      (r, r)    singular values set to 1 (Newton–Schulz)
+    A[m][l] = C_l A₁[m][l]   (r, d_in)       B[m][l] = B₁[m][l]   (d_out, r)    A₁ random, B₁ = 0 at the start
+
+so ΔW = s · B₁ C_l A₁: linear attention from the question's states to the document's, put in the weights, at
+the store's rank r. Its input is per-token states of the adapted layers (``embed_layers`` = ``layers``).
+
+``apply_from`` records where the LoRAs act, in training and when served: every position (``all``) or from the
+question's text onward (``question``: the prompt head is read by the base model, :mod:`hyper_prag.activated`).
+
 A **bias LoRA** (``bias_rank`` > 0; Doc-to-LoRA's learned, document-independent part) is concatenated along
 the rank with every generated LoRA::
 
@@ -66,7 +81,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from torch import Tensor, nn
 
+from hyper_prag.activated import APPLY_FROM
 from hyper_prag.errors import HyperPragError
+from hyper_prag.inject import model_lock
 from hyper_prag.io import atomic_file
 from hyper_prag.lora import Lora, LoraSpec
 from hyper_prag.model import BaseModel
@@ -75,7 +92,7 @@ from hyper_prag.paths import cache_dir
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "hyper-prag-hypernet/1"  # recorded by Hypernet.describe() in every checkpoint file
-READOUTS = ("mean", "attention")
+READOUTS = ("mean", "attention", "fastweight")
 
 
 def default_embed_layers(num_layers: int) -> tuple[int, ...]:
@@ -108,12 +125,21 @@ class HypernetConfig:
     bias_rank: int = 0  # rank of the learned document-independent bias LoRA concatenated to each output; 0: none
     output_scale_init: float | None = None  # learned scalar g on the generated B, starting here (e.g. 1e-3);
     #                                         None: g = 1 fixed and head_B zero-initialised
+    shift: int = 0  # fastweight: keys from token t, values from token t + shift (1: next-token associations)
+    apply_from: str = "all"  # where the LoRAs act, in training and when served: "all" positions or from the "question"
 
     def for_model(self, base: BaseModel) -> "HypernetConfig":
         """Returns this config with ``embed_layers`` filled in for ``base`` and checked."""
         layers = tuple(self.embed_layers) or default_embed_layers(base.num_layers)
         if self.readout not in READOUTS:
             raise HyperPragError(f"hypernet readout {self.readout!r} is unknown; choose one of {READOUTS}.")
+        if self.apply_from not in APPLY_FROM:
+            raise HyperPragError(f"apply_from {self.apply_from!r} is unknown; choose one of {APPLY_FROM}.")
+        if self.readout == "fastweight":
+            # The fastweight readout reads each adapted layer's own input states: embed_layers are the adapted layers.
+            layers = tuple(self.layers) or tuple(range(base.num_layers))
+            if self.shift not in (0, 1):
+                raise HyperPragError(f"fastweight shift must be 0 or 1, got {self.shift}.")
         if self.readout == "attention" and self.doc_dim % self.heads:
             raise HyperPragError(f"doc_dim {self.doc_dim} must be a multiple of heads {self.heads}.")
         for name, chosen in (("embed_layers", layers), ("layers", self.layers)):
@@ -134,7 +160,8 @@ class HypernetConfig:
         return cls(**{**data, "embed_layers": tuple(data.get("embed_layers", ())), "layers": tuple(data.get("layers", ()))})
 
 
-_LATER = {"layers": [], "bias_rank": 0, "output_scale_init": None}  # later fields at their no-op defaults
+_LATER = {"layers": [], "bias_rank": 0, "output_scale_init": None, "shift": 0,
+          "apply_from": "all"}  # later fields at their no-op defaults
 
 
 # ------------------------------------------------------------------------------------------ doc embedding
@@ -146,11 +173,15 @@ def text_hash(text: str) -> str:
 
 
 def _layer_states(base: BaseModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int,
-                  batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Per batch of documents: their tokens' final-normed hidden states of ``layers``, concatenated.
+                  batch_size: int, inputs: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Per batch of documents: their tokens' hidden states of ``layers``, concatenated.
 
-    Only decoder layers 0 … max(layers) run. Each token's hidden state is passed through the model's
-    final RMSNorm, so the few "massive activation" dimensions of the residual stream do not dominate.
+    Only decoder layers 0 … max(layers) run. By default each layer's output, passed through the model's final
+    RMSNorm (so the few "massive activation" dimensions of the residual stream do not dominate); with
+    ``inputs`` each layer's normalised input (its ``input_layernorm`` output: what its attention projections read).
+
+    The model is held (:func:`~hyper_prag.inject.model_lock`) while its layer list is cut short, so a thread
+    injecting or generating meanwhile never sees the shortened model.
 
     Yields:
         ``(states (n, T, len(layers) · hidden) float32, mask (n, T) float32)``, right-padded.
@@ -158,25 +189,28 @@ def _layer_states(base: BaseModel, texts: Sequence[str], layers: Sequence[int], 
     if any(not t.strip() for t in texts):
         raise HyperPragError("cannot encode an empty document; remove it from the corpus.")
     decoder = base.model.model
-    full = decoder.layers
-    captured: dict[int, Tensor] = {}
-    hooks = [full[l].register_forward_hook(lambda mod, args, out, l=l: captured.__setitem__(l, out)) for l in layers]
     tok = base.tokenizer
-    tok.padding_side = "right"
-    decoder.layers = full[: max(layers) + 1]  # stop after the deepest chosen layer (restored below)
-    try:
-        for i in tqdm(range(0, len(texts), batch_size), desc="document states", unit="batch",
-                      disable=len(texts) <= batch_size):
-            batch = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_tokens, add_special_tokens=False).to(base.device)
-            decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            states = [decoder.norm(captured[l][0] if isinstance(captured[l], tuple) else captured[l]).to(torch.float32)
-                      for l in layers]  # each (n, T, H)
-            yield torch.cat(states, dim=-1), batch["attention_mask"].to(torch.float32)  # (n, T, E), (n, T)
-    finally:
-        decoder.layers = full
-        for hook in hooks:
-            hook.remove()
+    with model_lock(base):
+        full = decoder.layers
+        captured: dict[int, Tensor] = {}
+        where = [full[l].input_layernorm if inputs else full[l] for l in layers]
+        hooks = [w.register_forward_hook(lambda mod, args, out, l=l: captured.__setitem__(l, out))
+                 for l, w in zip(layers, where)]
+        decoder.layers = full[: max(layers) + 1]  # stop after the deepest chosen layer (restored below)
+        try:
+            for i in tqdm(range(0, len(texts), batch_size), desc="document states", unit="batch",
+                          disable=len(texts) <= batch_size):
+                tok.padding_side = "right"
+                batch = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_tokens, add_special_tokens=False).to(base.device)
+                decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                outs = [captured[l][0] if isinstance(captured[l], tuple) else captured[l] for l in layers]
+                states = [(o if inputs else decoder.norm(o)).to(torch.float32) for o in outs]  # each (n, T, H)
+                yield torch.cat(states, dim=-1), batch["attention_mask"].to(torch.float32)  # (n, T, E), (n, T)
+        finally:
+            decoder.layers = full
+            for hook in hooks:
+                hook.remove()
 
 
 def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
@@ -208,14 +242,15 @@ def doc_embeddings(base: BaseModel, texts: Sequence[str], layers: Sequence[int],
 
 @torch.no_grad()
 def doc_token_states(base: BaseModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int = 512,
-                     batch_size: int = 16) -> list[Tensor]:
-    """Every token's hidden states of ``layers`` (the ``readout="attention"`` input), one tensor per document.
+                     batch_size: int = 16, inputs: bool = False) -> list[Tensor]:
+    """Every token's hidden states of ``layers`` (the ``readout="attention"`` input), one tensor per document;
+    with ``inputs`` each layer's normalised input instead (the ``readout="fastweight"`` input).
 
     Returns:
         ``N`` float32 CPU tensors ``(T_i, len(layers) · hidden)``, T_i = the document's token count (≤ max_tokens).
     """
     out: list[Tensor] = []
-    for states, mask in _layer_states(base, texts, layers, max_tokens, batch_size):
+    for states, mask in _layer_states(base, texts, layers, max_tokens, batch_size, inputs):
         out += [row[: int(m.sum())].cpu() for row, m in zip(states, mask)]
     return out
 
@@ -245,8 +280,9 @@ class EmbeddingCache:
         self.root = Path(root) if root is not None else cache_dir("doc_embeddings")
         self._loaded: dict[Path, dict[str, Tensor]] = {}
 
-    def path(self, base: BaseModel, layers: Sequence[int], max_tokens: int, tokens: bool = False) -> Path:
-        kind = "-tokens" if tokens else ""
+    def path(self, base: BaseModel, layers: Sequence[int], max_tokens: int, tokens: bool = False,
+             inputs: bool = False) -> Path:
+        kind = "-inputs" if inputs else "-tokens" if tokens else ""
         return self.root / f"{base.identity}-L{'_'.join(map(str, layers))}-T{max_tokens}{kind}.safetensors"
 
     @staticmethod
@@ -263,13 +299,16 @@ class EmbeddingCache:
         return self._loaded[path]
 
     def get(self, base: BaseModel, texts: Sequence[str], layers: Sequence[int], max_tokens: int = 512,
-            batch_size: int = 16, tokens: bool = False) -> Tensor | list[Tensor]:
+            batch_size: int = 16, tokens: bool = False, inputs: bool = False) -> Tensor | list[Tensor]:
         """Doc embeddings of ``texts``, computing (and saving) only the ones not cached yet.
+
+        ``inputs``: per-token normalised layer inputs (the fastweight readout's; implies ``tokens``).
 
         Returns:
             ``(N, E)`` pooled embeddings, or with ``tokens`` a list of ``N`` per-token ``(T_i, E)`` bfloat16 states.
         """
-        path = self.path(base, layers, max_tokens, tokens)
+        tokens = tokens or inputs
+        path = self.path(base, layers, max_tokens, tokens, inputs)
         table = self._table(path)
         keys = [text_hash(t) for t in texts]
         todo = {k: t for k, t in zip(keys, texts) if k not in table}
@@ -277,7 +316,7 @@ class EmbeddingCache:
             start = time.perf_counter()
             if tokens:
                 fresh = [s.to(torch.bfloat16) for s in doc_token_states(base, list(todo.values()), layers, max_tokens,
-                                                                          batch_size)]  # each (T_i, E)
+                                                                          batch_size, inputs)]  # each (T_i, E)
             else:
                 fresh = list(doc_embeddings(base, list(todo.values()), layers, max_tokens, batch_size))  # each (E,)
             table.update({k: row.clone() for k, row in zip(todo, fresh)})
@@ -295,6 +334,18 @@ class EmbeddingCache:
 
 
 # ---------------------------------------------------------------------------------------------- the net
+
+
+def polar(x: Tensor, steps: int = 12) -> Tensor:
+    """The orthogonal polar factor U Vᵀ of each ``(…, r, r)`` matrix (its singular values set to 1), by
+    Newton–Schulz iteration X ← 1.5 X − 0.5 X Xᵀ X from X / ‖X‖_F: differentiable without an SVD, whose
+    gradient diverges where two singular values meet. A singular value σ/‖X‖_F grows by ≈ 1.5× a step, so
+    those above ~1e-2 of the largest reach 1 within the steps; a zero matrix stays zero."""
+    x = x / x.flatten(-2).norm(dim=-1).clamp(min=1e-12)[..., None, None]  # (…, r, r) singular values ≤ 1
+    for _ in range(steps):
+        x = 1.5 * x - 0.5 * x @ x.transpose(-1, -2) @ x
+    return x
+
 
 
 class Hypernet(nn.Module):
@@ -324,6 +375,28 @@ class Hypernet(nn.Module):
         L, M, r = len(spec.layers), len(spec.target_modules), config.rank
         # The generated part alone: rank r at the spec's scaling s = alpha / r (the bias part shares s).
         self.generated_spec = replace(spec, rank=r, alpha=spec.scaling * r)
+        if config.bias_rank:
+            rb = config.bias_rank
+            # Standard LoRA init (as PEFT's): A ~ U(±1/√d_in), B = 0, so the bias adds nothing at the start.
+            self.bias_A = nn.ParameterDict({m: nn.Parameter((torch.rand(L, rb, dims[m][0]) * 2 - 1) / dims[m][0] ** 0.5)
+                                            for m in spec.target_modules})  # m -> (L, r_b, d_in)
+            self.bias_B = nn.ParameterDict({m: nn.Parameter(torch.zeros(L, dims[m][1], rb))
+                                            for m in spec.target_modules})  # m -> (L, d_out, r_b)
+        if config.readout == "fastweight":
+            if embed_dim % L:
+                raise HyperPragError(f"fastweight states of width {embed_dim} do not split over {L} adapted layers.")
+            hidden = embed_dim // L
+            # Key/value projections of each layer's input states (set from the layer's own k_proj/v_proj by
+            # init_from_base), and the document-independent outer factors: A₁ as a LoRA's A, B₁ = 0 (ΔW = 0 at first).
+            self.fw_key = nn.Parameter(torch.randn(L, r, hidden) / hidden ** 0.5)  # (L, r, hidden)
+            self.fw_value = nn.Parameter(torch.randn(L, r, hidden) / hidden ** 0.5)  # (L, r, hidden)
+            self.fw_A = nn.ParameterDict({m: nn.Parameter((torch.rand(L, r, dims[m][0]) * 2 - 1) / dims[m][0] ** 0.5)
+                                          for m in spec.target_modules})  # m -> (L, r, d_in)
+            self.fw_B = nn.ParameterDict({m: nn.Parameter(torch.zeros(L, dims[m][1], r))
+                                          for m in spec.target_modules})  # m -> (L, d_out, r)
+            if config.output_scale_init is not None:
+                self.output_scale = nn.Parameter(torch.tensor(float(config.output_scale_init)))
+            return
         self.doc_norm = nn.LayerNorm(embed_dim)
         self.doc_proj = nn.Linear(embed_dim, config.doc_dim)
         self.layer_emb = nn.Embedding(L, config.emb_dim)
@@ -354,13 +427,6 @@ class Hypernet(nn.Module):
             # Doc-to-LoRA's small output scale: head_B keeps its default init, so gradients reach the trunk from
             # the first step, while the generated ΔW starts ≈ 0 (∝ g) and grows only as fast as g learns to.
             self.output_scale = nn.Parameter(torch.tensor(float(config.output_scale_init)))
-        if config.bias_rank:
-            rb = config.bias_rank
-            # Standard LoRA init (as PEFT's): A ~ U(±1/√d_in), B = 0, so the bias adds nothing at the start.
-            self.bias_A = nn.ParameterDict({m: nn.Parameter((torch.rand(L, rb, dims[m][0]) * 2 - 1) / dims[m][0] ** 0.5)
-                                            for m in spec.target_modules})  # m -> (L, r_b, d_in)
-            self.bias_B = nn.ParameterDict({m: nn.Parameter(torch.zeros(L, dims[m][1], rb))
-                                            for m in spec.target_modules})  # m -> (L, d_out, r_b)
 
     @classmethod
     def for_model(cls, base: BaseModel, config: HypernetConfig = HypernetConfig()) -> "Hypernet":
@@ -370,7 +436,23 @@ class Hypernet(nn.Module):
         spec = LoraSpec(rank=total, alpha=config.alpha / config.rank * total, target_modules=base.target_modules,
                         layers=config.layers).for_model(base)
         dims = {m: base.module_dims(m) for m in spec.target_modules}
-        return cls(config, spec, dims, embed_dim=len(config.embed_layers) * base.model.config.hidden_size)
+        net = cls(config, spec, dims, embed_dim=len(config.embed_layers) * base.model.config.hidden_size)
+        if config.readout == "fastweight":
+            net.init_from_base(base)
+        return net
+
+    @torch.no_grad()
+    def init_from_base(self, base: BaseModel) -> None:
+        """Sets the fastweight key/value projections of each adapted layer from that layer's own k_proj / v_proj:
+        their top-r right singular directions, scaled by the singular values (the r directions of the layer's
+        input its attention keys and values read most strongly)."""
+        r = self.config.rank
+        for i, layer in enumerate(self.spec.layers):
+            attention = base.model.model.layers[layer].self_attn
+            for target, proj in ((self.fw_key, attention.k_proj), (self.fw_value, attention.v_proj)):
+                _, S, Vh = torch.linalg.svd(proj.weight.detach().float(), full_matrices=False)  # Vh (k, hidden)
+                k = min(r, len(S))
+                target[i, :k] = (S[:k, None] * Vh[:k]).to(target)  # (k, hidden)
 
     def bias_lora(self) -> Lora | None:
         """The document-independent bias LoRA alone (rank ``bias_rank``, scaling s), or ``None`` without one."""
@@ -402,7 +484,7 @@ class Hypernet(nn.Module):
     @property
     def reads_tokens(self) -> bool:
         """True if the input is per-token states ``(N, T, E)`` + mask, not pooled ``(N, E)`` embeddings."""
-        return self.config.readout == "attention"
+        return self.config.readout in ("attention", "fastweight")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -425,7 +507,10 @@ class Hypernet(nn.Module):
             raise HyperPragError(f"hypernet ({self.config.readout} readout) expects doc embeddings {want.format(self.embed_dim)}, "
                                  f"got {tuple(doc_embedding.shape)}; compute them with the hypernet's embed_layers on its "
                                  "base model (HypernetEncoder.embed).")
-        lora = self._from_tokens(doc_embedding, mask) if self.reads_tokens else self._from_pooled(doc_embedding)
+        if self.config.readout == "fastweight":
+            lora = self._fastweight(doc_embedding, mask)
+        else:
+            lora = self._from_tokens(doc_embedding, mask) if self.reads_tokens else self._from_pooled(doc_embedding)
         if self.config.output_scale_init is not None:
             lora = Lora(lora.spec, lora.A, {m: self.output_scale * b for m, b in lora.B.items()})  # B = g · head_B(h)
         return self.add_bias(lora) if bias else lora
@@ -479,6 +564,33 @@ class Hypernet(nn.Module):
             d_in, _ = self.dims[m]
             A[m] = self.head_A[m](h[:, i, :, :r]) / d_in ** 0.5  # (N, L, r, d_in)
             B[m] = self.head_B[m](h[:, i, :, r:]).transpose(-1, -2)  # (N, L, d_out, r)
+        return Lora(spec, A, B)
+
+    def _fastweight(self, states: Tensor, mask: Tensor | None) -> Lora:
+        """The fastweight readout: per adapted layer, a normalised outer product of the document's own states.
+
+        With H the layer's normalised input over the document's T tokens, K = H W_kᵀ and V = H W_vᵀ (r columns,
+        W_k / W_v started from the layer's k_proj / v_proj), the document's r×r core is
+        C = polar(K_{≤T−shift}ᵀ V_{≥shift} / √T) (all singular values set to 1) and, for every module m,
+
+            ΔW = s · B₁[m] · C · A₁[m]        stored as  A = C A₁[m]  (r, d_in),  B = B₁[m]  (d_out, r)
+
+        so the document enters every LoRA from initialisation; B₁ starts at 0, so does ΔW.
+        """
+        spec, r, shift = self.generated_spec, self.config.rank, self.config.shift
+        N, T, _ = states.shape
+        L = len(spec.layers)
+        mask = torch.ones(N, T, device=states.device) if mask is None else mask.to(states.device, torch.float32)
+        H = states.view(N, T, L, -1).transpose(1, 2)  # (N, L, T, hidden)
+        H = H * mask[:, None, :, None]  # padding contributes nothing
+        keys = H @ self.fw_key.transpose(-1, -2)[None]  # (N, L, T, r)
+        values = H @ self.fw_value.transpose(-1, -2)[None]  # (N, L, T, r)
+        if shift:
+            keys, values = keys[:, :, :-shift], values[:, :, shift:]  # token t's key, token t + shift's value
+        count = mask.sum(1).clamp(min=1)[:, None, None, None]  # (N, 1, 1, 1)
+        core = polar(keys.transpose(-1, -2) @ values / count.sqrt())  # (N, L, r, r)
+        A = {m: core @ self.fw_A[m][None] for m in spec.target_modules}  # (N, L, r, d_in)
+        B = {m: self.fw_B[m][None].expand(N, -1, -1, -1) for m in spec.target_modules}  # (N, L, d_out, r)
         return Lora(spec, A, B)
 
     def describe(self) -> dict:

@@ -11,6 +11,7 @@ a document's own QA pair is asked under its LoRA, a multi-document benchmark que
          + norm_weight    · mean ‖ΔW_gen‖_F                                                   (c) norm penalty
          + delta_weight   · mean_{m,l} ‖ΔW_gen − ΔW_per-doc‖²_F  (via the factors)            (d) weight-space
          + lora_kl_weight · KL(p_per-doc-LoRA ‖ p_generated-LoRA) on answer tokens            (e) per-doc logits
+         + margin_weight  · mean_n max(0, m − (CE_n(another doc's LoRA) − CE_n(own LoRA)))     (f) the control
 
 (b) is what makes generated LoRAs carry facts (Doc-to-LoRA, DistilledPRAG, deep context distillation): the
 teacher is the same frozen LLM with the document(s) in the online prompt (:mod:`hyper_prag.teacher`); its
@@ -19,6 +20,13 @@ hypernet's bias LoRA (``bias_rank``) is document-independent, so format goes the
 content; ``output_scale_init`` starts ΔW_gen near zero; :class:`DivergenceGuard` stops (and rolls back) a run
 whose ΔW_gen norm explodes or whose validation loss rises above closed-book. (d) and (e) need per-document
 LoRAs of the training documents (``teacher_store``). Only (a) weighs anything by default (the old objective).
+
+(f) optimises the wrong-document control itself: a LoRA that answers every question equally well, whatever its
+document, pays the full margin. With ``apply_from: question`` the generated LoRAs act from the question's text
+onward; the prompt head (system turn and worked examples, ~244 of ~275 tokens) is the base model's, read once
+into a KV cache, and each step runs only the tokens after it (:mod:`hyper_prag.activated`; 9.97 → 1.26 s a step
+at batch 8 on SmolLM2 here, ``scripts/hypernet_step_speed.py``); the checkpoint records it and the online path
+serves the LoRAs the same way.
 
 The data side is ``train/hypernet_data.py``: documents are split by the corpus (train on ``train``, validate on
 ``val``; ``test`` documents are refused); doc embeddings and the teacher's top-k are computed once (cached on
@@ -56,10 +64,12 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LightningCLI
 from torch import Tensor
 
+from hyper_prag.activated import ApplyFrom, head_cache
 from hyper_prag.encoders.hypernet import CKPT_KEY, load_hypernet
 from hyper_prag.errors import HyperPragError
 from hyper_prag.hypernet import Hypernet, HypernetConfig
 from hyper_prag.lora import Lora, stack
+from hyper_prag.prompts import fixed_head
 from hyper_prag.sequences import IGNORE, labelled_logits, per_sample_mean
 from hyper_prag.teacher import KlSupport, topk_kl
 from train.hypernet_data import (  # noqa: F401  (re-exported: the data side of this trainer)
@@ -175,11 +185,13 @@ class HypernetModule(pl.LightningModule):
         rank: int = 2,
         alpha: float = 32.0,
         dropout: float = 0.0,
-        readout: Literal["mean", "attention"] = "mean",
+        readout: Literal["mean", "attention", "fastweight"] = "mean",
         heads: int = 4,
         layers: list[int] | None = None,
         bias_rank: int = 0,
         output_scale_init: float | None = None,
+        shift: int = 0,
+        apply_from: ApplyFrom = "all",
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 50,
@@ -192,6 +204,8 @@ class HypernetModule(pl.LightningModule):
         norm_weight: float = 0.0,
         delta_weight: float = 0.0,
         lora_kl_weight: float = 0.0,
+        margin_weight: float = 0.0,
+        margin: float = 1.0,
         init_from: str | None = None,
     ) -> None:
         """
@@ -206,7 +220,9 @@ class HypernetModule(pl.LightningModule):
             rank: rank of the generated LoRA (paper: 2).
             alpha: LoRA alpha (paper: 32); ΔW = alpha / rank · B A for the generated and the bias part.
             dropout: trunk dropout.
-            readout: ``mean`` (one pooled doc vector) or ``attention`` (slot queries over the doc's tokens).
+            readout: ``mean`` (one pooled doc vector), ``attention`` (slot queries over the doc's tokens) or
+                ``fastweight`` (per layer, a normalised outer product of the layer's own input states of the doc;
+                the document shapes ΔW from the first step, see :meth:`hyper_prag.hypernet.Hypernet._fastweight`).
             heads: attention heads of the token readout.
             layers: decoder layers the generated LoRA adapts (``None``: all). Upper layers only make steps
                 cheaper (the states below are computed once) and the LoRAs smaller.
@@ -214,6 +230,10 @@ class HypernetModule(pl.LightningModule):
                 (0: none, as before).
             output_scale_init: start of a learned scalar on the generated B (e.g. 1e-3: ΔW_gen starts ≈ 0);
                 ``None``: no scalar, head_B zero-initialised (as before).
+            shift: fastweight: values from the token ``shift`` after each key's (1: next-token associations).
+            apply_from: ``question``: the generated LoRAs act from the question's text onward, the prompt head is
+                read once by the base model (KV cache, :mod:`hyper_prag.activated`) and each step runs only the
+                tokens after it; served the same way (the checkpoint records it). ``all``: every position.
             lr: AdamW learning rate (after linear warm-up).
             weight_decay: AdamW weight decay.
             warmup_steps: linear learning-rate warm-up steps.
@@ -230,6 +250,9 @@ class HypernetModule(pl.LightningModule):
             delta_weight: weight of (d), ‖ΔW_gen − ΔW_per-doc‖² (needs the datamodule's teacher_store).
             lora_kl_weight: weight of (e), KL to the per-document-LoRA model's answer distribution (needs
                 teacher_store).
+            margin_weight: weight of (f), the control optimised directly: mean max(0, margin − (CE under another
+                document's LoRA − CE under its own)) over the batch's sequences.
+            margin: m of (f), in nats per answer token.
             init_from: start from this hypernet's weights (inference checkpoint or ``.ckpt``; same architecture,
                 except that a bias LoRA may be added: it starts as initialised), with a fresh optimizer and
                 schedule: fine-tuning the shipped checkpoint on another corpus, or at another learning rate.
@@ -241,7 +264,7 @@ class HypernetModule(pl.LightningModule):
         config = HypernetConfig(embed_layers=tuple(embed_layers or ()), max_doc_tokens=max_doc_tokens, doc_dim=doc_dim,
                                 emb_dim=emb_dim, width=width, depth=depth, rank=rank, alpha=alpha, dropout=dropout,
                                 readout=readout, heads=heads, layers=tuple(layers or ()), bias_rank=bias_rank,
-                                output_scale_init=output_scale_init)
+                                output_scale_init=output_scale_init, shift=shift, apply_from=apply_from)
         self.hypernet = Hypernet.for_model(self.base, config)
         if init_from:
             self._init_from(init_from)
@@ -276,20 +299,24 @@ class HypernetModule(pl.LightningModule):
     def student_logits(self, lora: Lora | None, batch: HypernetBatch) -> tuple[Tensor, Tensor, Tensor]:
         """Logits at the labelled positions under ``lora`` (N LoRAs or ``None``): the full forward, or the layers
         above the cached lower states."""
+        head = head_cache(self.base, fixed_head(self.base)) if self.hypernet.config.apply_from == "question" else None
         if batch.lower is None:
-            return labelled_logits(self.base, lora, batch.input_ids, batch.attention_mask, batch.labels)
+            return labelled_logits(self.base, lora, batch.input_ids, batch.attention_mask, batch.labels, head)
         start = min(self.hypernet.spec.layers)
         if batch.lower_layer != start:
             raise HyperPragError(f"the batch holds states entering layer {batch.lower_layer}, the hypernet adapts "
                                  f"layers from {start}: link model.layers to data.layers.")
-        return upper_labelled_logits(self.base, lora, batch.lower, start, batch.attention_mask, batch.labels)
+        if (head is None) != (batch.lower.shape[1] == batch.input_ids.shape[1]):
+            raise HyperPragError("the batch's cached states and the module disagree on apply_from: link "
+                                 "model.apply_from to data.apply_from.")
+        return upper_labelled_logits(self.base, lora, batch.lower, start, batch.attention_mask, batch.labels, head)
 
     def answer_terms(self, lora: Lora | None, batch: HypernetBatch) -> dict[str, Tensor]:
         """CE of the gold answer (and, with teacher tensors, the KL to the teacher) of each sequence, batch-mean."""
         hp, n = self.hparams, len(batch.input_ids)
         logits, targets, owner = self.student_logits(lora, batch)  # (K, V), (K,), (K,)
-        out = {"ce": per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n).mean(),
-               "logits": logits}
+        per = per_sample_mean(F.cross_entropy(logits, targets, reduction="none"), owner, n)  # (N,)
+        out = {"ce": per.mean(), "ce_per_sample": per, "logits": logits}
         if batch.teacher_indices is not None:
             labelled = batch.labels[:, 1:] != IGNORE  # (N, T-1): the order of the K logits
             keep = batch.teacher_mask[:, 1:][labelled]  # (K,) answer tokens
@@ -317,6 +344,17 @@ class HypernetModule(pl.LightningModule):
                 raise HyperPragError("kl_weight > 0 needs the teacher's top-k in the batch: the datamodule computes "
                                      "it with data.distill (linked to model.kl_weight by the CLI).")
             out["loss"] = out["loss"] + hp.kl_weight * terms["kl"]
+        if hp.margin_weight:
+            # (f) the control itself: each sequence under the LoRA(s) of the previous sequence's documents must
+            # answer worse, by `margin` nats, than under its own (pairs that share a document are left out).
+            other = batch.groups.roll(1, dims=0)  # (N, K)
+            differs = ~(batch.groups[:, :, None] == other[:, None, :]).any(-1).any(-1)  # (N,)
+            wrong = self.answer_terms(sum_groups(self.hypernet.add_bias(generated), other), batch)["ce_per_sample"]
+            gap = wrong - terms["ce_per_sample"]  # (N,)
+            out["margin_gap"] = gap.detach().mean()
+            hinge = F.relu(hp.margin - gap) * differs.to(gap.dtype)  # (N,)
+            out["margin"] = hinge.sum() / differs.sum().clamp(min=1)
+            out["loss"] = out["loss"] + hp.margin_weight * out["margin"]
         if hp.norm_weight:
             out["norm"] = norms.mean()
             out["loss"] = out["loss"] + hp.norm_weight * out["norm"]
@@ -481,7 +519,7 @@ class HypernetCLI(LightningCLI):
     data computes the teacher's top-k exactly when the module distils (``model.kl_weight > 0``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        for key in ("model", "embed_layers", "max_doc_tokens", "readout", "layers"):
+        for key in ("model", "embed_layers", "max_doc_tokens", "readout", "layers", "apply_from"):
             parser.link_arguments(f"model.{key}", f"data.{key}")
         parser.link_arguments("model.kl_weight", "data.distill", compute_fn=_distills)
 

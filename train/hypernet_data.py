@@ -32,13 +32,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from hyper_prag import activated
+from hyper_prag.activated import ApplyFrom, HeadCache, head_cache, suffix_hidden
 from hyper_prag.errors import HyperPragError
 from hyper_prag.hypernet import EmbeddingCache, HypernetConfig, pad_states
 from hyper_prag.inject import injected
 from hyper_prag.lora import Lora, stack
 from hyper_prag.model import BaseModel
 from hyper_prag.prompts import fixed_head, qa_sequence
-from hyper_prag.sequences import IGNORE, LossOn, TokenSequence, right_pad, tokenize
+from hyper_prag.sequences import IGNORE, LossOn, TokenSequence, check_after_head, labelled_positions, right_pad, tokenize
 from hyper_prag.teacher import TeacherCache, TeacherQuery, TeacherTopK, teacher_answers
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,8 @@ def shared_base(model: str, device: str = "cpu") -> BaseModel:
 
 
 @torch.no_grad()
-def lower_states(base: BaseModel, sequences: Sequence[TokenSequence], start: int, batch_size: int = 16
-                 ) -> list[Tensor]:
+def lower_states(base: BaseModel, sequences: Sequence[TokenSequence], start: int, batch_size: int = 16,
+                 head: HeadCache | None = None) -> list[Tensor]:
     """The hidden states entering decoder layer ``start`` (the output of layer ``start − 1``) of each sequence.
 
     They do not depend on a LoRA on layers ≥ ``start``, so they are computed once (no LoRA) and every step
@@ -78,25 +80,32 @@ def lower_states(base: BaseModel, sequences: Sequence[TokenSequence], start: int
         sequences: the QA sequences.
         start: the lowest adapted layer (≥ 1).
         batch_size: sequences per forward.
+        head: the cached prompt head every sequence starts with: only the tokens after it are computed (they
+            attend to the cached head), for the activated application (:mod:`hyper_prag.activated`).
 
     Returns:
-        One float32 CPU tensor ``(T_i, hidden)`` per sequence (its real tokens only).
+        One float32 CPU tensor ``(T_i, hidden)`` per sequence (its real tokens only; after the head with ``head``).
     """
     decoder = base.model.model
     full = decoder.layers
     captured: list[Tensor] = []
     hook = full[start - 1].register_forward_hook(
         lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    P = head.length if head is not None else 0
     decoder.layers = full[:start]
     out: list[Tensor] = []
     try:
         for i in range(0, len(sequences), batch_size):
             chunk = sequences[i : i + batch_size]
-            ids, mask, _ = right_pad(chunk, base.tokenizer.pad_token_id)  # (n, T)
+            ids, mask, labels = right_pad(chunk, base.tokenizer.pad_token_id)  # (n, T)
             captured.clear()
-            decoder(input_ids=ids.to(base.device), attention_mask=mask.to(base.device), use_cache=False)
-            h = captured[-1].float().cpu()  # (n, T, H)
-            out += [h[j, : len(seq.input_ids)].clone() for j, seq in enumerate(chunk)]
+            if head is None:
+                decoder(input_ids=ids.to(base.device), attention_mask=mask.to(base.device), use_cache=False)
+            else:
+                check_after_head(head, ids, labels)
+                suffix_hidden(base, head, ids[:, P:].to(base.device), mask[:, P:].to(base.device))
+            h = captured[-1].float().cpu()  # (n, T − P, H)
+            out += [h[j, : len(seq.input_ids) - P].clone() for j, seq in enumerate(chunk)]
     finally:
         decoder.layers = full
         hook.remove()
@@ -104,7 +113,7 @@ def lower_states(base: BaseModel, sequences: Sequence[TokenSequence], start: int
 
 
 def upper_labelled_logits(base: BaseModel, lora: Lora | None, lower: Tensor, start: int, attention_mask: Tensor,
-                          labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                          labels: Tensor, head: HeadCache | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`hyper_prag.sequences.labelled_logits` from the cached hidden states entering layer ``start``.
 
     Runs decoder layers start … L−1 (under ``lora``, which must adapt no layer below ``start``), the final norm
@@ -113,10 +122,12 @@ def upper_labelled_logits(base: BaseModel, lora: Lora | None, lower: Tensor, sta
     Args:
         base: the frozen base model.
         lora: a batch of N LoRAs or ``None``.
-        lower: ``(N, T, hidden)`` right-padded states from :func:`lower_states`.
+        lower: ``(N, T, hidden)`` right-padded states from :func:`lower_states` (with ``head``: ``(N, T − P,
+            hidden)``, the positions after the head).
         start: the layer they enter.
         attention_mask: ``(N, T)``.
         labels: ``(N, T)``.
+        head: the cached prompt head (the activated application; the states were computed after it).
 
     Returns:
         ``(logits (K, V) float32, targets (K,), owner (K,))`` as ``labelled_logits``.
@@ -124,19 +135,20 @@ def upper_labelled_logits(base: BaseModel, lora: Lora | None, lower: Tensor, sta
     if lora is not None and min(lora.spec.layers) < start:
         raise HyperPragError(f"a LoRA on layer {min(lora.spec.layers)} cannot run from states cached at layer {start}.")
     decoder = base.model.model
+    N, P = len(labels), head.length if head is not None else 0
+    kwargs: dict = {"use_cache": False, "attention_mask": attention_mask}  # over head and tokens with a head
+    if head is not None:
+        kwargs |= activated.after_head(head, N, attention_mask.shape[1] - P, lower.device)
     with injected(base, lora, mode="batched") if lora is not None else nullcontext():  # hooks on the real layers
         full = decoder.layers
         decoder.layers = full[start:]
         try:
-            h = decoder(inputs_embeds=lower.to(base.model.dtype), attention_mask=attention_mask,
-                        use_cache=False).last_hidden_state  # (N, T, H), final-normed
+            h = decoder(inputs_embeds=lower.to(base.model.dtype), **kwargs).last_hidden_state  # (N, T − P, H)
         finally:
             decoder.layers = full
-    targets = labels[:, 1:]  # (N, T-1)
-    labelled = targets != IGNORE  # (N, T-1)
-    logits = base.model.lm_head(h[:, :-1][labelled]).float()  # (K, V)
-    owner = torch.arange(len(targets), device=labels.device)[:, None].expand_as(targets)[labelled]  # (K,)
-    return logits, targets[labelled], owner
+    if head is None:
+        return labelled_positions(base, h, labels)
+    return labelled_positions(base, activated.from_head_end(head, h), labels[:, P - 1:])  # positions P − 1 … T − 1
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -220,7 +232,8 @@ def collate(items: list[QAItem], embeddings: Tensor | Sequence[Tensor], pad_id: 
             extra["teacher_gold"][i, a:end] = it.teacher.gold  # (A,)
             extra["teacher_mask"][i, a:end] = True
     if items[0].lower is not None:
-        lower = torch.zeros(N, T, items[0].lower.shape[-1])  # (N, T, H); padding positions never reach a label
+        P = len(items[0].sequence.input_ids) - len(items[0].lower)  # the cached head's length (0: no head)
+        lower = torch.zeros(N, T - P, items[0].lower.shape[-1])  # (N, T − P, H); padding never reaches a label
         for i, it in enumerate(items):
             lower[i, : len(it.lower)] = it.lower
         extra |= {"lower": lower, "lower_layer": lower_layer}
@@ -241,8 +254,9 @@ class HypernetDataModule(pl.LightningDataModule):
         model: str = "tiny",
         embed_layers: list[int] | None = None,
         max_doc_tokens: int = 512,
-        readout: Literal["mean", "attention"] = "mean",
+        readout: Literal["mean", "attention", "fastweight"] = "mean",
         layers: list[int] | None = None,
+        apply_from: ApplyFrom = "all",
         distill: bool = False,
         corpus: str | None = None,
         train_split: str = "train",
@@ -267,9 +281,13 @@ class HypernetDataModule(pl.LightningDataModule):
             model: base model (linked from the module's ``model``).
             embed_layers: doc-embedding layers (linked from the module).
             max_doc_tokens: doc tokens read (linked from the module).
-            readout: the hypernet's readout (linked from the module): ``attention`` needs per-token states.
+            readout: the hypernet's readout (linked from the module): ``attention`` needs per-token states,
+                ``fastweight`` each adapted layer's per-token input states.
             layers: the layers the generated LoRAs adapt (linked from the module): states below the lowest are
                 computed once (``reuse_lower_states``).
+            apply_from: where the generated LoRAs act (linked from the module): ``question``: from the question's
+                text onward, the prompt head read once by the base model into a KV cache and only the tokens after
+                it run per step (:mod:`hyper_prag.activated`); ``all``: every position, the whole sequence per step.
             distill: compute the context teacher's top-k for every QA sequence (linked: the module's
                 ``kl_weight > 0``).
             corpus: corpus folder, ``squad`` or ``hotpotqa`` (from the data cache, ``hyper-prag fetch-data``);
@@ -392,7 +410,18 @@ class HypernetDataModule(pl.LightningDataModule):
 
     def _config(self, base: BaseModel) -> HypernetConfig:
         hp = self.hparams
-        return HypernetConfig(embed_layers=tuple(hp.embed_layers or ()), layers=tuple(hp.layers or ())).for_model(base)
+        return HypernetConfig(embed_layers=tuple(hp.embed_layers or ()), layers=tuple(hp.layers or ()),
+                              readout=hp.readout).for_model(base)
+
+    def _states(self, cache: EmbeddingCache, base: BaseModel, docs) -> Tensor | list[Tensor]:
+        """The readout's input for ``docs``: pooled embeddings, per-token states, or per-token layer inputs."""
+        hp = self.hparams
+        return cache.get(base, [d.text for d in docs], self._config(base).embed_layers, hp.max_doc_tokens,
+                         tokens=hp.readout == "attention", inputs=hp.readout == "fastweight")
+
+    def head(self, base: BaseModel) -> HeadCache | None:
+        """The cached prompt head of the activated application (``None`` for ``apply_from="all"``)."""
+        return head_cache(base, fixed_head(base)) if self.hparams.apply_from == "question" else None
 
     def lower_layer(self, base: BaseModel) -> int:
         """The layer whose input states are cached (0: none are; every step runs the whole model)."""
@@ -412,8 +441,7 @@ class HypernetDataModule(pl.LightningDataModule):
         for split in (hp.train_split, hp.val_split):
             docs = self._documents(corpus, split)
             if docs:  # an empty split is reported by setup
-                cache.get(base, [d.text for d in docs], self._config(base).embed_layers, hp.max_doc_tokens,
-                          tokens=hp.readout == "attention")
+                self._states(cache, base, docs)
                 if hp.distill:
                     self._teacher_topk(base, docs, self._queries(corpus, split, docs, base))
 
@@ -424,7 +452,6 @@ class HypernetDataModule(pl.LightningDataModule):
         base = self._base()
         corpus = self._corpus()
         test_ids = {d.id for d in corpus.documents if d.split == "test"}
-        layers = self._config(base).embed_layers
         start = self.lower_layer(base)
         cache = EmbeddingCache(hp.embedding_cache)  # a hit after prepare_data
         for split in (hp.train_split, hp.val_split):
@@ -439,12 +466,11 @@ class HypernetDataModule(pl.LightningDataModule):
             lower: list = [None] * len(queries)
             if start:
                 began = time.perf_counter()
-                lower = lower_states(base, sequences, start)
+                lower = lower_states(base, sequences, start, head=self.head(base))
                 log.info("hypernet data: %s states entering layer %d of %d sequences computed once in %.1f s",
                          split, start, len(sequences), time.perf_counter() - began)
             items = [QAItem(rows, seq, top, low) for (rows, _, _), seq, top, low in zip(queries, sequences, teacher, lower)]
-            embeddings = cache.get(base, [d.text for d in docs], layers, hp.max_doc_tokens,
-                                   tokens=hp.readout == "attention")  # (D, E) or D × (T_i, E)
+            embeddings = self._states(cache, base, docs)  # (D, E) or D × (T_i, E)
             teachers = self._teachers(base, docs) if hp.teacher_store and split == hp.train_split else None
             self.tables[split] = {"items": items, "embeddings": embeddings, "teachers": teachers, "docs": len(docs)}
             log.info("hypernet data: %s %d documents, %d QA sequences", split, len(docs), len(items))

@@ -386,11 +386,12 @@ class HypernetEncoder:
             token states ``(N, T, E)`` and their ``(N, T)`` mask.
         """
         config, tokens = self.hypernet.config, self.hypernet.reads_tokens
+        inputs = config.readout == "fastweight"  # each adapted layer's own input states
         args = (self.base, texts, config.embed_layers, config.max_doc_tokens, self.batch_size)
         if self.cache is not None:
-            emb = self.cache.get(*args, tokens=tokens)
+            emb = self.cache.get(*args, tokens=tokens, inputs=inputs)
         else:
-            emb = doc_token_states(*args) if tokens else doc_embeddings(*args)
+            emb = doc_token_states(*args, inputs=inputs) if tokens else doc_embeddings(*args)
         return pad_states(emb) if tokens else (emb, None)
 
     @property
