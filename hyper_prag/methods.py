@@ -132,6 +132,7 @@ class LoraSource(Protocol):
     """Where the online path gets one LoRA per retrieved document (implementations: ``hyper_prag.sources``)."""
 
     name: str
+    apply_from: str  # where its LoRAs act: "all" positions or from the "question" on (hyper_prag.activated)
 
     def loras(self, documents: Sequence["Document"]) -> list["Lora"]:
         """One single LoRA per document, made for the pipeline's base model."""

@@ -34,6 +34,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from hyper_prag.activated import HeadCache, head_cache, prefill, split_prompts
+from hyper_prag.activated import generate as activated_generate
 from hyper_prag.combine import combine, pad_rank, softmax_weights
 from hyper_prag.corpus import Corpus, Document
 from hyper_prag.errors import HyperPragError
@@ -41,7 +43,7 @@ from hyper_prag.inject import exclusive, injected
 from hyper_prag.lora import Lora, stack
 from hyper_prag.methods import Answer, Augmented, Context, LoraSource, MethodSpec
 from hyper_prag.model import BaseModel
-from hyper_prag.prompts import answer_text, question_prompt
+from hyper_prag.prompts import answer_text, fixed_head, head_of, question_prompt
 
 if TYPE_CHECKING:
     from hyper_prag.retrieve import Hit, Retriever
@@ -79,6 +81,7 @@ class Pipeline:
     batch_size: int = 8  # questions per retriever / generate call
     augment: Callable[[Sequence[Document]], Sequence[Augmented]] | None = None  # DA-RAG's augmented documents
     generation_kwargs: Mapping[str, Any] = field(default_factory=dict)  # e.g. min_new_tokens (equal-length timing)
+    prefix_cache: bool = True  # prompts with no passages and no all-positions LoRA decode after the cached head
 
     def answer(self, questions: Sequence[str], retrieve: bool, context: Context,
                source: LoraSource | None) -> list[Answer]:
@@ -193,7 +196,10 @@ class Pipeline:
             names = [tuple(lora_names[d.id] for d in row) for row in docs]
             batch_time["lora"] = time.perf_counter() - start
 
-        predictions, apply_s, generate_s = self._generate(prompts, per_question, scores)
+        # A source that does not say where its LoRAs act made them for every position; no LoRA: the head is the base
+        # model's either way.
+        apply_from = getattr(source, "apply_from", "all") if source is not None else "none"
+        predictions, apply_s, generate_s = self._generate(prompts, per_question, scores, apply_from)
         return [
             Answer(question=q, prediction=p, doc_ids=tuple(d.id for d in row), lora_names=nm,
                    retrievals=retrievals, shared=n,
@@ -209,9 +215,12 @@ class Pipeline:
         weights = softmax_weights(scores) if scores and len(scores) == len(loras) else [1.0 / len(loras)] * len(loras)
         return combine(loras, "sum", weights)
 
-    def _generate(self, prompts: list[str], per_question: list[list[Lora]], scores: list[list[float]] | None = None
-                  ) -> tuple[list[str], list[float], list[float]]:
-        """Generates every prompt with its combined LoRA; groups questions whose LoRAs can be stacked."""
+    def _generate(self, prompts: list[str], per_question: list[list[Lora]], scores: list[list[float]] | None = None,
+                  apply_from: str = "all") -> tuple[list[str], list[float], list[float]]:
+        """Generates every prompt with its combined LoRA; groups questions whose LoRAs can be stacked.
+
+        ``apply_from="question"``: the LoRAs act from the question's text on (they were trained so); the prompt
+        head before it is read by the base model, from the cached KV prefix where it is the fixed head."""
         n = len(prompts)
         predictions: list[str] = [""] * n
         apply_s, generate_s = [0.0] * n, [0.0] * n
@@ -230,17 +239,45 @@ class Pipeline:
                               []).append(i)
         for group, rows in groups.items():
             if group is None:
-                self._run_group(prompts, rows, None, "side", predictions, apply_s, generate_s)
+                self._run_group(prompts, rows, None, "side", predictions, apply_s, generate_s, apply_from)
                 continue
             rank = max(combined[i].spec.rank for i in rows)  # type: ignore[union-attr]
             scaling = combined[rows[0]].spec.scaling  # type: ignore[union-attr]
             loras = [pad_rank(combined[i], rank, scaling) for i in rows]  # type: ignore[arg-type]
             mode = "batched" if len(rows) > 1 else self.single_mode
-            self._run_group(prompts, rows, loras, mode, predictions, apply_s, generate_s)
+            self._run_group(prompts, rows, loras, mode, predictions, apply_s, generate_s, apply_from)
         return predictions, [a + combine_s for a in apply_s], generate_s
 
+    def _heads(self, prompts: list[str], apply_from: str) -> list[tuple[HeadCache, list[list[int]]]] | None:
+        """The prompts' heads (read by the base model) and their token ids after them, grouped by head, or
+        ``None`` to generate the whole prompts as they are (a LoRA acting everywhere, or no prefix cache)."""
+        if apply_from == "all" or (not self.prefix_cache and apply_from != "question"):
+            return None
+        fixed = fixed_head(self.base)
+        if apply_from != "question" and not all(p.startswith(fixed) for p in prompts):
+            return None  # no LoRA and passages in the prompt: nothing to reuse
+        groups: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            head = fixed if prompt.startswith(fixed) else head_of(prompt)
+            groups.setdefault(head, []).append(i)
+        with exclusive(self.base):  # the head is the base model's: computed while no LoRA is applied
+            out = []
+            for head, rows in groups.items():
+                cache = head_cache(self.base, head) if head == fixed else prefill(self.base, head)
+                out.append((cache, rows, split_prompts(self.base, [prompts[i] for i in rows], head)))
+        return out  # type: ignore[return-value]
+
     def _run_group(self, prompts: list[str], rows: list[int], loras: list[Lora] | None, mode: str,
-                   predictions: list[str], apply_s: list[float], generate_s: list[float]) -> None:
+                   predictions: list[str], apply_s: list[float], generate_s: list[float], apply_from: str = "all",
+                   heads: list | None = None) -> None:
+        heads = heads or self._heads([prompts[i] for i in rows], apply_from)
+        if heads is not None and len(heads) > 1:  # prompts with other heads (their own passages): one generate each
+            for cache, members, suffixes in heads:
+                sub = [rows[j] for j in members]
+                sub_mode = mode if len(sub) > 1 or loras is None else self.single_mode
+                self._run_group(prompts, sub, None if loras is None else [loras[j] for j in members], sub_mode,
+                                predictions, apply_s, generate_s, apply_from, [(cache, list(range(len(sub))), suffixes)])
+            return
         with ExitStack() as applied:  # restores the model on exit, also when generate raises
             t0 = time.perf_counter()
             if loras is not None:
@@ -249,8 +286,14 @@ class Pipeline:
             else:  # no LoRA, but another thread's LoRA must not be in the weights while we generate
                 applied.enter_context(exclusive(self.base))
             t1 = time.perf_counter()
-            outputs = self.base.generate([prompts[i] for i in rows], max_new_tokens=self.max_new_tokens,
-                                         **self.generation_kwargs)
+            if heads is None or self.generation_kwargs:
+                outputs = self.base.generate([prompts[i] for i in rows], max_new_tokens=self.max_new_tokens,
+                                             **self.generation_kwargs)
+            else:
+                outputs = [""] * len(rows)
+                for cache, members, suffixes in heads:
+                    for j, text in zip(members, activated_generate(self.base, cache, suffixes, self.max_new_tokens)):
+                        outputs[j] = text
             t2 = time.perf_counter()
             applied.close()
             t3 = time.perf_counter()

@@ -45,6 +45,11 @@ class StoreSource:
     def base_model(self) -> str:
         return self.recipe.base_identity
 
+    @property
+    def apply_from(self) -> str:
+        """Where these LoRAs act: as their encoder trained them (``all`` for per-document LoRAs)."""
+        return str(self.recipe.settings.get("apply_from", "all"))
+
     def names(self, documents: Sequence[Document]) -> list[str]:
         return [self.recipe.key(doc.text, self.doc_qa.get(doc.id)) for doc in documents]
 
@@ -85,6 +90,11 @@ class HypernetSource:
         from hyper_prag.encoders.hypernet import HypernetEncoder
 
         return cls(HypernetEncoder.from_checkpoint(checkpoint, base))
+
+    @property
+    def apply_from(self) -> str:
+        """Where these LoRAs act: as the hypernet was trained (its checkpoint records it)."""
+        return self.encoder.hypernet.config.apply_from
 
     def names(self, documents: Sequence[Document]) -> list[str]:
         return [f"hypernet:{doc.id}" for doc in documents]

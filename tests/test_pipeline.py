@@ -159,7 +159,7 @@ def test_prompts_hold_what_each_method_puts_in_context(tiny, corpus, retriever, 
         return generate(prompts, max_new_tokens, **kw)
 
     monkeypatch.setattr(tiny, "generate", recording)
-    pipeline = make(tiny, corpus, retriever)
+    pipeline = make(tiny, corpus, retriever, prefix_cache=False)  # every prompt through base.generate, whole
     q = "Who founded Ardent Loom?"
     for name in ("closed-book", "rag", "da-rag", "prag", "prag-both"):
         seen.clear()
@@ -278,3 +278,41 @@ def test_softmax_combine_weights_loras_by_retrieval_score(tiny, corpus, retrieve
     mean = pipeline.combine(loras, None)  # no scores (documents given, not retrieved): equal weights
     ref = combine(loras, "mean")
     assert torch.allclose(mean.spec.scaling * mean.B[m] @ mean.A[m], ref.spec.scaling * ref.B[m] @ ref.A[m], atol=1e-6)
+
+
+class ActivatedSource:
+    """A source whose LoRAs were trained to act from the question on (as a hypernet with apply_from=question)."""
+
+    name, apply_from = "activated", "question"
+
+    def __init__(self, loras):
+        self.inner = loras
+
+    def loras(self, documents):
+        return self.inner.loras(documents)
+
+    def names(self, documents):
+        return self.inner.names(documents)
+
+
+def test_the_prefix_cache_answers_as_the_whole_prompt_does(tiny, corpus, retriever, source):
+    questions = ["Who founded Ardent Loom?", "When was Ardent Loom founded?", "Where is it?"]
+    for name in ("closed-book", "rag"):
+        cached = build_method(name, make(tiny, corpus, retriever), source).answer(questions)
+        whole = build_method(name, make(tiny, corpus, retriever, prefix_cache=False), source).answer(questions)
+        assert [a.prediction for a in cached] == [a.prediction for a in whole]
+
+
+def test_an_activated_source_is_served_from_the_question_on(tiny, corpus, retriever, source):
+    """The same LoRAs served all-positions and activated give other answers; activated, the cached head and the
+    per-prompt head (passages in the system turn) both run, and the model is restored."""
+    before = snapshot(tiny)
+    questions = ["Who founded Ardent Loom?", "When was Ardent Loom founded?"]
+    pipeline = make(tiny, corpus, retriever, max_new_tokens=8)
+    for name in ("prag", "prag-both"):
+        everywhere = build_method(name, pipeline, source).answer(questions)
+        activated = build_method(name, pipeline, ActivatedSource(source)).answer(questions)
+        assert all(a.prediction is not None for a in activated)
+        assert len(activated) == len(everywhere)
+    after = snapshot(tiny)
+    assert all(torch.equal(before[k], after[k]) for k in before)
