@@ -158,6 +158,13 @@ class _Entry(NamedTuple):  # where one key's copy is
     spec: LoraSpec
     meta: dict
     sha256: str | None  # None: written before per-entry hashes (the whole shard is checked instead)
+    spec_sha256: str | None = None  # sha256 of the spec it was written with; None: written before specs were hashed
+
+
+def spec_sha256(spec: LoraSpec) -> str:
+    """sha256 of a LoRA spec's canonical JSON: recorded beside an entry's tensor hash, so an edited ``alpha`` or
+    ``layers`` in a sidecar (which would rescale the LoRA or apply it to other layers) is refused on read."""
+    return hashlib.sha256(canonical_json(json.loads(spec.to_json())).encode()).hexdigest()
 
 
 SidecarState = Literal["ok", "foreign", "malformed", "dangling"]
@@ -291,7 +298,8 @@ class LoraStore:
     def _entries(self, name: str, entries: dict) -> dict[str, _Entry] | str:
         """A sidecar's entries parsed, or why they cannot be (then none is used). A bad meta or sha256 shows on read."""
         try:
-            return {key: _Entry(name, self._spec(e["spec"]), e.get("meta", {}), e.get("sha256")) for key, e in entries.items()}
+            return {key: _Entry(name, self._spec(e["spec"]), e.get("meta", {}), e.get("sha256"), e.get("spec_sha256"))
+                    for key, e in entries.items()}
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             return f"an entry without a valid spec ({type(err).__name__}: {err})"
 
@@ -457,7 +465,8 @@ class LoraStore:
                                      "diverged. Lower its learning rate and re-run encode; nothing was stored.")
             own = self._tensors(key, lora)
             tensors |= own
-            entries[key] = {"spec": json.loads(lora.spec.to_json()), "meta": meta, "sha256": entry_sha256(own)}
+            entries[key] = {"spec": json.loads(lora.spec.to_json()), "meta": meta, "sha256": entry_sha256(own),
+                            "spec_sha256": spec_sha256(lora.spec)}
         self._write_shard(tensors, entries, self.dtype)
 
     def _write_shard(self, tensors: Mapping[str, Tensor], entries: Mapping[str, dict], dtype: str) -> str:
@@ -471,7 +480,8 @@ class LoraStore:
         self._shard_info[name] = info
         signature = _signature(self._shard_path(name))
         for key, entry in entries.items():
-            self._index[key] = _Entry(name, self._spec(entry["spec"]), entry["meta"], entry["sha256"])
+            self._index[key] = _Entry(name, self._spec(entry["spec"]), entry["meta"], entry["sha256"],
+                                      entry.get("spec_sha256"))
             self._verified[key] = signature  # hashed from the very tensors written
         return name
 
@@ -538,6 +548,8 @@ class LoraStore:
             if int8:
                 A[m] *= raw[f"{key}/A_scale/{m}"]  # (L, r, 1)
                 B[m] *= raw[f"{key}/B_scale/{m}"]  # (L, 1, r)
+        if entry.spec_sha256 is not None and spec_sha256(entry.spec) != entry.spec_sha256:
+            return None, None, "spec hash mismatch: its rank, alpha, modules or layers changed after it was written"
         if entry.sha256 is not None:
             if entry_sha256(raw) != entry.sha256:
                 return None, None, "content hash mismatch: its bytes changed after it was written"
@@ -667,6 +679,7 @@ class LoraStore:
             if legacy:  # add the per-entry hashes; the shard itself is unchanged
                 for key, raw in good.items():
                     entries[key]["sha256"] = entry_sha256(raw)
+                    entries[key].setdefault("spec_sha256", spec_sha256(self._spec(entries[key]["spec"])))
                 atomic_write_bytes(self._sidecar_path(name), canonical_json(sidecar).encode())
             return
 
@@ -676,7 +689,9 @@ class LoraStore:
         keep = {k: raw for k, raw in good.items() if served_here(k)}
         if keep:
             tensors = {n: t for raw in keep.values() for n, t in raw.items()}
-            kept_entries = {k: entries[k] | {"sha256": entry_sha256(raw)} for k, raw in keep.items()}
+            kept_entries = {k: entries[k] | {"sha256": entry_sha256(raw),
+                                             "spec_sha256": spec_sha256(self._spec(entries[k]["spec"]))}
+                            for k, raw in keep.items()}
             self._write_shard(tensors, kept_entries, info.get("dtype", "bfloat16"))
             report.rewritten.extend(keep)
         report.lost.extend(k for k in entries if k not in good and served_here(k))

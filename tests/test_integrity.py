@@ -91,6 +91,24 @@ def test_nan_bytes_are_refused_even_when_the_recorded_hash_matches(tiny, tmp_pat
     assert LoraStore(tmp_path).missing(["a"]) == ["a"]
 
 
+@pytest.mark.parametrize("edit", [{"alpha": 33.0}, {"layers": [1, 0]}])
+def test_an_edited_spec_beside_intact_tensors_is_refused(tiny, tmp_path, make_lora, edit):
+    """The tensors' hash still matches, but the spec beside them would rescale the LoRA or move it to other layers."""
+    from hyper_prag.store import verify_store
+
+    LoraStore(tmp_path, dtype="float32").put_many([("a", make_lora(tiny, 0), {"doc_id": "doc-a"}),
+                                                    ("b", make_lora(tiny, 1), {"doc_id": "doc-b"})])
+    sidecar = _only_shard(tmp_path).with_suffix(".json")
+    info = json.loads(sidecar.read_text())
+    info["entries"]["a"]["spec"] |= edit
+    sidecar.write_text(json.dumps(info))
+    with pytest.raises(HyperPragError, match=r"(?s)doc-a.*spec hash mismatch"):
+        LoraStore(tmp_path).get("a")
+    report = verify_store(tmp_path)
+    assert not report.ok and [i.key for i in report.issues if i.key] == ["a"]
+    assert LoraStore(tmp_path).get("b").spec.alpha == 32.0  # the other entry is served
+
+
 def test_truncated_shard_counts_as_missing_and_put_many_repairs_it(tiny, tmp_path, make_lora):
     store = LoraStore(tmp_path)
     loras = {"a": make_lora(tiny, 0), "b": make_lora(tiny, 1)}
