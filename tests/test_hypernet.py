@@ -341,9 +341,21 @@ def test_inference_checkpoint_round_trip_and_wrong_base(tiny, tmp_path):
                                                                      a.B["down_proj"])
     with pytest.raises(HyperPragError, match="base model"):
         load_hypernet(path, tiny_base_model(seed=1))
-    (tmp_path / "flat" / "hn.json").unlink()  # a bare weights file (no JSON to check it against) still loads ...
+    (tmp_path / "flat" / "hn.json").unlink()  # a bare weights file is checked by the hash in its own header ...
     assert torch.equal(load_hypernet(single, tiny)(emb).B["down_proj"], a.B["down_proj"])
-    single.write_bytes(single.read_bytes()[:100])  # ... unless it is truncated
+    tensors, metadata = load_file(str(single)), safe_open(str(single), framework="pt").metadata()
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[:16] += 1e30  # flipped high bits in a few values
+    save_file(tensors, str(single), metadata=metadata)
+    with pytest.raises(HyperPragError, match="hash in their own header"):
+        load_hypernet(single, tiny)
+    described = json.loads(metadata["hypernet"])
+    del described["tensors_sha256"]  # an older export with its JSON lost: nothing to verify it against
+    save_file(load_file(str(path)), str(single), metadata={"hypernet": json.dumps(described)})
+    with pytest.raises(HyperPragError, match="export-hypernet"):
+        load_hypernet(single, tiny)
+    single.write_bytes(single.read_bytes()[:100])  # ... and a truncated file is refused
     with pytest.raises(HyperPragError, match="truncated or corrupted"):
         load_hypernet(single, tiny)
 

@@ -48,6 +48,7 @@ from hyper_prag.hypernet import (
 )
 from hyper_prag.lora import Lora, LoraSpec
 from hyper_prag.model import BaseModel
+from hyper_prag.store import entry_sha256
 
 if TYPE_CHECKING:
     from hyper_prag.augment import AugmentedDocument
@@ -140,7 +141,9 @@ def save_inference_checkpoint(hypernet: Hypernet, folder: str | Path, extra: dic
     try:
         # One metadata entry (the description carries "format"): safetensors writes several entries in a
         # per-process hash order, and the file's sha256 is the checkpoint identity in store keys.
-        save_file(tensors, tmp, metadata={"hypernet": json.dumps(meta, sort_keys=True)})
+        # The description carries the tensors' own hash, so the weights file alone is verifiable.
+        described = {**meta, "tensors_sha256": entry_sha256(tensors)}
+        save_file(tensors, tmp, metadata={"hypernet": json.dumps(described, sort_keys=True)})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -250,6 +253,14 @@ def _load(checkpoint: str | Path, base: BaseModel) -> tuple[Hypernet, str]:
     found = metadata.get("format", meta.get("format") if isinstance(meta, dict) else None)  # older files: both
     if found != FORMAT_VERSION:
         raise HyperPragError(f"{path} is not a hyper-prag hypernet checkpoint (format {found!r}).")
+    inner = meta.get("tensors_sha256")
+    if inner is None and not described.is_file():
+        raise HyperPragError(f"hypernet checkpoint {path} has no description beside it ({described.name}) and no "
+                             "hash of its own, so its weights cannot be verified; restore the JSON from the same "
+                             "export, or re-export it (hyper-prag export-hypernet CKPT OUT).")
+    if inner is not None and entry_sha256(state) != inner:
+        raise HyperPragError(f"hypernet weights {path} do not match the hash in their own header: they were modified "
+                             "or corrupted after export; re-export them (hyper-prag export-hypernet CKPT OUT).")
     return _build(meta, state, base, str(path)), sha256
 
 
