@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/hypernet_vs_perdoc.py --no-per-doc        # hypernet and closed-book only
     .venv/bin/python benchmarks/hypernet_vs_perdoc.py --docs 60 --out runs/hypernet_vs_perdoc.json
     .venv/bin/python benchmarks/hypernet_vs_perdoc.py --checkpoint A.safetensors B.ckpt   # two hypernets, one run
+    .venv/bin/python benchmarks/hypernet_vs_perdoc.py --checkpoint FASTWEIGHT.ckpt --gradient-step 300 --docs 70
 
 Documents are chosen through their questions: test questions are drawn round-robin over the question
 types (seeded) and kept while the union of their supporting documents stays within ``--docs``; every
@@ -14,10 +15,13 @@ Measured:
 * encoding cost per document: the hypernet (doc embedding + one forward, batched over all documents,
   and one document at a time) vs per-document LoRA training (``PerDocEncoder``, template augmentation,
   lr 1e-3 by default, chunks of 4), and their ratio. Model load is not timed.
+* the gradient readout (``--gradient-step``; :mod:`hyper_prag.encoders.gradient`, stage 0) as another row;
 * F1 / EM by question type, with bootstrap 95% CIs: each question asked through the online path
   (``Pipeline.answer_given``: its supporting documents instead of retrieved ones, no passages in the
   prompt, their LoRAs summed), greedy decoding; closed-book = the base model alone; control
-  ``hypernet_wrong_doc`` = each document given the hypernet LoRA of another document.
+  ``hypernet_wrong_doc`` = each document given the hypernet LoRA of another document; standard RAG
+  (``rag``: the question's documents in the prompt) and "combine both" (``<encoder>+rag``: documents and
+  LoRAs); paired differences (own − wrong document, − closed-book, combine − RAG) with bootstrap CIs.
 
 With several ``--checkpoint`` paths, the first is reported as ``hypernet`` and each other one as
 ``hypernet:<file stem>`` (with its own ``_wrong_doc`` control), all on the same questions.
@@ -40,13 +44,33 @@ from hyper_prag.corpus import Corpus
 from hyper_prag.encoders.hypernet import SHIPPED_CHECKPOINT
 from hyper_prag.lora import Lora
 from hyper_prag.pipeline import Pipeline
+from hyper_prag.scoring import bootstrap_ci
 from hyper_prag.scoring import score as score_answer
 from hyper_prag.scoring import summarize
 
 
-def choose(corpus, n_docs: int, seed: int):
-    """Test questions (round-robin over types) whose supporting documents fit in ``n_docs`` test documents."""
-    test = corpus.split("test")
+def begin(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """Parsed arguments (and the argv they came from), INFO logging, the seed set: how each benchmark here begins."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    return args, argv
+
+
+def write_json(result: dict, out: Path | None) -> str:
+    """The result as indented JSON, printed and written to ``out`` (if given)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    return text
+
+
+def choose(corpus, n_docs: int, seed: int, split: str = "test"):
+    """Questions of ``split`` (round-robin over types) whose supporting documents fit in ``n_docs`` of its documents."""
+    test = corpus.split(split)
     rng = random.Random(seed)
     by_type = defaultdict(list)
     for q in test.questions:
@@ -72,8 +96,8 @@ def choose(corpus, n_docs: int, seed: int):
 class TableSource:
     """A LoRA source over a fixed table of per-document LoRAs (generated or trained in this run)."""
 
-    def __init__(self, name: str, table: dict[str, Lora]) -> None:
-        self.name, self.table = name, table
+    def __init__(self, name: str, table: dict[str, Lora], apply_from: str = "all") -> None:
+        self.name, self.table, self.apply_from = name, table, apply_from  # apply_from: as its encoder trained them
 
     def loras(self, documents):
         return [self.table[d.id] for d in documents]
@@ -82,16 +106,45 @@ class TableSource:
         return [f"{self.name}:{d.id}" for d in documents]
 
 
-def answer(base, docs, questions, table: dict[str, Lora] | None, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers through the online path; question i uses the summed LoRA of its documents, or none."""
+def answer(base, docs, questions, table: dict[str, Lora] | None, batch_size: int, max_new_tokens: int,
+           apply_from: str = "all", context: str = "none") -> list[str]:
+    """Greedy answers through the online path; question i uses the summed LoRA of its documents, or none.
+
+    ``context="documents"`` also puts the question's documents in the prompt (standard RAG without a
+    table; "combine both" with one)."""
     corpus = Corpus("hypernet-vs-perdoc", tuple(docs), tuple(questions))
     pipeline = Pipeline(base, None, corpus, max_new_tokens=max_new_tokens, batch_size=batch_size, single_mode="side",
                         combine_mode="sum")  # a question's documents, summed
     given = [[corpus.document(d) for d in q.doc_ids] for q in questions]
-    source = TableSource("table", table) if table is not None else None
-    answers = pipeline.answer_given([q.question for q in questions], given if table is not None else [[]] * len(given),
-                                    "none", source)
+    source = TableSource("table", table, apply_from) if table is not None else None
+    given = given if table is not None or context != "none" else [[]] * len(given)
+    answers = pipeline.answer_given([q.question for q in questions], given, context, source)
     return [a.prediction for a in answers]
+
+
+def paired_differences(questions, predictions: dict[str, list[str]]) -> dict:
+    """Paired F1 differences with bootstrap 95% CIs (all questions and lookups): each table vs its
+    wrong-document control and vs closed-book, each "combine both" row vs standard RAG."""
+    f1 = {m: [score_answer(p, q.answers)["f1"] for p, q in zip(preds, questions)] for m, preds in predictions.items()}
+    lookups = [i for i, q in enumerate(questions) if q.type == "lookup"]
+    pairs = []
+    for m in f1:
+        if f"{m}_wrong_doc" in f1:
+            pairs.append((m, f"{m}_wrong_doc"))
+        if m not in ("closed_book", "rag") and not m.endswith(("_wrong_doc", "+rag")):
+            pairs.append((m, "closed_book"))
+        if m.endswith("+rag"):
+            pairs.append((m, "rag"))
+        if m.startswith(("hypernet", "gradient")) and not m.endswith(("_wrong_doc", "+rag")) and "per_doc" in f1:
+            pairs.append((m, "per_doc"))  # the amortized encoder against per-document training
+    out = {}
+    for a, b in pairs:
+        for label, idx in (("all", range(len(questions))), ("lookup", lookups)):
+            diffs = [f1[a][i] - f1[b][i] for i in idx]
+            if diffs:
+                mean, low, high = bootstrap_ci(diffs)
+                out[f"{a} - {b}/{label}"] = {"mean": mean, "low": low, "high": high, "n": len(diffs)}
+    return out
 
 
 def score(questions, predictions, resamples: int = 1000) -> dict:
@@ -121,6 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--refine-steps", type=int, nargs="*", default=[],
                         help="k values: rows 'hypernet+k' (the first checkpoint's LoRA + k per-document steps) and "
                              "'random+k' (random init + the same k steps), e.g. --refine-steps 0 1 2 4 8")
+    parser.add_argument("--gradient-step", type=float, default=None,
+                        help="also the gradient readout at stage 0 with this step size η (chosen on val documents by "
+                             "benchmarks/readout_gates.py), and its wrong-document control")
+    parser.add_argument("--gradient-rank", type=int, default=8)
+    parser.add_argument("--combine", action=argparse.BooleanOptionalAction, default=True,
+                        help="also each encoder's 'combine both' row (its LoRAs and the documents in the prompt)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -128,10 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default="offline",
                         help="W&B run of the comparison (offline by default: `wandb sync` uploads it later)")
     parser.add_argument("--wandb-dir", default="runs/wandb", help="folder that receives the W&B run")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(args.seed)
+    args, argv = begin(parser, argv)
 
     from hyper_prag import assemble
     from hyper_prag.encoders.hypernet import HypernetEncoder
@@ -146,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     texts = [d.text for d in docs]
     loras: dict[str, dict[str, Lora]] = {}
+    applied: dict[str, str] = {}  # where each table's LoRAs act (hypernets: as trained; per-document: everywhere)
     for n, checkpoint in enumerate(args.checkpoint):
         name = "hypernet" if n == 0 else f"hypernet:{checkpoint.stem}"
         encoder = HypernetEncoder.from_checkpoint(checkpoint, base)
@@ -165,6 +222,20 @@ def main(argv: list[str] | None = None) -> dict:
         # LoRAs give without their own document's knowledge (answer format, corpus-wide priors).
         loras[name] = {d.id: lora for d, lora in zip(docs, hyper)}
         loras[f"{name}_wrong_doc"] = {d.id: lora for d, lora in zip(docs, hyper[1:] + hyper[:1])}
+        applied[name] = applied[f"{name}_wrong_doc"] = encoder.hypernet.config.apply_from
+
+    if args.gradient_step:
+        from hyper_prag.augment import AugmentConfig, augment_documents
+        from hyper_prag.encoders.gradient import GradientConfig, GradientEncoder
+
+        augmented = augment_documents(docs, AugmentConfig(source="template"), base=base, corpus=corpus)
+        gradient = GradientEncoder(base, GradientConfig(rank=args.gradient_rank, step=args.gradient_step))
+        start = time.perf_counter()
+        made = gradient.encode(augmented)
+        result["gradient"] = {"s_per_doc": (time.perf_counter() - start) / len(docs), **gradient.settings()}
+        loras["gradient"] = {d.id: lora for d, lora in zip(docs, made)}
+        loras["gradient_wrong_doc"] = {d.id: lora for d, lora in zip(docs, made[1:] + made[:1])}
+        applied["gradient"] = applied["gradient_wrong_doc"] = gradient.apply_from
 
     if args.per_doc:
         from hyper_prag.augment import AugmentConfig, augment_documents
@@ -184,8 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["per_doc"] = {"s_per_doc": seconds, "epochs": args.per_doc_epochs, "lr": args.per_doc_lr,
                              "chunk_size": args.chunk_size,
                              "augmentation": "template", **per_doc.settings()}
-        for name in [k for k in loras if not k.endswith("_wrong_doc")]:  # "hypernet", "hypernet:<stem>", …
-            result[f"encode_cost_ratio_perdoc_over_{name}"] = seconds * 1000 / result[name]["ms_per_doc_batched"]
+        for name in [k for k in loras if not k.endswith("_wrong_doc")]:  # "hypernet", "hypernet:<stem>", "gradient"
+            encode_s = result[name]["ms_per_doc_batched"] / 1000 if "ms_per_doc_batched" in result[name] \
+                else result[name]["s_per_doc"]
+            result[f"encode_cost_ratio_perdoc_over_{name}"] = seconds / encode_s
         loras["per_doc"] = trained
 
     if args.refine_steps:
@@ -217,17 +290,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     scores = {}
     predictions = {}
-    for method, table in [("closed_book", None), *loras.items()]:
+    # Rows: closed-book, standard RAG (the question's documents in the prompt), every table, and "combine both"
+    # (documents in the prompt and their LoRAs) for every table that is not a control or a refine row.
+    rows = [("closed_book", None, "none"), ("rag", None, "documents"), *((m, t, "none") for m, t in loras.items()),
+            *((f"{m}+rag", t, "documents") for m, t in loras.items()
+              if args.combine and not m.endswith("_wrong_doc") and "+" not in m)]
+    for method, table, context in rows:
         start = time.perf_counter()
-        preds = answer(base, docs, questions, table, args.batch_size, args.max_new_tokens)
+        preds = answer(base, docs, questions, table, args.batch_size, args.max_new_tokens,
+                       applied.get(method.removesuffix("+rag"), "all"), context)
         scores[method] = score(questions, preds)
         scores[method]["all"]["answer_seconds"] = time.perf_counter() - start
         predictions[method] = preds
     result["scores"] = scores
+    result["paired"] = paired_differences(questions, predictions)
     result["examples"] = [{"question": q.question, "answers": list(q.answers), "type": q.type,
                            **{m: p[i] for m, p in predictions.items()}} for i, q in enumerate(questions[:12])]
-    text = json.dumps(result, indent=2)
-    print(text)
     from hyper_prag.tracking import log_tables
 
     rows = [[method, t, c["f1"], c["f1_ci"][0], c["f1_ci"][1], c["em"], c["accuracy"], c["n"]]
@@ -241,9 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
                config={"command": result["command"], "documents": len(docs), "questions": len(questions)},
                project=args.wandb_project, group="hypernet_vs_perdoc", name="hypernet-vs-perdoc",
                mode=args.wandb_mode, save_dir=args.wandb_dir)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    write_json(result, args.out)
     return result
 
 
