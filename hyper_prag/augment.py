@@ -11,8 +11,17 @@ Sources:
               model that answers (paper Table 3); its identity is part of :meth:`AugmentConfig.settings`.
               Output that does not parse is retried once with a few-shot prompt, then repaired
               (partial pairs salvaged) or dropped — counted in :class:`AugmentStats`, never a crash.
+``llm-fewshot`` the same generation with a prompt of three worked examples (passage -> short questions
+              with answers copied from it) and validated output (:func:`validate_qa`): a question must end
+              in "?", its answer must be a span of the document ("The answer is: X" is salvaged to X),
+              instruction echoes ("The original passage ...") and duplicates are rejected; rejections are
+              counted by reason in ``AugmentStats.rejected``. For small augmenting models whose plain
+              output echoes the prompt. Cached like ``llm``, under its own settings.
 ``template``  LLM-free: the QA pairs a corpus ships (``Corpus.doc_qa``; the fictional benchmark has
               templated pairs for every document) and deterministic sentence re-orderings as rewrites.
+``extractive`` LLM-free, for corpora without QA pairs: wh- and cloze questions written from the
+              document's own sentences, answers that are exact spans of it (:mod:`hyper_prag.extractive`),
+              and the template source's sentence re-orderings as rewrites. Deterministic, not cached.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
+from hyper_prag import extractive
 from hyper_prag.corpus import Corpus, Document
 from hyper_prag.errors import HyperPragError
 from hyper_prag.model import BaseModel
@@ -53,6 +63,29 @@ QA_FEWSHOT_PROMPT = (
     "Q: When was Mara Olen born?\nA: 1950\nQ: What was Mara Olen's job?\nA: painter\n"
     "Q: Which prize did Mara Olen win in 1981?\nA: the Silver Prize\n\nPassage: {doc}"
 )
+FEWSHOT_PROMPT_VERSION = 1  # the same for the llm-fewshot source's prompt and validation
+FEWSHOT_QA_PROMPT = (
+    "Write {n} short questions about the last passage. Each answer is a few words copied exactly from "
+    "that passage.\n\n"
+    "Passage: Mara Olen (born 1950) was a painter from Kelb. She won the Silver Prize in 1981.\n"
+    "Q: When was Mara Olen born?\nA: 1950\nQ: Where was Mara Olen from?\nA: Kelb\n"
+    "Q: Which prize did Mara Olen win in 1981?\nA: the Silver Prize\n\n"
+    "Passage: Brenford Mills is a textile company based in Ostra. It was founded by Ivo Tamm in 1902 and "
+    "employs 1,200 people.\n"
+    "Q: Where is Brenford Mills based?\nA: Ostra\nQ: Who founded Brenford Mills?\nA: Ivo Tamm\n"
+    "Q: How many people does Brenford Mills employ?\nA: 1,200\n\n"
+    "Passage: The Lannor river rises in the Ketta hills and flows 310 km to the sea at Port Aven.\n"
+    "Q: Where does the Lannor river rise?\nA: the Ketta hills\nQ: How long is the Lannor river?\nA: 310 km\n"
+    "Q: Where does the Lannor river reach the sea?\nA: Port Aven\n\n"
+    "Passage: {doc}"
+)
+# What a small model writes when it echoes its instructions instead of asking about the passage.
+# A match that is itself in the document is no echo ("the Northwest Passage").
+_ECHO = re.compile(r"\b(?:the|this|that|original|above|following|given) (?:passage|text)\b|passage|"
+                   r"answer to (?:the|this|that) question|\brewrit|\bthe question\b|short answer|"
+                   r"\bquestions? about\b|^\s*[QA]\s*:", re.IGNORECASE)
+_ANSWER_PREFIX = re.compile(r"^\s*(?:the\s+)?(?:short\s+|correct\s+|final\s+)?answer(?:\s+to\s+(?:the|this|that)"
+                            r"\s+question)?(?:\s+(?:is|was|would be))?\s*[:\-–]?\s*", re.IGNORECASE)
 _QA_LINE = re.compile(r"^\s*(?:\d+[.)]\s*)?(Q|A|Question|Answer)\s*\d*\s*[:：]\s*(.*)$", re.IGNORECASE)
 
 
@@ -62,7 +95,9 @@ class AugmentConfig:
 
     n_rewrites: int = 1  # d_i^1..n rewrites per document (paper: 1)
     n_qa: int = 3  # (q, a) pairs per document (paper: 3)
-    source: Literal["llm", "template"] = "llm"  # self-augmentation with the LLM, or the corpus's doc_qa
+    # llm: self-augmentation with the LLM | llm-fewshot: the same with worked examples and validated pairs |
+    # template: the corpus's doc_qa | extractive: questions written from the document's sentences (no LLM)
+    source: Literal["llm", "llm-fewshot", "template", "extractive"] = "llm"
     max_new_tokens: int = 160  # generation budget of one rewrite / one QA block
     max_answer_words: int = 12  # longer "answers" are dropped: the paper's answers are short
     batch_size: int = 8  # documents per generation batch
@@ -74,6 +109,12 @@ class AugmentConfig:
             out |= {"prompt_version": PROMPT_VERSION, "max_new_tokens": self.max_new_tokens,
                     "max_answer_words": self.max_answer_words,
                     "augmenter": augmenter.identity if augmenter is not None else None}
+        elif self.source == "llm-fewshot":
+            out |= {"prompt_version": FEWSHOT_PROMPT_VERSION, "max_new_tokens": self.max_new_tokens,
+                    "max_answer_words": self.max_answer_words,
+                    "augmenter": augmenter.identity if augmenter is not None else None}
+        elif self.source == "extractive":
+            out |= {"extractive_version": extractive.VERSION}
         return out
 
 
@@ -104,6 +145,7 @@ class AugmentStats:
     dropped_pairs: int = 0  # pairs thrown away (empty / too long / repeating the question)
     no_qa: int = 0  # documents left with no QA pair at all
     rewrites_replaced: int = 0  # rewrites too short or empty, replaced by the original text
+    rejected: dict[str, int] = field(default_factory=dict)  # llm-fewshot: pairs rejected by validate_qa, by reason
     extra: dict = field(default_factory=dict)
 
 
@@ -151,6 +193,70 @@ def parse_qa(text: str, max_answer_words: int = 12, stats: AugmentStats | None =
                 stats.dropped_pairs += 1
             question = None
     return pairs
+
+
+def answer_span(answer: str, document: str) -> str | None:
+    """The document's own spelling of ``answer``, matched case-insensitively with any whitespace or
+    punctuation between its words ("5068" does not match "5,068"; "5, 068" does); None when absent."""
+    words = re.findall(r"\w+", answer)
+    if not words:
+        return None
+    match = re.search(r"(?<!\w)" + r"\W+".join(map(re.escape, words)) + r"(?!\w)", document, re.IGNORECASE)
+    return match.group() if match else None
+
+
+def validate_qa(pairs: Sequence[tuple[str, str]], document: str, max_answer_words: int = 12,
+                stats: AugmentStats | None = None) -> list[tuple[str, str]]:
+    """Keeps the pairs a closed-book question can be trained on; counts the others by reason.
+
+    A kept question ends in "?" and does not echo the instructions ("The original passage ...", "What is
+    the answer to the question ...", "Rewrite ...", anything about "the passage"); its answer, stripped of
+    a prefix such as "The answer to this question is:", is a span of the document (returned as the
+    document spells it), at most ``max_answer_words`` words, and not contained in its question.
+
+    Args:
+        pairs: parsed ``(question, answer)`` pairs (:func:`parse_qa`).
+        document: the text the answers must come from.
+        max_answer_words: longest accepted answer.
+        stats: ``stats.rejected[reason]`` is incremented for each rejected pair; reasons: ``echo``,
+            ``no_question_mark``, ``empty_answer``, ``too_long``, ``answer_not_in_document``,
+            ``answer_in_question``, ``duplicate``.
+
+    Returns:
+        The kept pairs, in order.
+    """
+    kept: list[tuple[str, str]] = []
+    seen: set[str] = set()
+
+    def echoes(text: str) -> bool:
+        match = _ECHO.search(text)
+        return match is not None and match.group().strip().lower() not in document.lower()
+
+    def reject(reason: str) -> None:
+        if stats is not None:
+            stats.rejected[reason] = stats.rejected.get(reason, 0) + 1
+
+    for question, answer in pairs:
+        question = question.strip()
+        answer = _ANSWER_PREFIX.sub("", answer.strip(), count=1).strip().strip("\"'“”‘’").rstrip(".").strip()
+        if echoes(question) or echoes(answer):
+            reject("echo")
+        elif not question.endswith("?"):
+            reject("no_question_mark")
+        elif not answer:
+            reject("empty_answer")
+        elif len(answer.split()) > max_answer_words:
+            reject("too_long")
+        elif (span := answer_span(answer, document)) is None:
+            reject("answer_not_in_document")
+        elif answer_span(span, question) is not None:
+            reject("answer_in_question")
+        elif (key := " ".join(re.findall(r"\w+", question.lower()))) in seen:
+            reject("duplicate")
+        else:
+            seen.add(key)
+            kept.append((question, span))
+    return kept
 
 
 def _clean_rewrite(text: str, original: str, stats: AugmentStats) -> str:
@@ -210,22 +316,53 @@ def _template(docs: Sequence[Document], config: AugmentConfig, corpus: Corpus | 
     for doc in docs:
         pairs = corpus.doc_qa.get(doc.id)
         if not pairs:
-            raise HyperPragError(f"document {doc.id!r} has no doc_qa pairs in corpus {corpus.name!r}; "
-                                 "use augmentation source 'llm' for corpora without templated QA.")
+            raise HyperPragError(f"document {doc.id!r} has no doc_qa pairs in corpus {corpus.name!r}; use augmentation "
+                                 "source 'extractive' (no LLM) or 'llm' for corpora without templated QA.")
         qa = tuple(pairs[: config.n_qa]) if config.n_qa > 0 else tuple(pairs)
-        sentences = _sentences(doc.text)
-        rng = random.Random(_doc_hash(doc.text))
-        rewrites = []
-        for _ in range(config.n_rewrites):
-            head, tail = sentences[:1], sentences[1:]  # the first sentence names the entity: keep it first
-            rng.shuffle(tail)
-            rewrites.append(" ".join(head + tail))
-        out.append(AugmentedDocument(doc.id, doc.text, tuple(rewrites), qa))
+        out.append(AugmentedDocument(doc.id, doc.text, _reorderings(doc.text, config.n_rewrites), qa))
+    return out
+
+
+def _reorderings(text: str, n: int) -> tuple[str, ...]:
+    """``n`` deterministic rewrites: the sentences after the first in a shuffled order (seeded by the text)."""
+    sentences = _sentences(text)
+    rng = random.Random(_doc_hash(text))
+    rewrites = []
+    for _ in range(n):
+        head, tail = sentences[:1], sentences[1:]  # the first sentence names the entity: keep it first
+        rng.shuffle(tail)
+        rewrites.append(" ".join(head + tail))
+    return tuple(rewrites)
+
+
+def _extractive(docs: Sequence[Document], config: AugmentConfig, stats: AugmentStats) -> list[AugmentedDocument]:
+    out = []
+    for doc in docs:
+        qa = tuple(extractive.extract_qa(doc.text, doc.title, config.n_qa))
+        stats.no_qa += 0 if qa else 1
+        out.append(AugmentedDocument(doc.id, doc.text, _reorderings(doc.text, config.n_rewrites), qa))
     return out
 
 
 def _llm(docs: Sequence[Document], config: AugmentConfig, base: BaseModel, cache: _Cache,
          stats: AugmentStats) -> list[AugmentedDocument]:
+    """Self-augmentation: rewrites, then QA pairs (a second prompt for documents short of ``n_qa`` pairs).
+
+    Source ``llm``: the plain prompt, then the few-shot one, lenient parsing. Source ``llm-fewshot``: the
+    worked-examples prompt, then the plain one, every pair through :func:`validate_qa`.
+    """
+    validated = config.source == "llm-fewshot"
+    first, second = (FEWSHOT_QA_PROMPT, QA_PROMPT) if validated else (QA_PROMPT, QA_FEWSHOT_PROMPT)
+
+    def parse(output: str, doc: Document) -> list[tuple[str, str]]:
+        if not validated:
+            return parse_qa(output, config.max_answer_words, stats)
+        local = AugmentStats()
+        pairs = parse_qa(output, max_answer_words=10**6, stats=local)  # validate_qa applies the limit
+        if local.dropped_pairs:
+            stats.rejected["malformed"] = stats.rejected.get("malformed", 0) + local.dropped_pairs
+        return validate_qa(pairs, doc.text, config.max_answer_words, stats)
+
     todo = [d for d in docs if cache.get(d.text) is None]
     stats.cached += len(docs) - len(todo)
     batches = range(0, len(todo), config.batch_size)
@@ -239,17 +376,17 @@ def _llm(docs: Sequence[Document], config: AugmentConfig, base: BaseModel, cache
                 rewrites[i].append(_clean_rewrite(o, d.text, stats))
         qa: list[list[tuple[str, str]]] = [[] for _ in chunk]
         if config.n_qa > 0:
-            prompts = [base.chat_prompt(QA_PROMPT.format(n=config.n_qa, doc=d.text)) + "Q:" for d in chunk]
+            prompts = [base.chat_prompt(first.format(n=config.n_qa, doc=d.text)) + "Q:" for d in chunk]
             for i, o in enumerate(base.generate(prompts, max_new_tokens=config.max_new_tokens)):
-                qa[i] = parse_qa(o, config.max_answer_words, stats)
+                qa[i] = parse(o, chunk[i])
             retry = [i for i, pairs in enumerate(qa) if len(pairs) < config.n_qa]
             stats.parsed += len(chunk) - len(retry)
             if retry:
                 stats.retried += len(retry)
-                prompts = [base.chat_prompt(QA_FEWSHOT_PROMPT.format(n=config.n_qa, doc=chunk[i].text)) + "Q:"
-                           for i in retry]
+                prompts = [base.chat_prompt(second.format(n=config.n_qa, doc=chunk[i].text)) + "Q:" for i in retry]
                 for i, o in zip(retry, base.generate(prompts, max_new_tokens=config.max_new_tokens)):
-                    merged = list(dict.fromkeys(qa[i] + parse_qa(o, config.max_answer_words, stats)))
+                    merged = _merge(qa[i], parse(o, chunk[i])) if validated else \
+                        list(dict.fromkeys(qa[i] + parse_qa(o, config.max_answer_words, stats)))
                     if merged:
                         stats.repaired += 1
                     else:
@@ -264,6 +401,12 @@ def _llm(docs: Sequence[Document], config: AugmentConfig, base: BaseModel, cache
     return out
 
 
+def _merge(first: list[tuple[str, str]], more: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``first`` then the pairs of ``more`` whose question it does not ask yet (case and punctuation aside)."""
+    seen = {" ".join(re.findall(r"\w+", q.lower())) for q, _ in first}
+    return first + [(q, a) for q, a in more if " ".join(re.findall(r"\w+", q.lower())) not in seen]
+
+
 def augment_documents(docs: Sequence[Document], config: AugmentConfig, base: BaseModel | None = None,
                       corpus: Corpus | None = None, cache: Path | None = None,
                       stats: AugmentStats | None = None) -> list[AugmentedDocument]:
@@ -272,7 +415,7 @@ def augment_documents(docs: Sequence[Document], config: AugmentConfig, base: Bas
     Args:
         docs: the documents.
         config: counts and source.
-        base: the augmenting LLM (source ``"llm"``).
+        base: the augmenting LLM (sources ``"llm"`` and ``"llm-fewshot"``).
         corpus: the corpus holding ``doc_qa`` (source ``"template"``).
         cache: cache folder (default ``cache_dir("augment")``).
         stats: optional counters, filled in.
@@ -284,10 +427,16 @@ def augment_documents(docs: Sequence[Document], config: AugmentConfig, base: Bas
     stats.documents += len(docs)
     if config.source == "template":
         return _template(docs, config, corpus)
-    if config.source != "llm":
-        raise HyperPragError(f"unknown augmentation source {config.source!r}; use 'llm' or 'template'.")
+    if config.source == "extractive":
+        result = _extractive(docs, config, stats)
+        if stats.no_qa:
+            log.info("extractive augmentation: %d of %d documents gave no QA pair", stats.no_qa, len(docs))
+        return result
+    if config.source not in ("llm", "llm-fewshot"):
+        raise HyperPragError(f"unknown augmentation source {config.source!r}; "
+                             "use 'llm', 'llm-fewshot', 'template' or 'extractive'.")
     if base is None:
-        raise HyperPragError("augmentation source 'llm' needs the augmenting base model.")
+        raise HyperPragError(f"augmentation source {config.source!r} needs the augmenting base model.")
     result = _llm(docs, config, base, _Cache(cache or cache_dir("augment"), config.settings(base)), stats)
     log.info("augmentation: %s", {k: v for k, v in asdict(stats).items() if v and k != "extra"})
     return result

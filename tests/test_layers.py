@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     # stages that know nothing of the online path
     "corpus": 2, "benchmark": 2, "realdata": 2, "store": 2, "retrieve": 2, "combine": 2, "inject": 2,
     "prompts": 2, "methods": 2, "scoring": 2, "augment": 2, "sequences": 2, "teacher": 2, "activated": 2,
+    "clauses": 0, "extractive": 1,  # text only: sentences read, questions written
     # encoders and what encode records
     "encoders": 3, "encoders.per_doc": 3, "encoders.hypernet": 3, "encoders.peft_reference": 3, "hypernet": 3,
     "encoders.refine": 3, "encoders.gradient": 3,
