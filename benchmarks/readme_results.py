@@ -1,4 +1,4 @@
-"""Writes the harness's result tables into README.md (between the ``results`` markers), never by hand.
+"""Writes the harness's result tables into docs/results.md (between the ``results`` markers), never by hand.
 
     .venv/bin/python benchmarks/readme_results.py results/demo results/squad results/hotpotqa
 
@@ -66,7 +66,7 @@ def rewrite(readme: Path, folders: list[Path]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path, help="results folders (results.json + results.md)")
-    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parent.parent / "README.md")
+    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "results.md")
     args = parser.parse_args()
     rewrite(args.readme, args.folders)
 
