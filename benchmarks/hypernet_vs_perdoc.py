@@ -39,6 +39,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 
 from hyper_prag.corpus import Corpus
 from hyper_prag.encoders.hypernet import SHIPPED_CHECKPOINT
@@ -160,13 +161,16 @@ def score(questions, predictions, resamples: int = 1000) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, nargs="+", default=[SHIPPED_CHECKPOINT],
+    parser.add_argument("--checkpoint", type=Path, nargs="*", default=[SHIPPED_CHECKPOINT],
                         help="hypernet checkpoint(s): folder, .safetensors or .ckpt (several: compared side by side)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (must match the checkpoint)")
     parser.add_argument("--docs", type=int, default=30, help="test documents")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-doc", action=argparse.BooleanOptionalAction, default=True,
                         help="also train per-document LoRAs (minutes on CPU)")
+    parser.add_argument("--per-doc-config", type=Path, default=None,
+                        help="an encode YAML (e.g. configs/encode/demo.yaml): its trainer, augment and LoRA settings "
+                             "for the per-document rows instead of --per-doc-epochs / --per-doc-lr and template pairs")
     parser.add_argument("--per-doc-epochs", type=int, default=2, help="passes over each document's template QA")
     parser.add_argument("--per-doc-lr", type=float, default=1e-3,
                         help="per-document learning rate (paper: 3e-4, measured too weak for SmolLM2-135M here)")
@@ -242,8 +246,16 @@ def main(argv: list[str] | None = None) -> dict:
         from hyper_prag.encoders.per_doc import PerDocConfig, PerDocEncoder
         from hyper_prag.lora import LoraSpec
 
-        augmented = augment_documents(docs, AugmentConfig(source="template"), base=base, corpus=corpus)
-        per_doc = PerDocEncoder(base, LoraSpec().for_model(base), PerDocConfig(lr=args.per_doc_lr, epochs=args.per_doc_epochs))
+        if args.per_doc_config is not None:  # an encode YAML's trainer, augmentation and LoRA shape
+            recipe = yaml.safe_load(args.per_doc_config.read_text())
+            trainer, augment = PerDocConfig(**recipe["trainer"]), AugmentConfig(**recipe["augment"])
+            spec = LoraSpec(rank=recipe["rank"], alpha=recipe["alpha"], target_modules=tuple(recipe["target_modules"]),
+                            layers=tuple(recipe["layers"]))
+        else:
+            trainer = PerDocConfig(lr=args.per_doc_lr, epochs=args.per_doc_epochs)
+            augment, spec = AugmentConfig(source="template"), LoraSpec()
+        augmented = augment_documents(docs, augment, base=base, corpus=corpus)
+        per_doc = PerDocEncoder(base, spec.for_model(base), trainer)
         order = sorted(range(len(docs)), key=lambda i: len(docs[i].text))  # chunk by length: little padding
         trained: dict[str, Lora] = {}
         start = time.perf_counter()
@@ -252,9 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
             for i, lora in zip(idx, per_doc.encode([augmented[i] for i in idx])):
                 trained[docs[i].id] = lora
         seconds = (time.perf_counter() - start) / len(docs)
-        result["per_doc"] = {"s_per_doc": seconds, "epochs": args.per_doc_epochs, "lr": args.per_doc_lr,
-                             "chunk_size": args.chunk_size,
-                             "augmentation": "template", **per_doc.settings()}
+        result["per_doc"] = {"s_per_doc": seconds, "chunk_size": args.chunk_size, "config": str(args.per_doc_config),
+                             "augmentation": augment.settings(), **per_doc.settings(),
+                             "qa_pairs_per_doc": sum(len(a.qa) for a in augmented) / len(augmented)}
         for name in [k for k in loras if not k.endswith("_wrong_doc")]:  # "hypernet", "hypernet:<stem>", "gradient"
             encode_s = result[name]["ms_per_doc_batched"] / 1000 if "ms_per_doc_batched" in result[name] \
                 else result[name]["s_per_doc"]
