@@ -21,9 +21,10 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from hyper_prag import assemble
+from hyper_prag.combine import DEFAULT_COMBINE, CombineMode, check_combine_mode
 from hyper_prag.encode import EncodeReport, encode_corpus, launch
 from hyper_prag.encoders.per_doc import FitBank, PerDocConfig, fit_steps
 from hyper_prag.errors import HyperPragError
@@ -31,11 +32,13 @@ from hyper_prag.evaluate import Results, compare, select_questions
 from hyper_prag.lora import LoraSpec
 from hyper_prag.methods import Answer, LoraSource, method_spec, parse_methods
 from hyper_prag.model import DEFAULT_MODEL
-from hyper_prag.pipeline import CombineMode, Pipeline
+from hyper_prag.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 RetrieverName = Literal["bm25", "dense"]
+WandbMode = Literal["offline", "online", "disabled"]
+WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
 Runner = Literal["lightning", "loop"]  # which trainer python -m train.encode runs each bank with
 
 
@@ -227,7 +230,7 @@ def ask(
     store: str | Path | None = None,
     recipe: str | None = None,
     hypernet: str | Path | None = None,
-    combine: CombineMode = "softmax",
+    combine: CombineMode = DEFAULT_COMBINE,
     max_new_tokens: int = 32,
 ) -> Answer:
     """Answers one question with one method; reads the store and never trains.
@@ -242,9 +245,9 @@ def ask(
         dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
         local_files_only: never download a hub model or dataset (default).
         columns: column mapping of a ``datasets`` corpus.
-        k: documents retrieved per question (paper: 3).
+        k: documents retrieved per question (paper: 3; at most the split's documents).
         retriever: ``bm25`` (paper) or ``dense``.
-        store: LoRA store folder (``prag*``; default: the cache's store of ``model``).
+        store: LoRA store folder (``prag*``; default: the cache's store of ``model``); it must exist.
         recipe: which recorded per-document recipe of the store to read (needed only when it holds several).
         hypernet: hypernetwork checkpoint (``hypernet*``): a path or a shipped one's name; ``None``: the one
             shipped for ``benchmark``.
@@ -256,17 +259,20 @@ def ask(
         The :class:`~hyper_prag.methods.Answer` (prediction, documents, LoRAs applied, timing).
     """
     _check_positive(k=k, max_new_tokens=max_new_tokens)
+    check_combine_mode(combine)
     spec = method_spec(method)
     base = assemble.load_model(model, device, dtype, local_files_only)
     full = assemble.load_corpus(benchmark, columns, local_files_only)
     corpus = assemble.load_split(full, split)
+    if spec.retrieves:
+        _check_k(k, corpus, split)
     retriever_ = assemble.build_retriever(retriever, corpus, device) if spec.retrieves else None
     source: LoraSource | None = None
     augment = None
     if spec.lora == "store" or spec.context == "augmented":
         from hyper_prag.sources import StoreSource
 
-        lora_store = assemble.open_store(store, model)
+        lora_store = assemble.open_store(store, model, create=False)  # reading: a missing store is an error
         found = assemble.per_doc_from_store(base, lora_store.root, recipe)
         if spec.context == "augmented":
             augment = assemble.augment_function(base, full, _augment_config(found.augment))
@@ -291,6 +297,14 @@ def _check_positive(**values: int | None) -> None:
             raise HyperPragError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
 
 
+def _check_k(k: int, corpus: Any, split: str | None) -> None:
+    """Refuses a ``k`` larger than the documents retrieval can return (it would silently return fewer)."""
+    n = len(corpus.documents)
+    if k > n:
+        where = f"split {split!r} of {corpus.name!r}" if split else repr(corpus.name)
+        raise HyperPragError(f"--k {k} asks for more documents than {where} holds ({n}); choose --k {n} or fewer.")
+
+
 # --------------------------------------------------------------------------------------------- evaluate
 
 
@@ -310,7 +324,7 @@ def evaluate(
     encode_config: str | Path | None = None,
     recipe: str | None = None,
     hypernet: str | Path | None = None,
-    combine: CombineMode = "softmax",
+    combine: CombineMode = DEFAULT_COMBINE,
     max_new_tokens: int = 32,
     limit: int | None = None,
     per_type: int | None = None,
@@ -322,7 +336,7 @@ def evaluate(
     out: str | Path | None = "results/evaluate",
     progress: bool = True,
     wandb_project: str = "hyper-prag",
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline",
+    wandb_mode: WandbMode = "offline",
     wandb_dir: str | Path = "runs/wandb",
 ) -> Results:
     """Compares methods on the same questions: builds the pipeline and methods, encodes missing LoRAs, scores.
@@ -336,7 +350,7 @@ def evaluate(
         dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
         local_files_only: never download a hub model or dataset (default).
         columns: column mapping of a ``datasets`` corpus.
-        k: documents retrieved per question.
+        k: documents retrieved per question (at most the split's documents).
         retriever: ``bm25`` or ``dense``.
         store: LoRA store folder (default: the cache's store of ``model``).
         encode_config: encode YAML whose settings the ``prag`` methods use; ``None``: the store's recorded
@@ -353,7 +367,7 @@ def evaluate(
         chunk_size: documents per LoRA bank when encoding missing ones.
         encode_missing: encode retrieved documents missing from the store (else: error).
         resamples: bootstrap resamples per confidence interval.
-        seed: bootstrap seed.
+        seed: bootstrap seed (0 or more).
         out: folder for results.json, results.md and the plots (``None``: write nothing).
         progress: progress bars.
         wandb_project: W&B project of the run (the training runs' project by default).
@@ -366,8 +380,16 @@ def evaluate(
     """
     from hyper_prag.sources import StoreSource
 
+    # Every setting is checked before anything runs: a bad one must not surface after all questions were answered.
     _check_positive(k=k, max_new_tokens=max_new_tokens, limit=limit, per_type=per_type, batch_size=batch_size,
                     chunk_size=chunk_size, resamples=resamples)
+    if seed < 0:
+        raise HyperPragError(f"--seed must be 0 or more (it seeds the bootstrap), got {seed}.")
+    check_combine_mode(combine)
+    if wandb_mode not in WANDB_MODES:
+        raise HyperPragError(f"--wandb-mode {wandb_mode!r} is unknown; choose one of {', '.join(WANDB_MODES)}.")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise HyperPragError(f"--out {out} is a file; give a folder for results.json, results.md and the plots.")
     names = parse_methods(methods)
     base = assemble.load_model(model, device, dtype, local_files_only)
     full = assemble.load_corpus(benchmark, columns, local_files_only)
@@ -376,6 +398,8 @@ def evaluate(
     if not corpus.documents or not questions:
         raise HyperPragError(f"benchmark {benchmark!r} split {split!r} has {len(corpus.documents)} "
                              f"documents and {len(questions)} questions; choose another --split.")
+    if any(method_spec(m).retrieves for m in names):
+        _check_k(k, corpus, split)
     retriever_ = assemble.build_retriever(retriever, corpus, device)
     static = [method_spec(m) for m in names if not method_spec(m).dynamic]  # flare/dragin: no LoRAs, no augmentation
     kinds = {s.lora for s in static}
@@ -388,8 +412,8 @@ def evaluate(
     augment = None
     chosen_recipe = None
     if "store" in kinds or "augmented" in contexts:
-        lora_store = assemble.open_store(store, model)
-        per_doc = _per_doc_for_evaluate(base, full, lora_store.root, encode_config, recipe)
+        store_root = Path(store) if store is not None else assemble.default_store_path(model)  # DA-RAG only reads it
+        per_doc = _per_doc_for_evaluate(base, full, store_root, encode_config, recipe)
         chosen_recipe = per_doc.recipe
         augment = assemble.augment_function(base, full, per_doc.augment_config)
         if "augmented" in contexts:
@@ -398,6 +422,7 @@ def evaluate(
             costs["da-rag"] = {"encode_seconds_per_doc": (time.perf_counter() - start) / max(1, len(needed)),
                                "bytes_per_doc": None}
         if "store" in kinds:
+            lora_store = assemble.open_store(store_root, model, create=encode_missing)  # it encodes what is missing
             source = StoreSource(lora_store, per_doc.recipe, full.doc_qa)
             missing = lora_store.missing(source.names(needed))
             if missing and not encode_missing:
@@ -459,7 +484,7 @@ def export_lora(doc_id: str, out: str | Path, *, benchmark: str = assemble.DEFAU
         out: the adapter folder to write.
         benchmark: corpus name or folder that holds the document.
         model: the base model the LoRA was encoded for.
-        store: LoRA store folder (default: the cache's store of ``model``).
+        store: LoRA store folder (default: the cache's store of ``model``); it must exist.
         recipe: which recorded per-document recipe to read (only when the store holds several).
 
     Returns:
@@ -470,7 +495,7 @@ def export_lora(doc_id: str, out: str | Path, *, benchmark: str = assemble.DEFAU
 
     base = assemble.load_model(model)
     corpus = assemble.load_corpus(benchmark)
-    lora_store = assemble.open_store(store, model)
+    lora_store = assemble.open_store(store, model, create=False)
     source = StoreSource(lora_store, assemble.per_doc_from_store(base, lora_store.root, recipe), corpus.doc_qa)
     (lora,) = source.loras([corpus.document(doc_id)])
     folder = export_peft(lora, out, base_model_name_or_path=str(getattr(base, "path", "") or model))
@@ -502,6 +527,11 @@ def _per_doc_for_evaluate(base, corpus, store_root: Path, encode_config: str | P
 
         if list_recipes(store_root, base.identity, "per-doc"):
             raise  # several recipes: the error lists them and asks for --recipe
-        log.info("the store %s has no per-document recipe for this model: using the encode defaults", store_root)
+        other_models = assemble.other_models_note(base, store_root)
+        if other_models:
+            log.warning("the store %s has no per-document recipe for this model (%s) Encoding with the encode "
+                        "defaults instead.", store_root, other_models)
+        else:
+            log.info("the store %s has no per-document recipe for this model: using the encode defaults", store_root)
         return assemble.per_doc_from_config(base, corpus, load_encode_config(None), store_root)
     return assemble.per_doc_from_recipe(base, found, store_root)

@@ -113,11 +113,20 @@ def default_store_path(model: str = DEFAULT_MODEL) -> Path:
     return default_store(str(model))
 
 
-def open_store(path: str | Path | None, model: str = DEFAULT_MODEL, dtype: str = "bfloat16") -> "LoraStore":
-    """The LoRA store at ``path`` (``None``: :func:`default_store_path` of ``model``)."""
-    from hyper_prag.store import LoraStore
+def open_store(path: str | Path | None, model: str = DEFAULT_MODEL, dtype: str = "bfloat16",
+               create: bool = True) -> "LoraStore":
+    """The LoRA store at ``path`` (``None``: :func:`default_store_path` of ``model``).
 
-    return LoraStore(path or default_store_path(model), dtype=dtype)  # type: ignore[arg-type]
+    Args:
+        path: the store folder.
+        model: the base model whose default store is meant when ``path`` is ``None``.
+        dtype: storage dtype of new entries.
+        create: make the store if it does not exist (writers); ``False``: a missing store is an error (readers).
+    """
+    from hyper_prag.store import LoraStore, existing_store
+
+    root = path or default_store_path(model)
+    return LoraStore(root, dtype=dtype) if create else existing_store(root, dtype=dtype)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------- encoders
@@ -134,7 +143,10 @@ class PerDoc:
 
 def recorded_warmup(store_root: str | Path, base: BaseModel, spec: LoraSpec, settings: Mapping[str, Any],
                     augmentation: Mapping[str, Any], warmup_provenance: Mapping[str, Any]) -> Lora | None:
-    """The warm-up LoRA a store recorded for exactly these settings and warm-up data, if any."""
+    """The warm-up LoRA a store recorded for exactly these settings and warm-up data, if any.
+
+    ``settings`` are the encoder's ``settings()`` less the warm-up LoRA's hash (:func:`_settings_but_warmup`).
+    """
     for recipe in list_recipes(store_root, base.identity, "per-doc"):
         same = ({k: v for k, v in recipe.settings.items() if k != "warmup_sha256"} == dict(settings)
                 and dict(recipe.augmentation) == dict(augmentation) and recipe.spec == spec
@@ -143,6 +155,19 @@ def recorded_warmup(store_root: str | Path, base: BaseModel, spec: LoraSpec, set
             log.info("re-using the warm-up LoRA recorded with recipe %s", recipe.id)
             return load_warmup(store_root, recipe)
     return None
+
+
+def _settings_but_warmup(base: BaseModel, spec: LoraSpec, trainer: Any) -> dict[str, Any]:
+    """The ``settings()`` of the warm-up encoder ``trainer`` builds, less the warm-up LoRA's hash (the LoRA is what
+    is looked for). The encoder computes them itself, so every content hash it keys by (e.g. the replayed pairs')
+    is in; the warm-up it is given is a stand-in whose hash is dropped."""
+    from hyper_prag.encoders.per_doc import PerDocEncoder
+    from hyper_prag.lora import zeros
+
+    stand_in = zeros(spec, {m: base.module_dims(m) for m in spec.target_modules})
+    settings = PerDocEncoder(base, spec, trainer, warmup=stand_in).settings()
+    del settings["warmup_sha256"]
+    return settings
 
 
 def per_doc_from_config(base: BaseModel, corpus: Corpus, config: Mapping[str, Any],
@@ -161,7 +186,6 @@ def per_doc_from_config(base: BaseModel, corpus: Corpus, config: Mapping[str, An
     """
     from hyper_prag.augment import AugmentConfig, augment_documents
     from hyper_prag.encoders.per_doc import PerDocEncoder, train_warmup_lora
-    from hyper_prag.prompts import format_id
 
     augment_config = AugmentConfig(**(config.get("augment") or {}))
     spec = LoraSpec(rank=config["rank"], alpha=config["alpha"],
@@ -172,8 +196,8 @@ def per_doc_from_config(base: BaseModel, corpus: Corpus, config: Mapping[str, An
     if trainer.init == "warmup":
         provenance = {"warmup": {"split": config["warmup_split"], "docs": config["warmup_docs"],
                                  "steps": config["warmup_steps"], "corpus": corpus.fingerprint}}
-        settings = {"name": PerDocEncoder.name, **trainer.settings(), "prompt": format_id()}  # = encoder.settings()
         if warmup is None and store_root is not None:
+            settings = _settings_but_warmup(base, spec, trainer)
             warmup = recorded_warmup(store_root, base, spec, settings, augment_config.settings(), provenance["warmup"])
         if warmup is None:
             if not train_warmup:
@@ -207,9 +231,28 @@ def per_doc_from_recipe(base: BaseModel, recipe: Recipe, store_root: str | Path)
 def per_doc_from_store(base: BaseModel, store_root: str | Path, recipe_id: str | None = None) -> Recipe:
     """The recorded per-document recipe of this base model in a store (see :func:`hyper_prag.recipes.find_recipe`);
     one trained under another prompt format than this version's is refused."""
+    other_models = other_models_note(base, store_root)
+    if other_models:
+        raise HyperPragError(f"the LoRA store {store_root} holds no per-doc LoRAs for this base model: {other_models}")
     recipe = find_recipe(store_root, base.identity, "per-doc", recipe_id)
     _check_prompt_format(recipe, store_root)
     return recipe
+
+
+def other_models_note(base: BaseModel, store_root: str | Path) -> str:
+    """Why a store with per-document recipes only for other base models has none for ``base``, and what to do;
+    ``""`` if it has one for ``base`` or none at all. The same model loaded in another dtype can be another
+    model here (an identity hashes the weights), so the dtype is named."""
+    if list_recipes(store_root, base.identity, "per-doc"):
+        return ""
+    others = sorted({r.base_identity for r in list_recipes(store_root, encoder="per-doc")})
+    if not others:
+        return ""
+    dtype = str(base.dtype).removeprefix("torch.")
+    return (f"{base.name} loaded in {dtype} is base model {base.identity}, but its recipes are for {', '.join(others)}. "
+            f"A model's identity hashes its weights, so the model in another --dtype (or with other weights) is "
+            f"another model: use the --model and --dtype the store was encoded with, or encode the documents for "
+            f"{dtype} with `hyper-prag encode --dtype {dtype}`.")
 
 
 def _check_prompt_format(recipe: Recipe, store_root: str | Path) -> None:

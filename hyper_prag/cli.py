@@ -28,14 +28,22 @@ def _default_model() -> str:
     return DEFAULT_MODEL
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def _device_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -72,7 +80,9 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hypernet", default=None,
                         help="hypernetwork checkpoint of the hypernet methods: a path or a shipped one's name "
                              "(fictional, squad); default: the one shipped for --benchmark")
-    parser.add_argument("--combine", choices=["softmax", "sum", "mean"], default="softmax",
+    from hyper_prag.combine import COMBINE_MODES, DEFAULT_COMBINE
+
+    parser.add_argument("--combine", choices=COMBINE_MODES, default=DEFAULT_COMBINE,
                         help="how k LoRAs are combined: softmax of the retrieval scores as weights (measured best), "
                              "sum (the paper), mean")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=32, help="generation budget per answer")
@@ -120,7 +130,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="documents per LoRA bank when encoding missing ones")
     parser.add_argument("--no-encode", action="store_true", help="fail instead of encoding documents missing from the store")
     parser.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples per confidence interval")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="bootstrap seed (0 or more)")
     parser.add_argument("--out", default="results/evaluate", help="folder for results.json, results.md and plots")
     _wandb_arguments(parser)
 
@@ -169,10 +179,13 @@ def _run_merge_results(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/results.json, results.md, f1.png, latency.png")
 
 
-# Settings an evaluate run records in its config that its command line repeats (see evaluate_command).
-_REPRODUCED: dict[str, Any] = {"split": "test", "model": "smollm2-135m-instruct", "k": 3, "retriever": "bm25", "combine": "softmax",
-                               "max_new_tokens": 32, "per_type": None, "limit": None, "encode_config": None,
-                               "recipe": None, "hypernet": None, "store": None}
+def _reproduced_defaults() -> dict[str, Any]:
+    """Settings an evaluate run records in its config that its command line repeats, with their defaults."""
+    from hyper_prag.combine import DEFAULT_COMBINE
+
+    return {"split": "test", "model": _default_model(), "k": 3, "retriever": "bm25", "combine": DEFAULT_COMBINE,
+            "max_new_tokens": 32, "per_type": None, "limit": None, "encode_config": None, "recipe": None,
+            "hypernet": None, "store": None}
 
 
 def evaluate_command(config: Mapping[str, Any], methods: Sequence[str], out: str | None = None) -> str:
@@ -187,7 +200,7 @@ def evaluate_command(config: Mapping[str, Any], methods: Sequence[str], out: str
         The command, one string, with every recorded setting that differs from the default.
     """
     words = ["hyper-prag", "evaluate", "--benchmark", str(config["benchmark"]), "--methods", ",".join(methods)]
-    for key, default in _REPRODUCED.items():
+    for key, default in _reproduced_defaults().items():
         value = config.get(key)
         if key == "recipe" and config.get("encode_config"):
             continue  # the encode config names the recipe already
@@ -379,6 +392,7 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_store(args: argparse.Namespace) -> None:
+    from hyper_prag.recipes import check_recipes
     from hyper_prag.store import default_store, gc_store, verify_store
 
     root = Path(args.store) if args.store else default_store(args.model)
@@ -386,10 +400,13 @@ def _run_store(args: argparse.Namespace) -> None:
         report = gc_store(root, min_age_seconds=args.min_age)
     else:
         report = verify_store(root, repair=args.repair)
+    recipes = check_recipes(root)  # the recipes the online path reads keys with: reported, never removed
+    report.issues += recipes
     print(report.summary())
-    if args.action == "verify" and not args.repair and not report.ok:
-        raise HyperPragError(f"the LoRA store {root} is damaged (above); run `hyper-prag store verify --repair "
-                             f"--store {root}`, then `hyper-prag encode` to re-encode what was lost.")
+    if recipes or (args.action == "verify" and not args.repair and not report.ok):
+        raise HyperPragError(f"the LoRA store {root} is damaged (above; each line says what to do): "
+                             f"`hyper-prag store verify --repair --store {root}` repairs shards and sidecars, then "
+                             "`hyper-prag encode` re-encodes what was lost and records missing recipes again.")
 
 
 def _export_lora_arguments(parser: argparse.ArgumentParser) -> None:

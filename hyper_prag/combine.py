@@ -7,6 +7,8 @@ With ΔW_i = s_i · B_i A_i (s_i = alpha_i / r_i), the modes compute:
           s · B A = Σ_i w_i s_i B_i A_i exactly. This is what the paper's code gets from PEFT's
           ``add_weighted_adapter(combination_type="cat")``.
 ``mean``  ΔW = (1/k) Σ_i ΔW_i: the same concatenation with w_i = 1/k (or normalised weights).
+``softmax`` ΔW = Σ_i w_i ΔW_i with w = softmax of the documents' retrieval scores (:func:`softmax_weights`):
+          a weighted mean that leans on the top-ranked document; without scores, equal weights (the mean).
 
 Averaging the A's and the B's separately is *not* offered: (ΣB_i)(ΣA_i)/k² contains the cross terms
 B_i A_j and equals no mean of the ΔW_i.
@@ -21,29 +23,52 @@ LoRAs of different ranks).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 
 from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import Lora
 
-CombineMode = Literal["sum", "mean"]
+# How a question's k LoRAs become one (see the module docstring). Measured by benchmarks/perdoc_recipe.py
+# --interference: own document + 2 BM25 neighbours, lookup F1 sum 3.1, mean 2.1, softmax 14.6, own LoRA alone
+# 25.7; so softmax is the default of the online path.
+CombineMode = Literal["sum", "mean", "softmax"]
+COMBINE_MODES: tuple[CombineMode, ...] = get_args(CombineMode)
+DEFAULT_COMBINE: CombineMode = "softmax"
 
 
-def combine(loras: Sequence[Lora], mode: CombineMode = "sum", weights: Sequence[float] | None = None) -> Lora:
+def check_combine_mode(mode: str) -> CombineMode:
+    """Returns ``mode`` if it is a :data:`CombineMode`, else raises :class:`HyperPragError` listing them."""
+    if mode not in COMBINE_MODES:
+        raise HyperPragError(f"unknown combine mode {mode!r}; use one of {', '.join(COMBINE_MODES)}.")
+    return mode  # type: ignore[return-value]
+
+
+def combine(loras: Sequence[Lora], mode: CombineMode = "sum", weights: Sequence[float] | None = None,
+            scores: Sequence[float] | None = None) -> Lora:
     """Merges k LoRAs made for the same base model, modules and layers into one LoRA.
 
     Args:
         loras: single (unbatched) LoRAs; ranks and alphas may differ.
-        mode: ``"sum"`` (Σ w_i ΔW_i) or ``"mean"`` (Σ w_i ΔW_i / Σ w_i); see the module docstring.
-        weights: optional per-LoRA weights w_i (default all 1).
+        mode: ``"sum"`` (Σ w_i ΔW_i), ``"mean"`` (Σ w_i ΔW_i / Σ w_i) or ``"softmax"`` (Σ w_i ΔW_i with
+            w = softmax(scores)); see the module docstring.
+        weights: optional per-LoRA weights w_i (default all 1; not with ``"softmax"``, whose weights are the scores').
+        scores: the LoRAs' retrieval scores, read by ``"softmax"`` only (``None`` or empty: equal weights).
 
     Returns:
         One LoRA of rank Σ r_i whose ΔW is the requested combination.
     """
     if not loras:
         raise HyperPragError("combine() needs at least one LoRA.")
+    check_combine_mode(mode)
+    if mode == "softmax":
+        if weights is not None:
+            raise HyperPragError("combine(mode='softmax') weighs the LoRAs by their scores; pass scores, not weights.")
+        if scores and len(scores) != len(loras):
+            raise HyperPragError(f"got {len(scores)} retrieval scores for {len(loras)} LoRAs.")
+        weights = softmax_weights(scores) if scores else [1.0 / len(loras)] * len(loras)
+        mode = "sum"
     first = loras[0].spec
     for lora in loras:
         if lora.batch_size is not None:
@@ -61,8 +86,6 @@ def combine(loras: Sequence[Lora], mode: CombineMode = "sum", weights: Sequence[
         if total == 0:
             raise HyperPragError("mean of LoRAs with weights summing to 0 is undefined.")
         w = [x / total for x in w]
-    elif mode != "sum":
-        raise HyperPragError(f"unknown combine mode {mode!r}; use 'sum' or 'mean'.")
     scale = first.scaling
     rank = sum(lora.spec.rank for lora in loras)
     A = {m: torch.cat([lora.A[m] for lora in loras], dim=-2) for m in first.target_modules}  # (L, Σr, d_in)
@@ -127,8 +150,8 @@ def scale(lora: Lora, factor: float) -> Lora:
 def softmax_weights(scores: Sequence[float], temperature: float = 1.0) -> list[float]:
     """Combination weights from retrieval scores: w_i = exp(s_i / τ) / Σ_j exp(s_j / τ) (they sum to 1).
 
-    With ``combine(loras, "sum", softmax_weights(bm25_scores))`` the update is Σ w_i ΔW_i, a weighted mean
-    that leans on the document the retriever ranks highest.
+    With ``combine(loras, "sum", softmax_weights(bm25_scores))`` (what ``combine(loras, "softmax", scores=bm25_scores)``
+    does) the update is Σ w_i ΔW_i, a weighted mean that leans on the document the retriever ranks highest.
 
     Args:
         scores: one retrieval score per LoRA (e.g. BM25).

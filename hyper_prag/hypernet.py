@@ -82,6 +82,7 @@ from tqdm.auto import tqdm
 from torch import Tensor, nn
 
 from hyper_prag.activated import APPLY_FROM
+from hyper_prag.combine import combine
 from hyper_prag.errors import HyperPragError
 from hyper_prag.inject import model_lock
 from hyper_prag.io import atomic_file
@@ -200,9 +201,8 @@ def _layer_states(base: BaseModel, texts: Sequence[str], layers: Sequence[int], 
         try:
             for i in tqdm(range(0, len(texts), batch_size), desc="document states", unit="batch",
                           disable=len(texts) <= batch_size):
-                tok.padding_side = "right"
-                batch = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_tokens, add_special_tokens=False).to(base.device)
+                batch = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, padding_side="right",
+                            truncation=True, max_length=max_tokens, add_special_tokens=False).to(base.device)
                 decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 outs = [captured[l][0] if isinstance(captured[l], tuple) else captured[l] for l in layers]
                 states = [(o if inputs else decoder.norm(o)).to(torch.float32) for o in outs]  # each (n, T, H)
@@ -481,6 +481,36 @@ class Hypernet(nn.Module):
         rank = generated.spec.rank + bias.spec.rank
         return Lora(replace(generated.spec, rank=rank, alpha=generated.spec.scaling * rank), A, B)
 
+    def document_lora(self, pieces: Sequence[Lora], name: str = "a document") -> Lora:
+        """One document's LoRA from the generated LoRAs of its consecutive pieces, with the bias LoRA added once.
+
+        A document longer than ``max_doc_tokens`` is read piece by piece. Each piece's LoRA has the size of
+        the one window the hypernet was trained on; their sum grows with the piece count P (a 36-piece
+        document's sum drowned the model's answers), their mean keeps that size for any P::
+
+            ΔW = (1/P) Σ_p ΔW_p + ΔW_bias      (rank concatenation, :func:`~hyper_prag.combine.combine`)
+
+        A one-piece document gets exactly its piece's LoRA (plus the bias). A warning names a split document.
+
+        Args:
+            pieces: single LoRAs from :meth:`forward` with ``bias=False`` (rank r each), in document order.
+            name: the document, for the warning (its id, or the start of its text).
+
+        Returns:
+            A single LoRA of rank P · r (+ r_b), on the pieces' device.
+        """
+        if not pieces:
+            raise HyperPragError("document_lora() needs the LoRA of at least one piece.")
+        if len(pieces) > 1:
+            log.warning("%s is longer than the hypernet's %d-token window: read in %d pieces, their LoRAs averaged",
+                        name, self.config.max_doc_tokens, len(pieces))
+        parts, weights = list(pieces), [1.0 / len(pieces)] * len(pieces)
+        bias = self.bias_lora()
+        if bias is not None:
+            parts.append(bias.to(pieces[0].A[self.spec.target_modules[0]].device))
+            weights.append(1.0)
+        return parts[0] if len(parts) == 1 else combine(parts, "sum", weights)
+
     @property
     def reads_tokens(self) -> bool:
         """True if the input is per-token states ``(N, T, E)`` + mask, not pooled ``(N, E)`` embeddings."""
@@ -497,7 +527,8 @@ class Hypernet(nn.Module):
                 from :func:`doc_token_states` + :func:`pad_states`.
             mask: ``(N, T)``, 1 at real tokens (``readout="attention"``; ``None``: every token is real).
             bias: append the bias LoRA (``spec``: rank r + r_b); ``False``: the generated part alone
-                (``generated_spec``: rank r), e.g. to sum a long document's pieces before adding the bias once.
+                (``generated_spec``: rank r), e.g. to average a long document's pieces before adding the bias once
+                (:meth:`document_lora`).
 
         Returns:
             A batched :class:`Lora`: A[m] (N, L, r (+ r_b), d_in), B[m] (N, L, d_out, r (+ r_b)), differentiable.

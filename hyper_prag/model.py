@@ -33,6 +33,7 @@ import logging
 import mmap
 import re
 import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -464,8 +465,8 @@ class BaseModel:
         Returns:
             One decoded, stripped completion per prompt.
         """
-        self.tokenizer.padding_side = "left"
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                               add_special_tokens=False).to(self.device)  # the shared tokenizer's own side is left alone
         out = self.model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id, **kwargs,
@@ -474,9 +475,32 @@ class BaseModel:
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
+def _thread_safe(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Serialises the tokenizer's encode and decode calls, so several threads may share one base model.
+
+    A fast tokenizer writes the call's padding and truncation into its one Rust tokenizer before every
+    encode: two threads encoding at once swap each other's settings (a padded batch comes back ragged) or
+    meet the Rust tokenizer already borrowed. One re-entrant lock per tokenizer makes each call atomic.
+    """
+    lock = threading.RLock()
+    for name in ("_encode_plus", "_decode"):
+        call = getattr(tokenizer, name, None)
+        if call is None or getattr(call, "_serialised", False):
+            continue
+
+        def serialised(*args, _call=call, **kwargs):
+            with lock:
+                return _call(*args, **kwargs)
+
+        serialised._serialised = True  # type: ignore[attr-defined]
+        setattr(tokenizer, name, serialised)  # an instance attribute: every public call goes through it
+    return tokenizer
+
+
 def _prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, device: str | torch.device,
              fingerprint: str | None = None) -> BaseModel:
     layout = ffn_layout(model, name)
+    _thread_safe(tokenizer)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None and tokenizer.unk_token is None:
             raise HyperPragError(f"The tokenizer of {name} has no pad, eos or unk token to pad batches with; "

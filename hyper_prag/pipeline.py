@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from hyper_prag.activated import HeadCache, head_cache, prefill, split_prompts
 from hyper_prag.activated import generate as activated_generate
-from hyper_prag.combine import combine, pad_rank, softmax_weights
+from hyper_prag.combine import DEFAULT_COMBINE, CombineMode, check_combine_mode, combine, pad_rank
 from hyper_prag.corpus import Corpus, Document
 from hyper_prag.errors import HyperPragError
 from hyper_prag.inject import exclusive, injected
@@ -47,13 +47,6 @@ from hyper_prag.prompts import answer_text, fixed_head, head_of, question_prompt
 
 if TYPE_CHECKING:
     from hyper_prag.retrieve import Hit, Retriever
-
-# How a question's k LoRAs become one (hyper_prag.combine): "sum" Σ ΔW_i (the paper), "mean" Σ ΔW_i / k, and
-# "softmax" Σ w_i ΔW_i with w = softmax of the retrieval scores (BM25 scores: the top document keeps most of
-# its update; questions given their documents without scores get equal weights, i.e. the mean). Measured by
-# benchmarks/perdoc_recipe.py --interference: own document + 2 BM25 neighbours, lookup F1 sum 3.1, mean 2.1,
-# softmax 14.6, own LoRA alone 25.7; so softmax is the default.
-CombineMode = Literal["sum", "mean", "softmax"]
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +69,15 @@ class Pipeline:
     corpus: Corpus  # resolves retrieved ids to documents
     k: int = 3  # documents retrieved per question (paper: 3)
     max_new_tokens: int = 32  # generation budget per answer
-    combine_mode: CombineMode = "softmax"  # how a question's k LoRAs are combined (see CombineMode)
+    combine_mode: CombineMode = DEFAULT_COMBINE  # how a question's k LoRAs are combined (hyper_prag.combine)
     single_mode: Literal["merged", "side"] = "merged"  # injector for one question (merged: no per-token cost)
     batch_size: int = 8  # questions per retriever / generate call
     augment: Callable[[Sequence[Document]], Sequence[Augmented]] | None = None  # DA-RAG's augmented documents
     generation_kwargs: Mapping[str, Any] = field(default_factory=dict)  # e.g. min_new_tokens (equal-length timing)
     prefix_cache: bool = True  # prompts with no passages and no all-positions LoRA decode after the cached head
+
+    def __post_init__(self) -> None:
+        check_combine_mode(self.combine_mode)
 
     def answer(self, questions: Sequence[str], retrieve: bool, context: Context,
                source: LoraSource | None) -> list[Answer]:
@@ -209,11 +205,9 @@ class Pipeline:
         ]
 
     def combine(self, loras: Sequence[Lora], scores: Sequence[float] | None = None) -> Lora:
-        """One question's k LoRAs as one, by :attr:`combine_mode` (``scores``: their retrieval scores)."""
-        if self.combine_mode != "softmax":
-            return combine(loras, self.combine_mode)
-        weights = softmax_weights(scores) if scores and len(scores) == len(loras) else [1.0 / len(loras)] * len(loras)
-        return combine(loras, "sum", weights)
+        """One question's k LoRAs as one, by :attr:`combine_mode` (``scores``: their retrieval scores; questions
+        given their documents without scores get equal weights under ``softmax``, i.e. the mean)."""
+        return combine(loras, self.combine_mode, scores=scores)
 
     def _generate(self, prompts: list[str], per_question: list[list[Lora]], scores: list[list[float]] | None = None,
                   apply_from: str = "all") -> tuple[list[str], list[float], list[float]]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from hyper_prag.errors import HyperPragError
 from hyper_prag.lora import Lora, LoraSpec, load_lora, lora_sha256, save_lora
-from hyper_prag.store import canonical_json, store_key
+from hyper_prag.store import StoreIssue, canonical_json, store_key, store_writes
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +139,54 @@ def record_recipe(store_root: str | Path, recipe: Recipe, warmup: Lora | None = 
     if recipe.uses_warmup and warmup is None and not warmup_path(store_root, recipe).is_file():
         raise HyperPragError("a warm-up recipe needs its warm-up LoRA to be recorded with it.")
     folder = _folder(store_root)
-    folder.mkdir(parents=True, exist_ok=True)
-    if warmup is not None and not warmup_path(store_root, recipe).is_file():
-        save_lora(warmup.detach().to("cpu"), warmup_path(store_root, recipe))  # float32: its hash is in the key
     path = folder / f"{recipe.id}.json"
-    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    if old.get("id") != recipe.id:
-        atomic_write_text(path, json.dumps(recipe.to_dict(), indent=2, default=str) + "\n")
+    recorded = path.is_file()  # the same id: the same key inputs, recorded already
+    if recorded:
+        _, why = _read_recipe(path)
+        if why:
+            raise HyperPragError(f"the recipe file {path} {why}. {_RECIPE_FIX}")
+    with store_writes(store_root, "record the recipe in"):
+        folder.mkdir(parents=True, exist_ok=True)
+        if warmup is not None and not warmup_path(store_root, recipe).is_file():
+            save_lora(warmup.detach().to("cpu"), warmup_path(store_root, recipe))  # float32: its hash is in the key
+        if not recorded:
+            atomic_write_text(path, json.dumps(recipe.to_dict(), indent=2, default=str) + "\n")
     return path
+
+
+_RECIPE_FIX = ("Delete it and re-run the `hyper-prag encode` command that made it: it records the recipe again and "
+               "re-uses every LoRA already stored (their keys do not change).")
+
+
+def _read_recipe(path: Path) -> tuple[Recipe | None, str]:
+    """A recipe file parsed: ``(recipe, "")``, or ``(None, why it cannot be used)``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        recipe = Recipe.from_dict(data)
+    except OSError as err:
+        return None, f"is unreadable ({err.strerror or err})"
+    except ValueError as err:  # also UnicodeDecodeError
+        return None, f"is not valid JSON ({err}): it was truncated or edited by hand"
+    except (KeyError, TypeError, AttributeError, HyperPragError) as err:
+        return None, f"is not a recipe ({type(err).__name__}: {err}): it was edited by hand"
+    return recipe, ""
+
+
+def check_recipes(store_root: str | Path) -> list[StoreIssue]:
+    """Every recorded recipe that ``ask`` and ``encode`` cannot use (unparseable, or a warm-up recipe whose warm-up
+    LoRA is missing or changed), each with what to do; for ``hyper-prag store verify`` and ``gc``."""
+    issues = []
+    folder = _folder(store_root)
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        recipe, why = _read_recipe(path)
+        if recipe is not None and recipe.uses_warmup:
+            try:
+                load_warmup(store_root, recipe)
+            except HyperPragError as err:
+                why = str(err)
+        if why:
+            issues.append(StoreIssue(str(path), why if recipe is not None else f"recipe file {why}. {_RECIPE_FIX}"))
+    return issues
 
 
 def list_recipes(store_root: str | Path, base_identity: str | None = None, encoder: str | None = None) -> list[Recipe]:
@@ -154,11 +194,9 @@ def list_recipes(store_root: str | Path, base_identity: str | None = None, encod
     folder = _folder(store_root)
     out: list[Recipe] = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            recipe = Recipe.from_dict(data)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            log.warning("skipping unreadable recipe %s (%s); re-run `hyper-prag encode` to record it again", path, err)
+        recipe, why = _read_recipe(path)
+        if recipe is None:
+            log.warning("skipping the recipe file %s: it %s. %s", path, why, _RECIPE_FIX)
             continue
         if (base_identity is None or recipe.base_identity == base_identity) and (encoder is None or recipe.encoder == encoder):
             out.append(recipe)
@@ -184,8 +222,12 @@ def find_recipe(store_root: str | Path, base_identity: str, encoder: str = "per-
     listing = "".join(f"\n  {r.describe()}" for r in list_recipes(store_root, base_identity, encoder))
     if not found:
         what = f"recipe {recipe_id!r}" if recipe_id else f"{encoder} LoRAs"
+        folder = _folder(store_root)
+        broken = [p.name for p in sorted(folder.glob("*.json")) if _read_recipe(p)[0] is None] if folder.is_dir() else []
+        hint = (f" It also holds {len(broken)} unusable recipe files ({', '.join(broken)}; `hyper-prag store verify` "
+                "says why): delete them and re-run the encode commands that made them." if broken else "")
         raise HyperPragError(f"the LoRA store {store_root} holds no {what} for base model {base_identity}: encode "
-                             f"documents first with `hyper-prag encode` (same model and store).{listing}")
+                             f"documents first with `hyper-prag encode` (same model and store).{hint}{listing}")
     if len(found) > 1:
         raise HyperPragError(f"the LoRA store {store_root} holds {len(found)} {encoder} recipes for this base model; "
                              f"choose one with --recipe ID:{listing}")

@@ -16,7 +16,8 @@ Layout of a store folder::
 Every :meth:`LoraStore.put_many` writes one new, immutable shard (temp file, fsync, rename) and
 only then its sidecar (same way). The manifest is the union of sidecars: a shard without a sidecar
 is a write that died half-way and is ignored (and removed by :func:`gc_store`); two processes
-never write the same file, so concurrent writers cannot corrupt each other.
+never write the same file, so concurrent writers cannot corrupt each other. A write the disk refuses
+(read-only folder, full disk) raises :class:`HyperPragError` saying what to do and leaves no partial file.
 
 Integrity. A sidecar records the sha256 of its shard and, per entry, of that entry's tensors (names,
 dtypes, shapes, bytes). Every read (:meth:`LoraStore.get`) hashes the bytes it is about to serve and
@@ -213,6 +214,18 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def store_writes(root: str | Path, what: str = "write to") -> Iterator[None]:
+    """Turns a failed write into the store (read-only folder, full disk, a file in the way) into a
+    :class:`HyperPragError` that says what to do; the writes inside leave no partial file behind."""
+    try:
+        yield
+    except OSError as err:
+        raise HyperPragError(f"cannot {what} the LoRA store {root} ({err.strerror or err}): make it writable or free "
+                             "disk space, or pass another folder with --store, then re-run; nothing half-written "
+                             "was left and the entries already stored are intact.") from err
+
+
 @dataclass
 class StoreIssue:
     """One thing :func:`verify_store` found wrong."""
@@ -260,7 +273,7 @@ class LoraStore:
     def __init__(self, root: str | Path, dtype: StoreDtype = "bfloat16", max_open_shards: int = 64) -> None:
         """
         Args:
-            root: the store folder (created if missing).
+            root: the store folder (created if missing; readers open it with :func:`existing_store`).
             dtype: storage dtype of new entries (``bfloat16``, ``float32`` or ``int8``); reads return float32.
             max_open_shards: memory-mapped shard handles kept open (LRU).
         """
@@ -268,7 +281,11 @@ class LoraStore:
             raise HyperPragError(f"store dtype must be 'bfloat16', 'float32' or 'int8', not {dtype!r}.")
         self.root = Path(root)
         self.shards = self.root / "shards"
-        self.shards.mkdir(parents=True, exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise HyperPragError(f"the LoRA store {self.root} is a file, not a folder; pass a folder with --store "
+                                 "(an empty or new one to encode into, or the one `hyper-prag encode` wrote to).")
+        with store_writes(self.root, "create"):
+            self.shards.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype
         self._index: dict[str, _Entry] = {}  # key -> where its (newest) copy is
         self._shard_info: dict[str, dict] = {}  # shard name -> sidecar without its entries
@@ -445,7 +462,7 @@ class LoraStore:
         wanted: dict[str, tuple[Lora, dict]] = {}
         for key, lora, meta in items:
             wanted.setdefault(key, (lora, dict(meta or {})))
-        with _exclusive(self.root / "write.lock"):
+        with store_writes(self.root), _exclusive(self.root / "write.lock"):
             self.refresh(force=True)  # sidecars other writers committed while we waited for the lock
             absent = set(self.missing(list(wanted)))
             fresh = {k: v for k, v in wanted.items() if k in absent}
@@ -476,7 +493,14 @@ class LoraStore:
         atomic_write_bytes(self._shard_path(name), data)
         info = {"format": SIDECAR_FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                 "dtype": dtype, "written_ns": time.time_ns()}
-        atomic_write_bytes(self._sidecar_path(name), canonical_json(info | {"entries": entries}).encode())
+        try:
+            atomic_write_bytes(self._sidecar_path(name), canonical_json(info | {"entries": entries}).encode())
+        except BaseException:
+            try:  # a shard without its sidecar is ignored anyway: do not leave it behind
+                self._shard_path(name).unlink(missing_ok=True)
+            except OSError:
+                pass  # (gc removes it later)
+            raise
         self._shard_info[name] = info
         signature = _signature(self._shard_path(name))
         for key, entry in entries.items():
@@ -636,7 +660,9 @@ class LoraStore:
             The :class:`StoreReport`.
         """
         report = StoreReport(str(self.root))
-        with _exclusive(self.root / "write.lock") if repair else nullcontext():
+        guard = store_writes(self.root, "repair") if repair else nullcontext()
+        lock = _exclusive(self.root / "write.lock") if repair else nullcontext()
+        with guard, lock:
             self.refresh(force=True)
             for name, (_, state, why) in sorted(self._ignored.items()):
                 report.issues.append(StoreIssue(str(self._sidecar_path(name)), f"{state} sidecar: {why}"))
@@ -719,7 +745,7 @@ class LoraStore:
             The :class:`StoreReport` (``removed`` lists every file deleted).
         """
         report = self.check(repair=True)
-        with _exclusive(self.root / "write.lock"):
+        with store_writes(self.root, "clean up"), _exclusive(self.root / "write.lock"):
             self.refresh(force=True)
             now = time.time()
             for path in sorted(self.shards.iterdir()):
@@ -740,10 +766,16 @@ class LoraStore:
 
 # ---------------------------------------------------------------------------------------- library API
 
-def _existing(root: str | Path) -> LoraStore:
+def existing_store(root: str | Path, dtype: StoreDtype = "bfloat16") -> LoraStore:
+    """The LoRA store at ``root``, which must exist: readers (``ask``, ``verify``) never create one.
+
+    Raises:
+        HyperPragError: ``root`` holds no store (no ``shards/`` folder); the message says what to pass.
+    """
     if not (Path(root) / "shards").is_dir():
-        raise HyperPragError(f"no LoRA store at {root} (no shards/ folder); pass the folder `hyper-prag encode` wrote to.")
-    return LoraStore(root)
+        raise HyperPragError(f"no LoRA store at {root} (no shards/ folder): pass the folder `hyper-prag encode` wrote "
+                             f"to, or encode documents into it first (`hyper-prag encode --store {root}`).")
+    return LoraStore(root, dtype=dtype)
 
 
 def verify_store(root: str | Path, repair: bool = False) -> StoreReport:
@@ -755,7 +787,7 @@ def verify_store(root: str | Path, repair: bool = False) -> StoreReport:
     Returns:
         A :class:`StoreReport`; ``report.lost`` are the keys ``hyper-prag encode`` will encode again.
     """
-    return _existing(root).check(repair=repair)
+    return existing_store(root).check(repair=repair)
 
 
 def gc_store(root: str | Path, min_age_seconds: float = 300.0) -> StoreReport:
@@ -767,7 +799,7 @@ def gc_store(root: str | Path, min_age_seconds: float = 300.0) -> StoreReport:
     Returns:
         A :class:`StoreReport` whose ``removed`` lists the files deleted.
     """
-    return _existing(root).gc(min_age_seconds)
+    return existing_store(root).gc(min_age_seconds)
 
 
 def default_store(model: str) -> Path:

@@ -23,9 +23,9 @@ def folder(tmp_path):
     return save_corpus(Corpus("tiny-api", docs, tuple(QUESTIONS), qa), tmp_path / "corpus")
 
 
-def encode_warmup_store(folder, store, **extra):
+def encode_warmup_store(folder, store, trainer=PerDocConfig(init="warmup", epochs=1), **extra):
     return api.encode(model="tiny", corpus=str(folder), split="test", store=str(store), chunk_size=3,
-                      store_dtype="float32", trainer=PerDocConfig(init="warmup", epochs=1), augment={"source": "template"},
+                      store_dtype="float32", trainer=trainer, augment={"source": "template"},
                       warmup_split="train", warmup_docs=2, warmup_steps=3, runner="loop", logger="none",
                       progress=False, **extra)
 
@@ -156,3 +156,49 @@ def test_a_store_encoded_under_another_prompt_format_is_refused(folder, tmp_path
     monkeypatch.setattr(prompts, "DEMONSTRATIONS", (("Who?", (), "Nobody"),))  # the next version asks otherwise
     with pytest.raises(HyperPragError, match="another prompt format.*hyper-prag encode"):
         api.ask("Who founded Ardent Loom?", "prag", benchmark=str(folder), model="tiny", store=store)
+
+
+def test_reading_methods_never_create_a_store_and_a_file_is_no_store(folder, tmp_path):
+    nowhere = tmp_path / "no-store"
+    with pytest.raises(HyperPragError, match=r"no LoRA store at .*no-store.*hyper-prag encode --store"):
+        api.ask("Who founded Ardent Loom?", "prag", benchmark=str(folder), model="tiny", store=nowhere)
+    assert not nowhere.exists()
+    with pytest.raises(HyperPragError, match="no LoRA store at"):
+        api.export_lora("quell", tmp_path / "adapter", benchmark=str(folder), model="tiny", store=nowhere)
+    assert not nowhere.exists()
+    a_file = tmp_path / "store.txt"
+    a_file.write_text("notes")
+    with pytest.raises(HyperPragError, match="is a file, not a folder"):
+        api.encode(model="tiny", corpus=str(folder), store=str(a_file), limit=1, logger="none", progress=False)
+    assert a_file.read_text() == "notes"
+
+
+def test_k_larger_than_the_split_is_refused_with_the_number_of_documents(folder):
+    n = len(TEXTS)
+    with pytest.raises(HyperPragError, match=rf"--k {n + 1} asks for more documents than split 'test' .*\({n}\); "
+                                             rf"choose --k {n} or fewer"):
+        api.ask("Who founded Ardent Loom?", "rag", benchmark=str(folder), model="tiny", k=n + 1)
+    assert api.ask("Who?", "closed-book", benchmark=str(folder), model="tiny", k=n + 1, max_new_tokens=1).doc_ids == ()
+
+
+def test_a_store_encoded_in_another_dtype_names_the_dtype(folder, tmp_path):
+    store = tmp_path / "store"
+    api.encode(model="tiny", corpus=str(folder), store=str(store), limit=1, augment={"source": "template"},
+               runner="loop", logger="none", progress=False)
+    with pytest.raises(HyperPragError, match=r"(?s)no per-doc LoRAs for this base model: tiny-llama-s0 loaded in "
+                                             r"float16 .*--dtype.*hyper-prag encode --dtype float16"):
+        api.ask("Who founded Ardent Loom?", "prag", benchmark=str(folder), model="tiny", dtype="float16", store=store)
+
+
+def test_encode_again_reuses_the_recorded_warmup_with_replayed_pairs(folder, tmp_path, monkeypatch):
+    """The replayed pairs enter the encoder's settings by content hash: the warm-up look-up must see them too."""
+    store = tmp_path / "store"
+    trainer = PerDocConfig(init="warmup", epochs=1, replay=2)
+    encode_warmup_store(folder, store, limit=2, trainer=trainer)
+    (recipe,) = list_recipes(store)
+    assert "replay_sha256" in recipe.settings
+    import hyper_prag.encoders.per_doc as per_doc
+
+    monkeypatch.setattr(per_doc, "train_warmup_lora", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    report = encode_warmup_store(folder, store, trainer=trainer)
+    assert (report.encoded, report.skipped) == (len(TEXTS) - 2, 2) and list_recipes(store) == [recipe]

@@ -365,3 +365,29 @@ def test_refine_steps_lower_the_per_document_loss(tiny):
     random = initial_loras([d.text for d in docs], LoraSpec().for_model(tiny), dims, PerDocConfig()).unbind()
     baseline, losses = train_steps(tiny, docs, random, 4, config)
     assert len(losses) == 4 and [l.spec for l in baseline] == [l.spec for l in random]
+
+
+def test_teacher_lookups_use_the_recipe_key_pairs_hash_included(tiny, tmp_path, make_lora):
+    """The per-document teacher LoRAs are found by the key ``encode`` stored them under (templated QA: its hash)."""
+    from hyper_prag.augment import AugmentConfig
+    from hyper_prag.corpus import Corpus, Document
+    from hyper_prag.encoders.per_doc import PerDocEncoder
+    from hyper_prag.recipes import recipe_for
+    from hyper_prag.store import LoraStore, store_key
+    from train.hypernet_data import HypernetDataModule, teacher_recipe
+
+    recipe = recipe_for(PerDocEncoder(tiny, LoraSpec(rank=2), PerDocConfig(lr=1e-3)), tiny, AugmentConfig(source="template"))
+    docs = tuple(Document(f"t{i}", "", text, split="train") for i, text in enumerate(DOCS))
+    corpus = Corpus("teachers", docs, (), {f"t{i}": (pair,) for i, pair in enumerate(QA)})
+    key = {"augmentation": dict(recipe.augmentation), "encoder": dict(recipe.settings), "rank": 2, "alpha": 32.0}
+    for doc in docs:
+        pairs = corpus.doc_qa[doc.id]
+        assert teacher_recipe(tiny, key).key(doc.text, pairs) == recipe.key(doc.text, pairs)
+        assert recipe.key(doc.text, pairs) != store_key(doc.text, tiny.identity, recipe.spec, recipe.augmentation,
+                                                        recipe.settings)  # the pairs' hash is in the key
+    loras = [make_lora(tiny, i) for i in range(len(docs))]
+    LoraStore(tmp_path, dtype="float32").put_many([(recipe.key(d.text, corpus.doc_qa[d.id]), lora, {"doc_id": d.id})
+                                                   for d, lora in zip(docs, loras)])
+    data = HypernetDataModule(model="tiny", teacher_store=str(tmp_path), teacher_key=key)
+    teachers = data._teachers(tiny, corpus, list(docs))
+    assert all(torch.equal(t.B["up_proj"], lora.B["up_proj"]) for t, lora in zip(teachers, loras))

@@ -282,3 +282,45 @@ def test_evaluate_command_reproduces_the_recorded_settings():
     for key in ("split", "model", "k", "retriever", "combine", "max_new_tokens", "per_type", "limit", "encode_config"):
         assert getattr(args, key) == config[key], key
     assert args.methods == "rag,prag"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"seed": -1}, "--seed must be 0 or more"),
+    ({"combine": "max"}, "unknown combine mode 'max'"),
+    ({"wandb_mode": "cloud"}, "--wandb-mode 'cloud' is unknown"),
+    ({"out": "FILE"}, "is a file; give a folder"),
+    ({"resamples": 0}, "--resamples must be at least 1"),
+])
+def test_bad_evaluate_settings_are_refused_before_anything_runs(tmp_path, monkeypatch, bad, message):
+    import hyper_prag.api as api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a bad setting must be refused before the model is loaded")
+
+    monkeypatch.setattr(api.assemble, "load_model", refuse)
+    (tmp_path / "FILE").write_text("")
+    settings = {k: tmp_path / v if k == "out" else v for k, v in bad.items()}
+    with pytest.raises(HyperPragError, match=message):
+        evaluate("rag", benchmark="fictional", model="tiny", wandb_mode=settings.pop("wandb_mode", "disabled"),
+                 **settings)
+
+
+def test_evaluate_command_line_refuses_a_negative_seed(capsys):
+    from hyper_prag.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--seed", "-1"])
+    assert exit_.value.code == 2 and "--seed: must be at least 0, got -1" in capsys.readouterr().err
+
+
+def test_evaluate_without_encoding_never_creates_a_store(tiny, tmp_path, monkeypatch):
+    import hyper_prag.retrieve as retrieve
+
+    monkeypatch.setattr(retrieve, "cache_dir", lambda stage: tmp_path / stage)
+    docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())
+    folder = save_corpus(Corpus(name="tiny-eval", documents=docs, questions=tuple(QUESTIONS)), tmp_path / "corpus")
+    nowhere = tmp_path / "no-store"
+    with pytest.raises(HyperPragError, match="no LoRA store at .*no-store"):
+        evaluate("prag", benchmark=str(folder), model="tiny", limit=1, store=nowhere, encode_missing=False,
+                 out=None, progress=False, wandb_mode="disabled")
+    assert not nowhere.exists()

@@ -183,6 +183,64 @@ def test_concurrent_writers_store_each_key_once_and_report_what_they_wrote(tiny,
     assert torch.equal(store.get("k5").A["gate_proj"], pool[1].A["gate_proj"])
 
 
+# ------------------------------------------------------------------------------------------ recipes, writes
+
+
+def _encode(tmp_path: Path):
+    """Encodes the first document of a tiny corpus folder into ``tmp_path/store`` (per-doc, templated QA)."""
+    import hyper_prag.api as api
+    from hyper_prag.corpus import save_corpus
+
+    folder = tmp_path / "corpus"
+    if not folder.exists():
+        save_corpus(Corpus("integrity", DOCS, (), {d.id: ((f"What is {d.title}?", d.title),) for d in DOCS}), folder)
+    return api.encode(model="tiny", corpus=str(folder), limit=1, store=str(tmp_path / "store"), store_dtype="float32",
+                      augment={"source": "template"}, runner="loop", logger="none", progress=False)
+
+
+def test_a_truncated_recipe_is_reported_by_verify_and_gc_and_refused_by_encode_and_ask(tmp_path, capsys):
+    import hyper_prag.api as api
+    from hyper_prag.cli import main
+
+    assert _encode(tmp_path).encoded == 1
+    store = tmp_path / "store"
+    (recipe,) = (store / "recipes").glob("*.json")
+    recipe.write_text(recipe.read_text()[:40])  # a crash or a full disk while copying the store by hand
+    with pytest.raises(HyperPragError, match=r"(?s)recipe file .*\.json is not valid JSON.*Delete it and re-run"):
+        _encode(tmp_path)
+    for action in (["verify"], ["gc", "--min-age", "0"]):
+        assert main(["store", *action, "--store", str(store)]) == 2
+        out = capsys.readouterr().out
+        assert recipe.name in out and "not valid JSON" in out and "Delete it and re-run" in out
+    with pytest.raises(HyperPragError, match="unusable recipe files"):
+        api.ask("What is Velmora River?", "prag", benchmark=str(tmp_path / "corpus"), model="tiny", store=store)
+    recipe.unlink()  # the fix the messages give
+    again = _encode(tmp_path)
+    assert (again.encoded, again.skipped) == (0, 1)  # recorded again under the same keys: the LoRA is re-used
+    assert main(["store", "verify", "--store", str(store)]) == 0
+
+
+def test_a_full_disk_while_encoding_is_a_clear_error_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import errno
+
+    import hyper_prag.io as io
+
+    store, flush = tmp_path / "store", io._fsync_file
+
+    def full(path):  # a write is flushed before it is renamed into place: that is where a full disk shows
+        if store in Path(path).parents:  # the store's disk is full; the caches live elsewhere
+            raise OSError(errno.ENOSPC, "No space left on device")
+        flush(path)
+
+    monkeypatch.setattr(io, "_fsync_file", full)
+    with pytest.raises(HyperPragError, match="cannot .* the LoRA store .*No space left on device.*free disk space"):
+        _encode(tmp_path)
+    left = [p for p in store.rglob("*") if p.is_file() and p.name != "write.lock"]
+    assert left == []  # no temp file, no shard without its sidecar, no recipe
+    monkeypatch.undo()
+    assert _encode(tmp_path).encoded == 1  # space freed: the same command works
+
+
 # ------------------------------------------------------------------------------------------------ index
 
 DOCS = (

@@ -71,6 +71,39 @@ def test_hypernet_reads_every_piece_of_a_long_document(tiny):
     assert all(torch.allclose(alone.B[m], short_lora.B[m], atol=1e-5) for m in alone.spec.target_modules)
 
 
+def test_a_long_documents_hypernet_lora_keeps_the_size_of_one_window(tiny, caplog):
+    from hyper_prag.combine import combine, delta_norms
+
+    torch.manual_seed(0)
+    net = Hypernet.for_model(tiny, HypernetConfig(doc_dim=16, emb_dim=8, width=16, depth=1, max_doc_tokens=128,
+                                                  bias_rank=1))
+    for head in net.head_B.values():
+        torch.nn.init.normal_(head.weight, std=0.05)
+    torch.nn.init.normal_(net.bias_B["up_proj"], std=0.05)
+    encoder = HypernetEncoder(net, tiny, checkpoint_sha256="test")
+    texts = split_text(tiny, LONG, 128)
+    emb, _ = encoder.embed(texts)  # (P, E)
+    with torch.no_grad():
+        pieces = net(emb, bias=False).unbind()  # P × rank r
+        with caplog.at_level(logging.WARNING, logger="hyper_prag.hypernet"):
+            long_lora = net.document_lora(pieces, "document long")
+        (short_lora,) = net(encoder.embed([OPENING])[0]).unbind()  # one window, with the bias
+    assert len(pieces) > 10 and long_lora.spec.rank == len(pieces) * net.config.rank + net.config.bias_rank
+    assert f"document long is longer than the hypernet's 128-token window: read in {len(pieces)} pieces" in caplog.text
+
+    def norm(lora):  # ‖ΔW‖_F over every module and layer
+        return torch.cat(list(delta_norms(lora).values())).norm().item()
+
+    assert norm(long_lora) <= 2 * norm(short_lora)  # the size of one window, not P windows
+    assert norm(combine([*pieces, net.bias_lora()], "sum")) > 5 * norm(short_lora)  # what summing the pieces gave
+    caplog.clear()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="hyper_prag.hypernet"):
+        alone = net.document_lora(net(encoder.embed([OPENING])[0], bias=False).unbind())
+    assert all(torch.allclose(alone.B[m], short_lora.B[m]) and torch.allclose(alone.A[m], short_lora.A[m])
+               for m in alone.spec.target_modules)  # a document that fits: its one window's LoRA, no warning
+    assert not caplog.text
+
+
 def test_rag_prompt_is_cut_to_the_models_positions_with_a_warning(tiny, monkeypatch, caplog):
     docs = (Document("long", "Varnholt", LONG * 3), Document("short", "Brask", "Brask is a town on the Quellmar."))
     corpus = Corpus("long-docs", docs, ())

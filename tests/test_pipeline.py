@@ -280,6 +280,28 @@ def test_softmax_combine_weights_loras_by_retrieval_score(tiny, corpus, retrieve
     assert torch.allclose(mean.spec.scaling * mean.B[m] @ mean.A[m], ref.spec.scaling * ref.B[m] @ ref.A[m], atol=1e-6)
 
 
+def test_combine_modes_have_one_definition_and_one_default(tiny, corpus, retriever, source):
+    import inspect
+
+    import hyper_prag.api as api
+    import hyper_prag.combine as combine_module
+    import hyper_prag.pipeline as pipeline_module
+    from hyper_prag.cli import build_parser
+
+    assert pipeline_module.CombineMode is combine_module.CombineMode
+    assert combine_module.COMBINE_MODES == ("sum", "mean", "softmax")
+    for function in (api.ask, api.evaluate):
+        assert inspect.signature(function).parameters["combine"].default == combine_module.DEFAULT_COMBINE
+    assert make(tiny, corpus, retriever).combine_mode == combine_module.DEFAULT_COMBINE
+    assert build_parser("ask").parse_args(["ask", "Who?"]).combine == combine_module.DEFAULT_COMBINE
+    loras, scores = [source.table[d] for d in ("quell", "loom")], [3.0, 1.0]
+    got = combine_module.combine(loras, "softmax", scores=scores)  # the pipeline's softmax lives in combine
+    want = combine_module.combine(loras, "sum", combine_module.softmax_weights(scores))
+    assert all(torch.equal(got.B[m], want.B[m]) for m in got.spec.target_modules)
+    with pytest.raises(HyperPragError, match="unknown combine mode 'max'; use one of sum, mean, softmax"):
+        make(tiny, corpus, retriever, combine_mode="max")
+
+
 class ActivatedSource:
     """A source whose LoRAs were trained to act from the question on (as a hypernet with apply_from=question)."""
 

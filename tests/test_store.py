@@ -290,3 +290,52 @@ def test_store_cli_verify_repair_and_gc(tiny, tmp_path, make_lora, capsys):
     assert main(["store", "gc", "--store", root, "--min-age", "0"]) == 0
     assert LoraStore(root).missing(["a", "b"]) == ["a", "b"]
     assert main(["store", "verify", "--store", str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_file_named_as_the_store_is_refused_with_a_message(tmp_path, capsys):
+    from hyper_prag.cli import main
+
+    not_a_folder = tmp_path / "store.txt"
+    not_a_folder.write_text("notes")
+    with pytest.raises(HyperPragError, match="is a file, not a folder; pass a folder with --store"):
+        LoraStore(not_a_folder)
+    assert main(["store", "verify", "--store", str(not_a_folder)]) == 2
+    assert "no LoRA store at" in capsys.readouterr().err and not_a_folder.read_text() == "notes"
+
+
+@pytest.mark.parametrize("fails", ["shard", "sidecar"])
+def test_a_failed_write_is_a_clear_error_and_leaves_no_half_written_shard(tiny, tmp_path, make_lora, monkeypatch, fails):
+    import errno
+
+    import hyper_prag.io as io
+
+    store = LoraStore(tmp_path, dtype="float32")
+    store.put("old", make_lora(tiny, 0))
+    before = sorted(p.name for p in store.shards.iterdir())
+    flush, flushed = io._fsync_file, []
+
+    def full(path):  # the shard is flushed first, then its sidecar
+        flushed.append(path)
+        if len(flushed) == (1 if fails == "shard" else 2):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        flush(path)
+
+    monkeypatch.setattr(io, "_fsync_file", full)
+    with pytest.raises(HyperPragError, match=r"cannot write to the LoRA store .*No space left.*nothing half-written"):
+        store.put("new", make_lora(tiny, 1))
+    assert sorted(p.name for p in store.shards.iterdir()) == before  # no temp file, no shard without a sidecar
+    monkeypatch.undo()
+    assert LoraStore(tmp_path).missing(["old", "new"]) == ["new"] and store.put("new", make_lora(tiny, 1))
+    assert verify_store(tmp_path).ok
+
+
+def test_a_store_folder_that_cannot_be_created_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(HyperPragError, match="cannot create the LoRA store .*Permission denied.*make it writable"):
+        LoraStore(tmp_path / "new")

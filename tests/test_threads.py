@@ -113,3 +113,81 @@ def test_nested_injection_in_one_thread_does_not_deadlock(shared):
     with injected(base, b, mode="merged"), injected(base, a, mode="side"), torch.no_grad():
         again = base.model(**batch).logits
     assert (both - again).abs().max().item() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------- api.ask, every method
+
+ASK_METHODS = ("closed-book", "rag", "hypernet", "hypernet-both")
+ASK_QUESTIONS = ("Where does the river Quellmar rise?", "Who founded Ardent Loom?", "What colour is zorvath?")
+
+
+@pytest.fixture(scope="module")
+def asked(tmp_path_factory):
+    """``ask``'s inputs on one loaded, untied tiny model: a corpus folder and a hypernet that reads in pieces."""
+    import hyper_prag.api as api
+    import hyper_prag.retrieve as retrieve
+    from hyper_prag.corpus import Corpus, Document, save_corpus
+    from hyper_prag.encoders.hypernet import save_inference_checkpoint
+    from hyper_prag.hypernet import Hypernet, HypernetConfig
+    from tests.test_pipeline import QUESTIONS, TEXTS
+
+    tmp = tmp_path_factory.mktemp("ask")
+    base = tiny_base_model(seed=12, tie_word_embeddings=False)
+    docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())
+    folder = save_corpus(Corpus("tiny-threads", docs, tuple(QUESTIONS)), tmp / "corpus")
+    torch.manual_seed(0)
+    net = Hypernet.for_model(base, HypernetConfig(doc_dim=16, emb_dim=8, width=16, depth=1, max_doc_tokens=8))
+    for head in net.head_B.values():
+        torch.nn.init.normal_(head.weight, std=0.1)
+    checkpoint = save_inference_checkpoint(net, tmp / "hn.safetensors")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retrieve, "cache_dir", lambda stage: tmp / stage)  # the index goes to tmp
+        patch.setattr(api.assemble, "load_model", lambda *args, **kwargs: base)  # every call gets this one model
+
+        def ask(question: str, method: str):
+            answer = api.ask(question, method, benchmark=str(folder), model="tiny", k=2, hypernet=checkpoint,
+                             max_new_tokens=4)
+            return answer.prediction, answer.doc_ids
+
+        ask(ASK_QUESTIONS[0], "rag")  # builds the index once, before the threads read it
+        yield base, ask
+
+
+def test_concurrent_ask_of_every_method_equals_sequential_and_leaves_the_model_intact(asked):
+    base, ask = asked
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    layers = len(base.model.model.layers)
+    calls = [(q, m) for m in ASK_METHODS for q in ASK_QUESTIONS]
+    expected = [ask(q, m) for q, m in calls]
+    by_method = {m: [e for (_, m2), e in zip(calls, expected) if m2 == m] for m in ASK_METHODS}
+    assert by_method["hypernet"] != by_method["closed-book"]  # the generated LoRAs change the answers
+
+    def caller(k: int):  # each thread asks everything, starting at another call
+        order = calls[k:] + calls[:k]
+        return dict(zip(order, (ask(q, m) for q, m in order)))
+
+    for got in _run_threads(caller, N_THREADS):
+        assert [got[c] for c in calls] == expected
+    after = base.model.state_dict()
+    assert len(after) == len(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert len(base.model.model.layers) == layers
+    assert all(not lin._forward_hooks for layer in base.model.model.layers for lin in layer.mlp.children())
+
+
+def test_one_tokenizer_encodes_for_several_threads_as_for_one(shared):
+    """A fast tokenizer writes each call's padding and truncation into its one Rust tokenizer: concurrent calls
+    with different settings must each get their own."""
+    tok = shared.tokenizer
+    calls = [dict(padding=True, padding_side="left"), dict(padding=True, padding_side="right", truncation=True,
+                                                            max_length=6), dict()]
+
+    texts = [TEXTS[0] * 20, TEXTS[1]] * 8  # batches long enough that the Rust tokenizer works unlocked for a while
+
+    def encode(c: int) -> list:
+        return tok(texts, add_special_tokens=False, **calls[c])["input_ids"]
+
+    expected = [encode(c) for c in range(len(calls))]
+    assert len({str(e) for e in expected}) == len(calls)  # the settings really differ
+    order = [c for _ in range(20) for c in range(len(calls))]
+    for k, got in enumerate(_run_threads(lambda k: [encode((c + k) % 3) for c in order], N_THREADS)):
+        assert got == [expected[(c + k) % 3] for c in order]

@@ -22,7 +22,6 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Literal
@@ -36,10 +35,11 @@ from hyper_prag import activated
 from hyper_prag.activated import ApplyFrom, HeadCache, head_cache, suffix_hidden
 from hyper_prag.errors import HyperPragError
 from hyper_prag.hypernet import EmbeddingCache, HypernetConfig, pad_states
-from hyper_prag.inject import injected
-from hyper_prag.lora import Lora, stack
+from hyper_prag.inject import exclusive, injected, model_lock
+from hyper_prag.lora import Lora, LoraSpec, stack
 from hyper_prag.model import BaseModel
 from hyper_prag.prompts import fixed_head, qa_sequence
+from hyper_prag.recipes import Recipe
 from hyper_prag.sequences import IGNORE, LossOn, TokenSequence, check_after_head, labelled_positions, right_pad, tokenize
 from hyper_prag.teacher import TeacherCache, TeacherQuery, TeacherTopK, teacher_answers
 
@@ -62,6 +62,17 @@ def shared_base(model: str, device: str = "cpu") -> BaseModel:
 
         _BASES[key] = tiny_base_model(device=device) if model == "tiny" else load_base_model(model, device=device)
     return _BASES[key]
+
+
+def teacher_recipe(base: BaseModel, teacher_key: dict | None) -> Recipe:
+    """The recipe the teacher store's per-document LoRAs were keyed by, from a data module's ``teacher_key``
+    (``{"augmentation": {...}, "encoder": {...}, "rank": 2, "alpha": 32}``): its :meth:`Recipe.key` is the one
+    store key, content hash of templated QA pairs included."""
+    key = teacher_key or {}
+    encoder = dict(key.get("encoder", {}))
+    spec = LoraSpec(rank=key.get("rank", 2), alpha=key.get("alpha", 32.0)).for_model(base)
+    return Recipe(encoder=str(encoder.get("name", "per-doc")), base_identity=base.identity, spec=spec,
+                  augmentation=dict(key.get("augmentation", {})), settings=encoder)
 
 
 # ----------------------------------------------------------------------------------- upper-layers forward
@@ -87,28 +98,29 @@ def lower_states(base: BaseModel, sequences: Sequence[TokenSequence], start: int
         One float32 CPU tensor ``(T_i, hidden)`` per sequence (its real tokens only; after the head with ``head``).
     """
     decoder = base.model.model
-    full = decoder.layers
-    captured: list[Tensor] = []
-    hook = full[start - 1].register_forward_hook(
-        lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
     P = head.length if head is not None else 0
-    decoder.layers = full[:start]
     out: list[Tensor] = []
-    try:
-        for i in range(0, len(sequences), batch_size):
-            chunk = sequences[i : i + batch_size]
-            ids, mask, labels = right_pad(chunk, base.tokenizer.pad_token_id)  # (n, T)
-            captured.clear()
-            if head is None:
-                decoder(input_ids=ids.to(base.device), attention_mask=mask.to(base.device), use_cache=False)
-            else:
-                check_after_head(head, ids, labels)
-                suffix_hidden(base, head, ids[:, P:].to(base.device), mask[:, P:].to(base.device))
-            h = captured[-1].float().cpu()  # (n, T − P, H)
-            out += [h[j, : len(seq.input_ids) - P].clone() for j, seq in enumerate(chunk)]
-    finally:
-        decoder.layers = full
-        hook.remove()
+    with model_lock(base):  # another thread never sees the layer list cut short
+        full = decoder.layers
+        captured: list[Tensor] = []
+        hook = full[start - 1].register_forward_hook(
+            lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        decoder.layers = full[:start]
+        try:
+            for i in range(0, len(sequences), batch_size):
+                chunk = sequences[i : i + batch_size]
+                ids, mask, labels = right_pad(chunk, base.tokenizer.pad_token_id)  # (n, T)
+                captured.clear()
+                if head is None:
+                    decoder(input_ids=ids.to(base.device), attention_mask=mask.to(base.device), use_cache=False)
+                else:
+                    check_after_head(head, ids, labels)
+                    suffix_hidden(base, head, ids[:, P:].to(base.device), mask[:, P:].to(base.device))
+                h = captured[-1].float().cpu()  # (n, T − P, H)
+                out += [h[j, : len(seq.input_ids) - P].clone() for j, seq in enumerate(chunk)]
+        finally:
+            decoder.layers = full
+            hook.remove()
     return out
 
 
@@ -139,7 +151,8 @@ def upper_labelled_logits(base: BaseModel, lora: Lora | None, lower: Tensor, sta
     kwargs: dict = {"use_cache": False, "attention_mask": attention_mask}  # over head and tokens with a head
     if head is not None:
         kwargs |= activated.after_head(head, N, attention_mask.shape[1] - P, lower.device)
-    with injected(base, lora, mode="batched") if lora is not None else nullcontext():  # hooks on the real layers
+    # Both hold the model's lock, so another thread never sees the layer list cut short below.
+    with injected(base, lora, mode="batched") if lora is not None else exclusive(base):  # hooks on the real layers
         full = decoder.layers
         decoder.layers = full[start:]
         try:
@@ -313,7 +326,7 @@ class HypernetDataModule(pl.LightningDataModule):
                 layer once (float32 in memory, exact) and run only the upper layers per step.
             teacher_store: LoRA store with per-document LoRAs of the training documents (terms d, e).
             teacher_key: ``{"augmentation": {...}, "encoder": {...}, "rank": 2, "alpha": 32}``: how the
-                per-document LoRAs were keyed (``store.store_key``).
+                per-document LoRAs were keyed (:func:`teacher_recipe`).
             embedding_cache: doc-embedding cache folder; ``None``: ``cache_dir("doc_embeddings")``.
             seed: sampling seed.
         """
@@ -343,14 +356,12 @@ class HypernetDataModule(pl.LightningDataModule):
 
         return [aug.qa for aug in augment_documents(docs, AugmentConfig(source="llm"), base=base, corpus=corpus)]
 
-    def _teachers(self, base: BaseModel, docs) -> list[Lora]:
-        from hyper_prag.lora import LoraSpec
-        from hyper_prag.store import LoraStore, store_key
+    def _teachers(self, base: BaseModel, corpus, docs) -> list[Lora]:
+        from hyper_prag.store import existing_store
 
-        key = self.hparams.teacher_key or {}
-        spec = LoraSpec(rank=key.get("rank", 2), alpha=key.get("alpha", 32.0)).for_model(base)
-        keys = [store_key(d.text, base.identity, spec, key.get("augmentation", {}), key.get("encoder", {})) for d in docs]
-        store = LoraStore(self.hparams.teacher_store)
+        recipe = teacher_recipe(base, self.hparams.teacher_key)
+        keys = [recipe.key(d.text, corpus.doc_qa.get(d.id)) for d in docs]
+        store = existing_store(self.hparams.teacher_store)  # read only: never created here
         missing = store.missing(keys)
         if missing:
             raise HyperPragError(f"teacher store {self.hparams.teacher_store} lacks {len(missing)} of {len(keys)} "
@@ -471,7 +482,7 @@ class HypernetDataModule(pl.LightningDataModule):
                          split, start, len(sequences), time.perf_counter() - began)
             items = [QAItem(rows, seq, top, low) for (rows, _, _), seq, top, low in zip(queries, sequences, teacher, lower)]
             embeddings = self._states(cache, base, docs)  # (D, E) or D × (T_i, E)
-            teachers = self._teachers(base, docs) if hp.teacher_store and split == hp.train_split else None
+            teachers = self._teachers(base, corpus, docs) if hp.teacher_store and split == hp.train_split else None
             self.tables[split] = {"items": items, "embeddings": embeddings, "teachers": teachers, "docs": len(docs)}
             log.info("hypernet data: %s %d documents, %d QA sequences", split, len(docs), len(items))
         self.pad_id = base.tokenizer.pad_token_id
