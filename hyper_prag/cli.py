@@ -326,7 +326,9 @@ def _augment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_positive_int, default=None, help="augment only the first N documents")
     parser.add_argument("--rewrites", type=int, default=1, help="rewrites per document (paper: 1)")
     parser.add_argument("--qa", type=int, default=3, help="QA pairs per document (paper: 3)")
-    parser.add_argument("--source", choices=["llm", "template"], default="llm", help="LLM self-augmentation or the corpus's doc_qa")
+    parser.add_argument("--source", choices=["llm", "llm-fewshot", "template", "extractive"], default="llm",
+                        help="llm: self-augmentation; llm-fewshot: with worked examples and validated pairs; "
+                             "template: the corpus's doc_qa; extractive: questions from the document's sentences, no LLM")
     parser.add_argument("--model", default=None, help="augmenting model (default SmolLM2-135M-Instruct); may differ from the answering model")
     _device_arguments(parser)
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="documents per generation batch")
@@ -346,7 +348,7 @@ def _run_augment(args: argparse.Namespace) -> None:
     docs = docs[: args.limit]
     config = AugmentConfig(n_rewrites=args.rewrites, n_qa=args.qa, source=args.source, batch_size=args.batch_size)
     base = (assemble.load_model(args.model or _default_model(), args.device, args.dtype, args.local_files_only)
-            if args.source == "llm" else None)
+            if args.source in ("llm", "llm-fewshot") else None)
     stats = AugmentStats()
     augmented = augment_documents(docs, config, base=base, corpus=corpus, stats=stats)
     path = save_augmented(args.out, augmented)

@@ -314,3 +314,27 @@ def test_validate_qa_takes_words_of_the_document_for_no_echo():
     text = "Amundsen sailed the Northwest Passage in 1906."
     pairs = [("What did Amundsen sail in 1906?", "the Northwest Passage"), ("What does the passage say?", "1906")]
     assert validate_qa(pairs, text) == [pairs[0]]
+
+
+def test_cli_augments_a_corpus_without_qa_pairs_extractively(tmp_path):
+    """`hyper-prag augment --source extractive` on a corpus folder with no doc_qa.jsonl: no model is loaded and
+    every answer written is a span of its document."""
+    import json
+
+    from hyper_prag.augment import load_augmented
+    from hyper_prag.cli import main
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    docs = [{"id": "d1", "title": "Mara Olen", "split": "test",
+             "text": "Mara Olen was born in Kelb in 1950. She founded the Olen Press in 1981."},
+            {"id": "d2", "title": "Brenford Mills", "split": "test",
+             "text": "Brenford Mills is based in Ostra. It was founded by Ivo Tamm in 1902."}]
+    (folder / "documents.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    out = tmp_path / "aug.jsonl"
+    assert main(["augment", "--corpus", str(folder), "--source", "extractive", "--qa", "0", "--out", str(out)]) == 0
+    augmented = {a.doc_id: a for a in load_augmented(out)}
+    assert set(augmented) == {"d1", "d2"}
+    for d in docs:
+        pairs = augmented[d["id"]].qa
+        assert pairs and all(q.endswith("?") and a in d["text"] for q, a in pairs)
