@@ -84,7 +84,7 @@ from torch import Tensor, nn
 from hyper_prag.activated import APPLY_FROM
 from hyper_prag.combine import combine
 from hyper_prag.errors import HyperPragError
-from hyper_prag.inject import model_lock
+from hyper_prag.inject import layers_cut
 from hyper_prag.io import atomic_file
 from hyper_prag.lora import Lora, LoraSpec
 from hyper_prag.model import BaseModel
@@ -181,7 +181,7 @@ def _layer_states(base: BaseModel, texts: Sequence[str], layers: Sequence[int], 
     RMSNorm (so the few "massive activation" dimensions of the residual stream do not dominate); with
     ``inputs`` each layer's normalised input (its ``input_layernorm`` output: what its attention projections read).
 
-    The model is held (:func:`~hyper_prag.inject.model_lock`) while its layer list is cut short, so a thread
+    The model is held (:func:`~hyper_prag.inject.layers_cut`) while its layer list is cut short, so a thread
     injecting or generating meanwhile never sees the shortened model.
 
     Yields:
@@ -191,13 +191,11 @@ def _layer_states(base: BaseModel, texts: Sequence[str], layers: Sequence[int], 
         raise HyperPragError("cannot encode an empty document; remove it from the corpus.")
     decoder = base.model.model
     tok = base.tokenizer
-    with model_lock(base):
-        full = decoder.layers
+    with layers_cut(base, slice(0, max(layers) + 1)) as full:  # stop after the deepest chosen layer
         captured: dict[int, Tensor] = {}
         where = [full[l].input_layernorm if inputs else full[l] for l in layers]
         hooks = [w.register_forward_hook(lambda mod, args, out, l=l: captured.__setitem__(l, out))
                  for l, w in zip(layers, where)]
-        decoder.layers = full[: max(layers) + 1]  # stop after the deepest chosen layer (restored below)
         try:
             for i in tqdm(range(0, len(texts), batch_size), desc="document states", unit="batch",
                           disable=len(texts) <= batch_size):
@@ -208,7 +206,6 @@ def _layer_states(base: BaseModel, texts: Sequence[str], layers: Sequence[int], 
                 states = [(o if inputs else decoder.norm(o)).to(torch.float32) for o in outs]  # each (n, T, H)
                 yield torch.cat(states, dim=-1), batch["attention_mask"].to(torch.float32)  # (n, T, E), (n, T)
         finally:
-            decoder.layers = full
             for hook in hooks:
                 hook.remove()
 

@@ -78,6 +78,24 @@ def exclusive(base: BaseModel) -> Iterator[BaseModel]:
         yield base
 
 
+@contextmanager
+def layers_cut(base: BaseModel, keep: slice) -> Iterator[nn.ModuleList]:
+    """Runs ``base``'s decoder on ``layers[keep]`` alone (e.g. ``slice(0, n)``: stop after layer n − 1), holding
+    the model's lock so another thread never sees the shortened model; the full list is restored after.
+
+    Yields:
+        The full layer list (hooks registered on its layers see the cut model's forward).
+    """
+    decoder = base.model.model
+    with model_lock(base):
+        full = decoder.layers
+        decoder.layers = full[keep]
+        try:
+            yield full
+        finally:
+            decoder.layers = full
+
+
 def _side_hook(A: Tensor, B: Tensor, scaling: float, batched: bool, active_from: int = 0):
     """Returns a forward hook adding s · B (A x) to a linear's output (at positions ≥ ``active_from`` only).
 

@@ -22,6 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Literal
@@ -35,7 +36,7 @@ from hyper_prag import activated
 from hyper_prag.activated import ApplyFrom, HeadCache, head_cache, suffix_hidden
 from hyper_prag.errors import HyperPragError
 from hyper_prag.hypernet import EmbeddingCache, HypernetConfig, pad_states
-from hyper_prag.inject import exclusive, injected, model_lock
+from hyper_prag.inject import injected, layers_cut
 from hyper_prag.lora import Lora, LoraSpec, stack
 from hyper_prag.model import BaseModel
 from hyper_prag.prompts import fixed_head, qa_sequence
@@ -100,12 +101,10 @@ def lower_states(base: BaseModel, sequences: Sequence[TokenSequence], start: int
     decoder = base.model.model
     P = head.length if head is not None else 0
     out: list[Tensor] = []
-    with model_lock(base):  # another thread never sees the layer list cut short
-        full = decoder.layers
+    with layers_cut(base, slice(0, start)) as full:
         captured: list[Tensor] = []
         hook = full[start - 1].register_forward_hook(
             lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
-        decoder.layers = full[:start]
         try:
             for i in range(0, len(sequences), batch_size):
                 chunk = sequences[i : i + batch_size]
@@ -119,7 +118,6 @@ def lower_states(base: BaseModel, sequences: Sequence[TokenSequence], start: int
                 h = captured[-1].float().cpu()  # (n, T − P, H)
                 out += [h[j, : len(seq.input_ids) - P].clone() for j, seq in enumerate(chunk)]
         finally:
-            decoder.layers = full
             hook.remove()
     return out
 
@@ -151,14 +149,9 @@ def upper_labelled_logits(base: BaseModel, lora: Lora | None, lower: Tensor, sta
     kwargs: dict = {"use_cache": False, "attention_mask": attention_mask}  # over head and tokens with a head
     if head is not None:
         kwargs |= activated.after_head(head, N, attention_mask.shape[1] - P, lower.device)
-    # Both hold the model's lock, so another thread never sees the layer list cut short below.
-    with injected(base, lora, mode="batched") if lora is not None else exclusive(base):  # hooks on the real layers
-        full = decoder.layers
-        decoder.layers = full[start:]
-        try:
-            h = decoder(inputs_embeds=lower.to(base.model.dtype), **kwargs).last_hidden_state  # (N, T − P, H)
-        finally:
-            decoder.layers = full
+    with injected(base, lora, mode="batched") if lora is not None else nullcontext(), \
+            layers_cut(base, slice(start, None)):  # the LoRA's hooks on the real layers, then the upper ones alone
+        h = decoder(inputs_embeds=lower.to(base.model.dtype), **kwargs).last_hidden_state  # (N, T − P, H)
     if head is None:
         return labelled_positions(base, h, labels)
     return labelled_positions(base, activated.from_head_end(head, h), labels[:, P - 1:])  # positions P − 1 … T − 1
