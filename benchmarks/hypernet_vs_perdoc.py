@@ -123,6 +123,12 @@ def answer(base, docs, questions, table: dict[str, Lora] | None, batch_size: int
     return [a.prediction for a in answers]
 
 
+def paired(a: list[float], b: list[float]) -> dict:
+    """Mean of the per-question differences a − b with its bootstrap 95% CI."""
+    mean, low, high = bootstrap_ci([x - y for x, y in zip(a, b)])
+    return {"mean": mean, "low": low, "high": high}
+
+
 def paired_differences(questions, predictions: dict[str, list[str]]) -> dict:
     """Paired F1 differences with bootstrap 95% CIs (all questions and lookups): each table vs its
     wrong-document control and vs closed-book, each "combine both" row vs standard RAG."""
@@ -141,10 +147,8 @@ def paired_differences(questions, predictions: dict[str, list[str]]) -> dict:
     out = {}
     for a, b in pairs:
         for label, idx in (("all", range(len(questions))), ("lookup", lookups)):
-            diffs = [f1[a][i] - f1[b][i] for i in idx]
-            if diffs:
-                mean, low, high = bootstrap_ci(diffs)
-                out[f"{a} - {b}/{label}"] = {"mean": mean, "low": low, "high": high, "n": len(diffs)}
+            if idx:
+                out[f"{a} - {b}/{label}"] = paired([f1[a][i] for i in idx], [f1[b][i] for i in idx]) | {"n": len(idx)}
     return out
 
 

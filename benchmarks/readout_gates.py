@@ -28,13 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hypernet_vs_perdoc import answer, begin, choose, score, write_json  # noqa: E402
+from hypernet_vs_perdoc import answer, begin, choose, paired, score, write_json  # noqa: E402
 
 from hyper_prag.activated import head_cache  # noqa: E402
 from hyper_prag.combine import combine, pad_rank  # noqa: E402
 from hyper_prag.lora import Lora, stack  # noqa: E402
 from hyper_prag.prompts import fixed_head, qa_sequence  # noqa: E402
-from hyper_prag.scoring import bootstrap_ci  # noqa: E402
 from hyper_prag.scoring import score as score_answer  # noqa: E402
 from hyper_prag.sequences import labelled_logits, per_sample_mean, right_pad, tokenize  # noqa: E402
 
@@ -58,11 +57,6 @@ def answer_ce(base, questions, doc_lists, table: dict[str, Lora] | None, apply_f
         ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         out += per_sample_mean(ce, owner, len(ids)).tolist()
     return out
-
-
-def paired(a: list[float], b: list[float]) -> dict:
-    mean, low, high = bootstrap_ci([x - y for x, y in zip(a, b)])
-    return {"mean": mean, "low": low, "high": high}
 
 
 def evaluate(name, base, docs, questions, table, apply_from, encode_s, args) -> dict:
