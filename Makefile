@@ -35,7 +35,7 @@ gpu-smoke: install
 
 # The same stages on the tiny model on CPU (checks the script without a GPU).
 gpu-smoke-dry: install
-	$(PY) scripts/gpu_smoke.py --device cpu --model tiny --docs 4 --questions 4 --steps 2 --out runs/gpu_smoke_dry.json
+	$(PY) scripts/gpu_smoke.py --device cpu --model tiny --docs 4 --questions 4 --steps 2 --out $${TMPDIR:-/tmp}/gpu_smoke_dry.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

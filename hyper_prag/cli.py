@@ -1,9 +1,12 @@
 """The ``hyper-prag`` command line: flags mapped onto the typed functions of the library.
 
-Every sub-command's flags are defined here and handed to one function (:mod:`hyper_prag.api` for
-``encode`` / ``ask`` / ``evaluate``; the stage's own module for the others); nothing here computes.
-A :class:`~hyper_prag.errors.HyperPragError` becomes one clear line on stderr (exit code 2) unless
-``--debug`` asks for the traceback.
+Most sub-commands' flags are defined here and handed to one function (:mod:`hyper_prag.api` for ``ask`` /
+``evaluate``; the stage's own module for the others); nothing here computes. Two are generated from a
+signature and read YAML configs, every key a flag: ``encode`` (= ``train encode``; jsonargparse over
+:func:`hyper_prag.api.encode`) and ``train hypernet`` (LightningCLI over the hypernet's module and data
+module); ``--config`` takes a shipped config's name or a file. One concept has one flag name across every
+verb, hyphenated (:mod:`hyper_prag.flags`). A :class:`~hyper_prag.errors.HyperPragError`, during training too,
+becomes one line on stderr (``hyper-prag: error: …``, exit code 2) unless ``--debug`` asks for the traceback.
 """
 
 from __future__ import annotations
@@ -18,14 +21,38 @@ from pathlib import Path
 from typing import Any
 
 from hyper_prag.errors import HyperPragError
+from hyper_prag.flags import RENAMED
 from hyper_prag.methods import METHOD_NAMES
-
 
 
 def _default_model() -> str:
     from hyper_prag.model import DEFAULT_MODEL
 
     return DEFAULT_MODEL
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless it is ``None`` or the help text already says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+class _Renamed(argparse.Action):
+    """An old flag name (:data:`hyper_prag.flags.RENAMED`): parses as the new one, unlisted, with a note on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"hyper-prag: {option_string} is now {RENAMED[option_string]}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _renamed(parser: argparse.ArgumentParser, old: str) -> None:
+    """Adds the hidden old name ``old`` of a flag already added under its new name."""
+    dest = RENAMED[old].removeprefix("--").replace("-", "_")
+    parser.add_argument(old, dest=dest, action=_Renamed, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _whole_number(text: str, least: int) -> int:
@@ -46,14 +73,13 @@ def _non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
-def _device_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+def _device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--dtype`` and ``--local-files-only`` of every verb that loads a model."""
-    parser.add_argument("--device", default="auto" if defaults else None,
-                        help="auto (CUDA when available) | cpu | cuda | cuda:N | mps")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto" if defaults else None,
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="model weights (auto: bfloat16 on a CUDA GPU that supports it, else float32); "
                              "LoRAs and optimizer state stay float32")
-    parser.add_argument("--local-files-only", action=argparse.BooleanOptionalAction, default=True if defaults else None,
+    parser.add_argument("--local-files-only", action=argparse.BooleanOptionalAction, default=True,
                         help="never download a hub model or dataset id (they are read from the Hugging Face cache)")
 
 
@@ -67,7 +93,8 @@ def _columns_argument(parser: argparse.ArgumentParser) -> None:
 
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``ask`` and ``evaluate``."""
-    parser.add_argument("--benchmark", default="fictional", help="fictional | squad | hotpotqa | corpus folder")
+    parser.add_argument("--corpus", default="fictional", help="fictional | squad | hotpotqa | corpus folder")
+    _renamed(parser, "--benchmark")
     parser.add_argument("--split", default="test", help="split whose documents are retrieved from and questions asked")
     _columns_argument(parser)
     parser.add_argument("--model", default=_default_model(), help="smollm2-135m-instruct | tiny | model folder | hub id")
@@ -77,9 +104,10 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, help="LoRA store folder (prag methods; default: cache)")
     parser.add_argument("--recipe", default=None,
                         help="which per-document recipe recorded in the store to read (only if it holds several)")
-    parser.add_argument("--hypernet", default=None,
+    parser.add_argument("--checkpoint", default=None,
                         help="hypernetwork checkpoint of the hypernet methods: a path or a shipped one's name "
-                             "(fictional, squad); default: the one shipped for --benchmark")
+                             "(fictional, squad); default: the one shipped for --corpus")
+    _renamed(parser, "--hypernet")
     from hyper_prag.combine import COMBINE_MODES, DEFAULT_COMBINE
 
     parser.add_argument("--combine", choices=COMBINE_MODES, default=DEFAULT_COMBINE,
@@ -97,13 +125,13 @@ def _ask_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_ask(args: argparse.Namespace) -> None:
     from hyper_prag.api import ask
 
-    answer = ask(args.question, args.method, benchmark=args.benchmark, split=args.split, model=args.model,
+    answer = ask(args.question, args.method, benchmark=args.corpus, split=args.split, model=args.model,
                  device=args.device, dtype=args.dtype, local_files_only=args.local_files_only, columns=args.columns,
                  k=args.k, retriever=args.retriever, store=args.store, recipe=args.recipe,
-                 hypernet=args.hypernet, combine=args.combine, max_new_tokens=args.max_new_tokens)
+                 hypernet=args.checkpoint, combine=args.combine, max_new_tokens=args.max_new_tokens)
     from hyper_prag import assemble
 
-    corpus = assemble.load_corpus(args.benchmark, args.columns, args.local_files_only)
+    corpus = assemble.load_corpus(args.corpus, args.columns, args.local_files_only)
     print(f"answer ({args.method}): {answer.prediction}")
     for rank, doc_id in enumerate(answer.doc_ids, start=1):
         doc = corpus.document(doc_id)
@@ -122,6 +150,12 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     _pipeline_arguments(parser)
     parser.add_argument("--encode-config", default=None,
                         help="encode YAML whose settings make the prag LoRAs (default: the store's recorded recipe)")
+    parser.add_argument("--questions", default=None, metavar="PATH_OR_ID[:SPLIT]",
+                        help="questions for a corpus that has none: a save_to_disk folder, a .jsonl/.parquet/.csv "
+                             "file or a cached hub dataset id")
+    parser.add_argument("--question-columns", default=None,
+                        help="map the questions' fields onto its columns: question=COL,answers=COL,"
+                             "doc_ids=COL or context=COL[,id=COL,type=COL,split=COL]")
     parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N questions of the split")
     parser.add_argument("--per-type", type=_positive_int, default=None,
                         help="evaluate the first N questions of each question type (before --limit)")
@@ -145,9 +179,10 @@ def _wandb_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_evaluate(args: argparse.Namespace) -> None:
     from hyper_prag.api import evaluate
 
-    results = evaluate(args.methods, benchmark=args.benchmark, split=args.split, model=args.model, device=args.device,
-                       dtype=args.dtype, local_files_only=args.local_files_only, columns=args.columns, k=args.k, retriever=args.retriever, store=args.store, encode_config=args.encode_config,
-                       recipe=args.recipe, hypernet=args.hypernet, combine=args.combine,
+    results = evaluate(args.methods, benchmark=args.corpus, split=args.split, model=args.model, device=args.device,
+                       dtype=args.dtype, local_files_only=args.local_files_only, columns=args.columns,
+                       questions=args.questions, question_columns=args.question_columns, k=args.k, retriever=args.retriever, store=args.store, encode_config=args.encode_config,
+                       recipe=args.recipe, hypernet=args.checkpoint, combine=args.combine,
                        max_new_tokens=args.max_new_tokens, limit=args.limit, per_type=args.per_type,
                        batch_size=args.batch_size, chunk_size=args.chunk_size, encode_missing=not args.no_encode,
                        resamples=args.resamples, seed=args.seed, out=args.out, wandb_project=args.wandb_project,
@@ -185,7 +220,10 @@ def _reproduced_defaults() -> dict[str, Any]:
 
     return {"split": "test", "model": _default_model(), "k": 3, "retriever": "bm25", "combine": DEFAULT_COMBINE,
             "max_new_tokens": 32, "per_type": None, "limit": None, "encode_config": None, "recipe": None,
-            "hypernet": None, "store": None}
+            "hypernet": None, "store": None, "question_source": None, "question_columns": None}
+
+
+_FLAG_OF = {"hypernet": "--checkpoint", "question_source": "--questions"}  # a recorded setting whose flag is not its keyword, hyphenated
 
 
 def evaluate_command(config: Mapping[str, Any], methods: Sequence[str], out: str | None = None) -> str:
@@ -199,13 +237,13 @@ def evaluate_command(config: Mapping[str, Any], methods: Sequence[str], out: str
     Returns:
         The command, one string, with every recorded setting that differs from the default.
     """
-    words = ["hyper-prag", "evaluate", "--benchmark", str(config["benchmark"]), "--methods", ",".join(methods)]
+    words = ["hyper-prag", "evaluate", "--corpus", str(config["benchmark"]), "--methods", ",".join(methods)]
     for key, default in _reproduced_defaults().items():
         value = config.get(key)
         if key == "recipe" and config.get("encode_config"):
             continue  # the encode config names the recipe already
         if value is not None and value != default:
-            words += [f"--{key.replace('_', '-')}", str(value)]
+            words += [_FLAG_OF.get(key, f"--{key.replace('_', '-')}"), str(value)]
     words += ["--out", out] if out else []
     return shlex.join(words)
 
@@ -214,57 +252,58 @@ def evaluate_command(config: Mapping[str, Any], methods: Sequence[str], out: str
 
 
 def _encode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encoder", choices=["per-doc", "hypernet", "refine"], default=None,
-                        help="per-doc: the paper's per-document LoRA training (batched); hypernet: a trained "
-                             "hypernetwork (--checkpoint); refine: its LoRA + --refine-steps per-document steps. "
-                             "Default from the config: per-doc")
-    parser.add_argument("--refine-steps", type=int, default=None, help="k per-document steps (--encoder refine)")
-    parser.add_argument("--checkpoint", default=None,
-                        help="hypernetwork checkpoint (--encoder hypernet|refine): a path or a shipped one's name "
-                             "(fictional, squad); default: the one shipped for --corpus")
-    parser.add_argument("--config", default=None, help="YAML config (configs/encode/*.yaml); flags below override it")
-    parser.add_argument("--corpus", default=None, help="corpus name or folder, datasets folder or hub id (default: fictional)")
-    _columns_argument(parser)
-    parser.add_argument("--split", default=None, help="documents of this split (default from config: test)")
-    parser.add_argument("--limit", type=_positive_int, default=None, help="encode at most N documents")
-    parser.add_argument("--store", default=None, help="LoRA store folder (default: cache)")
-    parser.add_argument("--model", default=None, help="smollm2-135m-instruct | tiny | model folder | hub id")
-    _device_arguments(parser, defaults=False)  # None: the config's value
-    parser.add_argument("--chunk-size", type=_positive_int, default=None, help="documents trained together per step")
-    parser.add_argument("--strategy", choices=["auto", "ddp"], default=None,
-                        help="ddp: one process per device (Lightning DDP), each encoding its share; default: auto")
-    parser.add_argument("--devices", type=_positive_int, default=None, help="processes per machine (strategy ddp)")
-    parser.add_argument("--num-nodes", type=_positive_int, default=None, help="machines (strategy ddp)")
-    parser.add_argument("--log-dir", default=None, help="folder of the Lightning logger chosen in the config")
+    """None here: every flag after ``encode`` is read by :func:`hyper_prag.training.encode.main` (see
+    :func:`_split_generated`)."""
 
 
 def _run_encode(args: argparse.Namespace) -> None:
-    from hyper_prag.api import encode, load_encode_config
+    from hyper_prag.training.encode import main as encode_main
 
-    overrides: list[str] = []
-    for flag in ("encoder", "checkpoint", "refine_steps", "corpus", "columns", "split", "limit", "store", "model", "device", "dtype",
-                 "local_files_only", "chunk_size", "strategy", "devices", "num_nodes", "log_dir"):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides += [f"--{flag}", str(value)]
-    report = encode(**load_encode_config(args.config, overrides))
-    logging.getLogger("hyper_prag.encode").info(
-        "encoded %d, skipped %d (cached), %.2f s/doc, %.0f bytes/doc -> %s", report.encoded, report.skipped,
-        report.seconds_per_doc, report.bytes_per_doc, report.store)
+    encode_main(args.rest, prog="hyper-prag encode")
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+TRAINERS = {"hypernet": "train the hypernetwork (LightningCLI: fit | validate, --config NAME_OR_YAML, --trainer.* ...)",
+            "encode": "encode per-document LoRAs (the same as `hyper-prag encode`)"}
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="trainer", metavar="TRAINER", required=True)
+    for name, help_text in TRAINERS.items():  # their flags are read by the trainer's own parser (_split_generated)
+        sub.add_parser(name, help=help_text, add_help=False)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    if args.trainer == "hypernet":
+        from hyper_prag.training.hypernet import main as hypernet_main
+
+        hypernet_main(args.rest, prog="hyper-prag train hypernet")
+    else:
+        from hyper_prag.training.encode import main as encode_main
+
+        encode_main(args.rest, prog="hyper-prag train encode")
 
 
 # ------------------------------------------------------------------------------------------------- demo
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from hyper_prag.demo import DEMO_DOCS, DEMO_ENCODE_CONFIG, DEMO_PER_TYPE
+    from hyper_prag.demo import (DEMO_DOCS, DEMO_ENCODE_CONFIG, DEMO_METHODS, DEMO_PER_TYPE, DEMO_SUBSET_METHODS,
+                                 DEMO_SUBSET_PER_TYPE)
 
     parser.add_argument("--docs", type=_positive_int, default=DEMO_DOCS, help="test documents in the demo slice")
-    parser.add_argument("--per-type", type=_positive_int, default=DEMO_PER_TYPE, help="questions per question type")
-    parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="methods to compare")
-    parser.add_argument("--hypernet", default=None, help="hypernetwork checkpoint (default: the shipped one)")
+    parser.add_argument("--per-type", type=_positive_int, default=DEMO_PER_TYPE,
+                        help="questions of each type but lookups (every lookup on the slice's documents is asked)")
+    parser.add_argument("--methods", default=",".join(DEMO_METHODS), help="methods that answer every question")
+    parser.add_argument("--subset-methods", default=",".join(DEMO_SUBSET_METHODS),
+                        help="the slowest methods, answering --subset-per-type questions of each type ('': none)")
+    parser.add_argument("--subset-per-type", type=_positive_int, default=DEMO_SUBSET_PER_TYPE,
+                        help="questions per type of the subset")
+    parser.add_argument("--checkpoint", default=None, help="hypernetwork checkpoint (default: the shipped one)")
+    _renamed(parser, "--hypernet")
     parser.add_argument("--encode-config", default=DEMO_ENCODE_CONFIG,
-                        help="per-document encoding settings (falls back to the encode defaults if missing)")
+                        help="per-document encoding settings: a YAML file or a shipped encode config's name")
     parser.add_argument("--out", default="results/demo", help="folder for the table, JSON and plots")
     _device_arguments(parser)
     _wandb_arguments(parser)
@@ -273,12 +312,16 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_demo(args: argparse.Namespace) -> None:
     from hyper_prag.demo import run_demo
 
-    results = run_demo(docs=args.docs, per_type=args.per_type, methods=args.methods, hypernet=args.hypernet,
-                       encode_config=args.encode_config, out=args.out, device=args.device, dtype=args.dtype,
-                       local_files_only=args.local_files_only, wandb_project=args.wandb_project,
-                       wandb_mode=args.wandb_mode, wandb_dir=args.wandb_dir)
-    print(results.to_markdown())
-    print(f"wrote {args.out}/results.json, results.md, f1.png, latency.png")
+    from hyper_prag.demo import report
+
+    results, subset = run_demo(docs=args.docs, per_type=args.per_type, methods=args.methods,
+                               subset_methods=args.subset_methods, subset_per_type=args.subset_per_type,
+                               hypernet=args.checkpoint, encode_config=args.encode_config, out=args.out,
+                               device=args.device, dtype=args.dtype, local_files_only=args.local_files_only,
+                               wandb_project=args.wandb_project, wandb_mode=args.wandb_mode, wandb_dir=args.wandb_dir)
+    print(report(results, subset))
+    print(f"wrote {args.out}/demo.md, results.json, results.md, f1.png, latency.png"
+          + (f" and {args.out}/subset/" if subset is not None else ""))
 
 
 # ------------------------------------------------------------------------------------- data and indexes
@@ -329,7 +372,7 @@ def _augment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=["llm", "llm-fewshot", "template", "extractive"], default="llm",
                         help="llm: self-augmentation; llm-fewshot: with worked examples and validated pairs; "
                              "template: the corpus's doc_qa; extractive: questions from the document's sentences, no LLM")
-    parser.add_argument("--model", default=None, help="augmenting model (default SmolLM2-135M-Instruct); may differ from the answering model")
+    parser.add_argument("--model", default=_default_model(), help="augmenting model; may differ from the answering model")
     _device_arguments(parser)
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="documents per generation batch")
     parser.add_argument("--out", default="augmented.jsonl", help="output JSONL file")
@@ -347,7 +390,7 @@ def _run_augment(args: argparse.Namespace) -> None:
     docs = list(corpus.documents if args.split == "all" else assemble.load_split(corpus, args.split).documents)
     docs = docs[: args.limit]
     config = AugmentConfig(n_rewrites=args.rewrites, n_qa=args.qa, source=args.source, batch_size=args.batch_size)
-    base = (assemble.load_model(args.model or _default_model(), args.device, args.dtype, args.local_files_only)
+    base = (assemble.load_model(args.model, args.device, args.dtype, args.local_files_only)
             if args.source in ("llm", "llm-fewshot") else None)
     stats = AugmentStats()
     augmented = augment_documents(docs, config, base=base, corpus=corpus, stats=stats)
@@ -414,7 +457,8 @@ def _run_store(args: argparse.Namespace) -> None:
 def _export_lora_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--doc", required=True, help="id of the document whose stored LoRA is exported")
     parser.add_argument("--out", required=True, help="adapter folder to write (adapter_config.json + safetensors)")
-    parser.add_argument("--benchmark", default="fictional", help="fictional | squad | hotpotqa | corpus folder")
+    parser.add_argument("--corpus", default="fictional", help="fictional | squad | hotpotqa | corpus folder")
+    _renamed(parser, "--benchmark")
     parser.add_argument("--model", default=_default_model(), help="base model the LoRA was encoded for")
     parser.add_argument("--store", default=None, help="LoRA store folder (default: cache)")
     parser.add_argument("--recipe", default=None, help="recorded recipe to read (only if the store holds several)")
@@ -423,7 +467,7 @@ def _export_lora_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_export_lora(args: argparse.Namespace) -> None:
     from hyper_prag.api import export_lora
 
-    print(export_lora(args.doc, args.out, benchmark=args.benchmark, model=args.model, store=args.store,
+    print(export_lora(args.doc, args.out, benchmark=args.corpus, model=args.model, store=args.store,
                       recipe=args.recipe))
 
 
@@ -451,7 +495,10 @@ COMMANDS: dict[str, Command] = {
     "index": (_index_arguments, _run_index, "build and save BM25 and/or dense retrieval indexes for a corpus"),
     "store": (_store_arguments, _run_store, "verify (and repair) or garbage-collect a LoRA store"),
     "encode": (_encode_arguments, _run_encode,
-               "encode documents into LoRAs (per-document training or hypernetwork) into the LoRA store"),
+               "encode documents into LoRAs (per-document training or hypernetwork) into the LoRA store; "
+               "--config NAME_OR_YAML, every key a flag (--chunk-size 4, --trainer.epochs 2)"),
+    "train": (_train_arguments, _run_train, "train the hypernetwork (train hypernet fit) or per-document LoRAs "
+              "(train encode) from a YAML config: a shipped config's name or a file"),
     "ask": (_ask_arguments, _run_ask, "answer one question: retrieve, apply LoRAs, generate; shows documents and LoRAs used"),
     "evaluate": (_evaluate_arguments, _run_evaluate,
                  "compare methods on a benchmark: F1/EM with CIs, latency, encoding cost, storage"),
@@ -482,18 +529,36 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (add_arguments, run, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False,
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=_HelpFormatter)
         if name == command:
             add_arguments(cmd)
         cmd.set_defaults(_run=run)
     return parser
 
 
+def _split_generated(argv: list[str], command: str | None) -> tuple[list[str], list[str]]:
+    """``argv`` cut after ``encode`` / ``train TRAINER``: what argparse reads, and the rest for the generated parser."""
+    if command not in ("encode", "train"):
+        return argv, []
+    cut = argv.index(command) + 1
+    if command == "train":
+        if cut >= len(argv) or argv[cut] not in TRAINERS:
+            return argv, []  # `hyper-prag train [--help]`: argparse lists the trainers
+        cut += 1
+    return argv[:cut], argv[cut:]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hyper-prag`` console script."""
+    """Entry point of the ``hyper-prag`` console script.
+
+    Returns:
+        The exit code: 0, or 2 after a :class:`~hyper_prag.errors.HyperPragError` (one line on stderr).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in COMMANDS), None)
+    argv, rest = _split_generated(argv, command)
     args = build_parser(command).parse_args(argv)
+    args.rest = rest
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -501,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HyperPragError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"hyper-prag: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

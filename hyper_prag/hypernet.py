@@ -49,12 +49,12 @@ every LoRA the hypernet emits (training, the encoder, the store) and of its chec
 
 ``layers`` restricts the generated LoRA to a subset of decoder layers (default: all). With LoRAs on the upper
 layers only, the hidden states below the lowest adapted layer do not depend on the LoRA, so training can
-compute them once (``train/hypernet.py``).
+compute them once (``hyper_prag/training/hypernet.py``).
 
 The output is a :class:`~hyper_prag.lora.Lora` batch (A: (N, L, r + r_b, d_in), B: (N, L, d_out, r + r_b))
 with the same scaling s = alpha / r as per-document LoRAs, bound to the base model's identity; nothing
 downstream knows which encoder made it. The base LLM is frozen; only the hypernet trains
-(``python -m train.hypernet fit``, ``train/hypernet.py``).
+(``hyper-prag train hypernet fit``, ``hyper_prag/training/hypernet.py``).
 
 Doc embeddings only need the base model up to the deepest chosen layer (early layers: cheap
 encoding), and are cached on disk by (base identity, layers, max tokens, kind, sha256 of the text).

@@ -4,7 +4,7 @@ Both trainers learn from the same kind of sequence, a *prefix* followed by a *ta
 
 * the per-document trainer (:mod:`hyper_prag.encoders.per_doc`, paper §3.2): prefix = d ⊕ q (the document
   or a rewrite with the closed-book question prompt), target = a (the answer and the end-of-turn token);
-* the hypernet trainer (``train/hypernet.py``): prefix = the question prompt alone, target = a.
+* the hypernet trainer (``hyper_prag/training/hypernet.py``): prefix = the question prompt alone, target = a.
 
 Prefix and target are tokenised apart and concatenated, so the target span is exact. Every position
 carries a label: the next-token id it must predict, or :data:`IGNORE` (no loss)::

@@ -1,6 +1,6 @@
 """One-command smoke run on a GPU: encode, hypernetwork training steps, ask and evaluate, with figures.
 
-    python scripts/gpu_smoke.py                              # SmolLM2 on cuda in bf16 (make gpu-smoke)
+    python scripts/gpu_smoke.py                              # SmolLM2 on the GPU in bf16 (make gpu-smoke)
     python scripts/gpu_smoke.py --device cpu --model tiny    # the dry run: the same stages on the tiny model
 
 Stages (each timed; the figures land in ``--out`` as JSON and are printed):
@@ -8,7 +8,8 @@ Stages (each timed; the figures land in ``--out`` as JSON and are printed):
 1. load the base model on ``--device`` in ``--dtype`` (auto: bf16 on a GPU that supports it);
 2. generation throughput: greedy answers to a batch of prompts → new tokens/s;
 3. ``encode``: per-document LoRAs of ``--docs`` fictional test documents into a fresh store → docs/min;
-4. hypernetwork training: ``python -m train.hypernet fit`` for ``--steps`` steps → seconds per step;
+4. hypernetwork training: ``hyper-prag train hypernet fit`` for ``--steps`` steps → seconds per step, run in a
+   temporary folder (the config's relative ``runs/…`` paths, checkpoints included, land there, never in the checkout);
 5. ``evaluate`` of closed-book, RAG and P-RAG on ``--questions`` questions (encoding the retrieved documents
    still missing) → seconds per question and F1; then ``ask`` with ``prag`` (reads the store only).
 
@@ -33,12 +34,13 @@ sys.path.insert(0, str(ROOT))
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="smollm2-135m-instruct | tiny | folder | hub id")
-    parser.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu (the dry run)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available) | cuda | cuda:N | cpu (the dry run)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU) | float32 | bfloat16 | float16")
     parser.add_argument("--docs", type=int, default=32, help="documents encoded")
     parser.add_argument("--questions", type=int, default=24, help="questions evaluated")
     parser.add_argument("--steps", type=int, default=20, help="hypernetwork training steps")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "gpu_smoke.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "gpu_smoke.json",
+                        help="JSON file of the figures (nothing else is written outside a temporary folder)")
     args = parser.parse_args(argv)
 
     import torch
@@ -78,14 +80,16 @@ def main(argv: list[str] | None = None) -> dict:
                         augment={"source": "template", "n_qa": 3, "n_rewrites": 0}, logger="none", progress=False)
         figures |= {"encode_docs": report.encoded, "encode_docs_per_min": 60 * report.encoded / (time.perf_counter() - start)}
 
-        config = ROOT / "configs" / "hypernet" / ("tiny.yaml" if tiny else "smollm2.yaml")
         accelerator = "gpu" if base.device.type == "cuda" else "cpu"
-        command = [sys.executable, "-m", "train.hypernet", "fit", "--config", str(config),
+        command = [sys.executable, "-m", "hyper_prag.cli", "train", "hypernet", "fit", "--config",
+                   "tiny" if tiny else "smollm2", "--model.dtype", args.dtype, "--model.schedule", "constant",
                    "--trainer.max_steps", str(args.steps), "--trainer.accelerator", accelerator,
                    "--trainer.default_root_dir", str(Path(tmp) / "hypernet"), "--trainer.val_check_interval", str(args.steps)]
         start = time.perf_counter()
-        env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(Path(tmp) / "wandb"))
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+        env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(Path(tmp) / "wandb"),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        # In the temporary folder: the config's relative paths (loggers, checkpoints) resolve there.
+        done = subprocess.run(command, cwd=tmp, capture_output=True, text=True, env=env)
         if done.returncode:
             raise SystemExit(f"hypernet training failed:\n{done.stderr[-3000:]}")
         figures |= {"hypernet_steps": args.steps, "hypernet_s_per_step_incl_setup": (time.perf_counter() - start) / args.steps}

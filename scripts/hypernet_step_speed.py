@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from train.hypernet import HypernetDataModule, HypernetModule
+from hyper_prag.training.hypernet import HypernetDataModule, HypernetModule
 
 
 def measure(model: str, layers: list[int] | None, reuse: bool, steps: int, batch_size: int, docs: int,
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=2)
     parser.add_argument("--apply-from", nargs="+", default=["all", "question"], choices=("all", "question"))
     args = parser.parse_args()
-    from train.hypernet import shared_base
+    from hyper_prag.training.hypernet import shared_base
 
     depth = shared_base(args.model).num_layers
     upper = list(range(args.upper if args.upper is not None else depth // 2, depth))

@@ -21,7 +21,7 @@ from hyper_prag.sequences import labelled_logits, right_pad, sequence_losses
 from hyper_prag.teacher import (
     TeacherCache, TeacherQuery, entry_key, teacher_answers, teacher_sequence, teacher_topk, topk_kl,
 )
-from train.hypernet import (
+from hyper_prag.training.hypernet import (
     DivergenceGuard, HypernetModule, QAItem, collate, lower_states, main, sum_groups, tokenize_qa,
     upper_labelled_logits,
 )
@@ -256,7 +256,7 @@ def test_upper_layers_from_cached_states_equal_the_full_forward(tiny):
 
 def test_datamodule_caches_lower_states_and_reads_a_split_without_doc_qa(tmp_path):
     from hyper_prag.corpus import Corpus, Document, Question, save_corpus
-    from train.hypernet import HypernetDataModule
+    from hyper_prag.training.hypernet import HypernetDataModule
 
     docs = [Document(f"t{i}", "", d, split="train") for i, d in enumerate(DOCS)]
     docs += [Document(f"v{i}", "", d.replace("1873", "1874"), split="val") for i, d in enumerate(DOCS)]
@@ -374,7 +374,7 @@ def test_teacher_lookups_use_the_recipe_key_pairs_hash_included(tiny, tmp_path, 
     from hyper_prag.encoders.per_doc import PerDocEncoder
     from hyper_prag.recipes import recipe_for
     from hyper_prag.store import LoraStore, store_key
-    from train.hypernet_data import HypernetDataModule, teacher_recipe
+    from hyper_prag.training.hypernet_data import HypernetDataModule, teacher_recipe
 
     recipe = recipe_for(PerDocEncoder(tiny, LoraSpec(rank=2), PerDocConfig(lr=1e-3)), tiny, AugmentConfig(source="template"))
     docs = tuple(Document(f"t{i}", "", text, split="train") for i, text in enumerate(DOCS))

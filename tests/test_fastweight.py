@@ -7,7 +7,7 @@ import torch
 
 from hyper_prag.errors import HyperPragError
 from hyper_prag.hypernet import Hypernet, HypernetConfig, doc_token_states, pad_states, polar
-from train.hypernet import HypernetDataModule, HypernetModule
+from hyper_prag.training.hypernet import HypernetDataModule, HypernetModule
 
 DOCS = ["Jasper Drozen wrote The Nynyn Variations in 1901.", "Lake Orvel was drained in 1876 by the mayor of Brill."]
 

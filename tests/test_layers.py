@@ -32,6 +32,9 @@ LAYERS: dict[str, int] = {
     "assemble": 7, "tracking": 7,
     "api": 8,
     "demo": 9, "cli": 9, "__init__": 9,
+    "flags": 1,  # flag spelling and --config names (paths)
+    # the trainers: Lightning modules, data modules and their command lines (cli runs them)
+    "training": 9, "training.hypernet": 9, "training.hypernet_data": 9, "training.encode": 9,
 }
 
 

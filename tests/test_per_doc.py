@@ -1,6 +1,6 @@
 """Per-document trainer: batched bank == each document alone, == the PEFT reference loop; schedule; warm-up.
 
-(The Lightning runner of ``train/encode.py`` gives the same LoRAs as the loop: tests/test_train_encode.py.)"""
+(The Lightning runner of ``hyper_prag/training/encode.py`` gives the same LoRAs as the loop: tests/test_train_encode.py.)"""
 
 from __future__ import annotations
 

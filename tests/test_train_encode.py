@@ -1,4 +1,4 @@
-"""train/encode.py: the lightning.Trainer runner trains the very LoRAs of the library's loop; its CLI's ``runner``
+"""hyper_prag/training/encode.py: the lightning.Trainer runner trains the very LoRAs of the library's loop; its CLI's ``runner``
 key; the library never imports (nor ships) the training package."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hyper_prag.lora import LoraSpec
 from hyper_prag.prompts import training_sequence
 from hyper_prag.sequences import tokenize
 from hyper_prag.store import LoraStore
-from train.encode import lightning_runner, run
+from hyper_prag.training.encode import lightning_runner, run
 
 ROOT = Path(__file__).parents[1]
 DOCS = [

@@ -1,8 +1,8 @@
-"""Training entry points of hyper-prag: the Lightning modules, data modules and CLIs of both trainers.
+"""The trainers' old home, kept so that commands and imports written for a checkout still work.
 
-    python -m train.hypernet fit --config configs/hypernet/<name>.yaml    (the hypernetwork)
-    python -m train.encode --config configs/encode/<name>.yaml            (per-document LoRAs)
+    python -m train.hypernet fit --config configs/hypernet/<name>.yaml    = hyper-prag train hypernet fit …
+    python -m train.encode --config configs/encode/<name>.yaml            = hyper-prag train encode …
 
-This package builds on the library (``hyper_prag``) and is run from a checkout; the library never
-imports it and the wheel does not install it.
+The code lives in :mod:`hyper_prag.training` (installed with the package, run from any folder); these
+modules re-export it under the old names. The library never imports this package.
 """

@@ -31,7 +31,7 @@ Why this equals training each document alone (exact up to float rounding; tested
 The step code lives in :class:`LoraBank` (:meth:`~LoraBank.loss`, :meth:`~LoraBank.read_out`,
 :meth:`~LoraBank.make_optimizer`). A *runner* (:data:`FitBank`) drives it over the schedule: the
 library's plain loop :func:`fit_steps` (the default), or any other with the same calls in the same
-order, such as the ``lightning.Trainer`` runner of ``train/encode.py``, passed to
+order, such as the ``lightning.Trainer`` runner of ``hyper_prag/training/encode.py``, passed to
 :class:`PerDocEncoder` as ``fit``. Both give bit-identical LoRAs.
 """
 
@@ -376,7 +376,7 @@ def train_bank(base: BaseModel, sequences: Sequence[Sequence[TokenSequence]], in
         sequences: per document, its tokenized training sequences.
         initial: the N starting LoRAs (:func:`initial_loras`).
         config: trainer settings.
-        fit: the runner (:func:`fit_steps`, or e.g. the ``lightning.Trainer`` runner of ``train/encode.py``).
+        fit: the runner (:func:`fit_steps`, or e.g. the ``lightning.Trainer`` runner of ``hyper_prag/training/encode.py``).
         logger: logger for per-step losses (any Lightning logger).
         step_offset: global step of the first step in that logger.
 
@@ -437,7 +437,7 @@ class PerDocEncoder:
             config: trainer settings.
             warmup: the warm-up LoRA for ``config.init="warmup"``.
             fit: the runner of each chunk's bank: :func:`fit_steps` (plain loop) or another with the same calls
-                (``train/encode.py`` passes its ``lightning.Trainer`` runner); the LoRAs are the same.
+                (``hyper_prag/training/encode.py`` passes its ``lightning.Trainer`` runner); the LoRAs are the same.
             logger: logger for per-step losses, any Lightning logger (global steps across chunks).
         """
         self.base, self.spec, self.config = base, spec.for_model(base), config
