@@ -72,7 +72,7 @@ from torch import Tensor
 
 from hyper_prag.corpus import Document
 from hyper_prag.errors import HyperPragError
-from hyper_prag.inject import injected
+from hyper_prag.inject import exclusive, injected
 from hyper_prag.model import BaseModel
 from hyper_prag.methods import STAGES, Answer, LoraSource
 from hyper_prag.pipeline import Pipeline
@@ -389,8 +389,16 @@ class Flare:
         _check_pipeline(self.pipeline, self.name)
 
     def answer(self, questions: Sequence[str]) -> list[Answer]:
-        """One :class:`Answer` per question, each answered on its own."""
-        return [self._answer(q) for q in questions]
+        """One :class:`Answer` per question, each answered on its own.
+
+        The model is held for each question's whole episode: its forwards run the model itself (not through
+        the pipeline), with or without the retrieved documents' LoRAs, and another thread's injection or layer
+        cut must never show in them."""
+        out = []
+        for q in questions:
+            with exclusive(self.pipeline.base):
+                out.append(self._answer(q))
+        return out
 
     def _answer(self, question: str) -> Answer:
         cfg, base, budget = self.config, self.pipeline.base, self.pipeline.max_new_tokens
@@ -426,9 +434,15 @@ class Dragin:
         _check_pipeline(self.pipeline, self.name)
 
     def answer(self, questions: Sequence[str]) -> list[Answer]:
-        """One :class:`Answer` per question, each answered on its own (with eager attention)."""
-        with eager_attention(self.pipeline.base):
-            return [self._answer(q) for q in questions]
+        """One :class:`Answer` per question, each answered on its own (with eager attention).
+
+        The model is held while its attention implementation is switched and for each episode (see
+        :meth:`Flare.answer`): the switch is the model's, every thread would see it."""
+        out = []
+        for q in questions:
+            with exclusive(self.pipeline.base), eager_attention(self.pipeline.base):
+                out.append(self._answer(q))
+        return out
 
     def _answer(self, question: str) -> Answer:
         cfg, base, budget = self.config, self.pipeline.base, self.pipeline.max_new_tokens

@@ -25,7 +25,12 @@ document's text and the settings, so W ranks store exactly the LoRAs one process
 dies loses its chunk in flight; re-running the same command encodes only what is missing.
 
 Every run records its :class:`~hyper_prag.recipes.Recipe` (the key inputs, the warm-up LoRA) in the
-store, so the online path finds the LoRAs without rebuilding the encoder. The YAML-driven run
+store, so the online path finds the LoRAs without rebuilding the encoder. It is recorded right after the
+run's first stored chunk (or at the end, when every LoRA was stored already): a run that fails before
+storing any leaves the store's recipes as they were, so a reader never has to choose among recipes
+without LoRAs (a run killed in between leaves LoRAs without their recipe; re-running it records it).
+What would fail only after training (a store that refuses writes, templated augmentation without the
+corpus's QA pairs) is checked before the first document is encoded. The YAML-driven run
 (``configs/encode/*.yaml``) is :func:`hyper_prag.api.encode`.
 """
 
@@ -109,8 +114,6 @@ def encode_corpus(
     doc_qa = corpus.doc_qa if corpus is not None else {}
     for doc in documents:  # identical documents share one key: encode once
         keys.setdefault(recipe.key(doc.text, doc_qa.get(doc.id)), doc)
-    if fabric is None or fabric.global_rank == 0:
-        record_recipe(store.root, recipe, warmup=getattr(encoder, "warmup", None) if recipe.uses_warmup else None)
     bytes_before = store.stats()["bytes"]
     missing = set(store.missing(list(keys)))
     todo = sorted(((k, d) for k, d in keys.items() if k in missing), key=lambda kd: len(kd[1].text))
@@ -118,6 +121,17 @@ def encode_corpus(
     if fabric is not None:
         bytes_before, todo = _as_rank_zero_saw_it(fabric, keys, bytes_before, todo)
         rank, world = fabric.global_rank, fabric.world_size
+    if todo:  # every rank: one that failed alone would leave the others waiting at the barrier
+        _check_before_work(store, encoder, augment_config, corpus, [d for _, d in todo])
+
+    recorded = False
+
+    def record() -> None:  # the recipe goes into the store after its first LoRA, never before one exists
+        nonlocal recorded
+        if not recorded:
+            record_recipe(store.root, recipe, warmup=getattr(encoder, "warmup", None) if recipe.uses_warmup else None)
+            recorded = True
+
     skipped = len(documents) - len(todo)
     chunks = [todo[c : c + chunk_size] for c in range(0, len(todo), chunk_size)]
     mine = range(rank, len(chunks), world)  # round-robin over length-sorted chunks: equal work per rank
@@ -145,6 +159,7 @@ def encode_corpus(
         # put_many skips (and does not return) keys another writer stored meanwhile: count only our own.
         written += len(store.put_many([(k, lora, {"doc_id": d.id, "encoder": encoder.name, "seconds": seconds})
                                        for (k, d), lora in zip(chunk, loras)]))
+        record()
         done += len(chunk)
         bar.update(len(chunk))
         if on_chunk is not None:
@@ -154,6 +169,8 @@ def encode_corpus(
         fabric.barrier()  # every rank stored its chunks: the store now holds the whole run
         store.refresh(force=True)
         written = int(fabric.all_reduce(torch.tensor(written), reduce_op="sum").item())
+    if fabric is None or fabric.global_rank == 0:
+        record()  # every LoRA of the run is stored (or was already): the recipe that reads them is recorded
     seconds = time.perf_counter() - start
     grown = store.stats()["bytes"] - bytes_before
     encoded = written
@@ -163,6 +180,17 @@ def encode_corpus(
     return EncodeReport(encoded=encoded, skipped=skipped, seconds=seconds,
                         seconds_per_doc=seconds / encoded if encoded else 0.0,
                         bytes_per_doc=grown / encoded if encoded else 0.0, store=str(getattr(store, "root", "")))
+
+
+def _check_before_work(store: "LoraStore", encoder: Encoder, augment_config: "AugmentConfig | None",
+                       corpus: "Corpus | None", documents: Sequence["Document"]) -> None:
+    """What would fail after LoRAs were trained, checked before any is: the store takes writes, and templated
+    augmentation (a lookup, no model) finds the corpus's QA pairs of every document to encode."""
+    store.check_writable()
+    if encoder.uses_augmentation and augment_config is not None and augment_config.source == "template":
+        from hyper_prag.augment import augment_documents
+
+        augment_documents(documents, augment_config, corpus=corpus)  # raises naming a document without pairs
 
 
 def _as_rank_zero_saw_it(fabric: "Fabric", keys: dict[str, "Document"], store_bytes: int,

@@ -126,6 +126,9 @@ def warmup_path(store_root: str | Path, recipe: Recipe) -> Path:
 def record_recipe(store_root: str | Path, recipe: Recipe, warmup: Lora | None = None) -> Path:
     """Writes ``recipe`` (and its warm-up LoRA) into the store; idempotent.
 
+    A recipe file of the same id that cannot be used (truncated, edited by hand) is written again: its id
+    names the key inputs this run has in hand, so the new file is the one that was meant.
+
     Args:
         store_root: the LoRA store folder.
         recipe: the recipe of an encode run.
@@ -144,7 +147,9 @@ def record_recipe(store_root: str | Path, recipe: Recipe, warmup: Lora | None = 
     if recorded:
         _, why = _read_recipe(path)
         if why:
-            raise HyperPragError(f"the recipe file {path} {why}. {_RECIPE_FIX}")
+            log.warning("the recipe file %s %s; writing it again from this encode run (its LoRAs keep their keys)",
+                        path, why)
+            recorded = False
     with store_writes(store_root, "record the recipe in"):
         folder.mkdir(parents=True, exist_ok=True)
         if warmup is not None and not warmup_path(store_root, recipe).is_file():
@@ -154,8 +159,8 @@ def record_recipe(store_root: str | Path, recipe: Recipe, warmup: Lora | None = 
     return path
 
 
-_RECIPE_FIX = ("Delete it and re-run the `hyper-prag encode` command that made it: it records the recipe again and "
-               "re-uses every LoRA already stored (their keys do not change).")
+_RECIPE_FIX = ("Re-run the `hyper-prag encode` command that made it: it writes the recipe again and re-uses every "
+               "LoRA already stored (their keys do not change); or delete it if no encode run of yours made it.")
 
 
 def _read_recipe(path: Path) -> tuple[Recipe | None, str]:
@@ -169,6 +174,8 @@ def _read_recipe(path: Path) -> tuple[Recipe | None, str]:
         return None, f"is not valid JSON ({err}): it was truncated or edited by hand"
     except (KeyError, TypeError, AttributeError, HyperPragError) as err:
         return None, f"is not a recipe ({type(err).__name__}: {err}): it was edited by hand"
+    if recipe.id != path.stem:  # the file name is the id of the key inputs it was written with
+        return None, f"holds the key inputs of recipe {recipe.id}, not of {path.stem}: it was edited by hand"
     return recipe, ""
 
 

@@ -3,7 +3,8 @@
 Key: :func:`store_key` = sha256 of (document text, base-model identity, LoRA spec, augmentation
 settings, encoder identity and settings) in canonical JSON. Re-encoding an
 unchanged document is a cache hit; anything that changes the LoRA changes the key. The storage dtype
-is not part of the key: it is a property of the store folder's shards, recorded per shard.
+is not part of the key: it is a property of the store folder, recorded per shard; a store keeps the
+dtype it was first written in (:attr:`LoraStore.dtype`), so a re-encode never mixes precisions in it.
 
 Layout of a store folder::
 
@@ -54,6 +55,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -78,6 +80,7 @@ log = logging.getLogger(__name__)
 
 StoreDtype = Literal["bfloat16", "float32", "int8"]
 SIDECAR_FORMAT = "hyper-prag-store/1"
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1}  # bytes per element, by safetensors dtype name
 _RESCAN_GRACE_NS = 2_000_000_000  # folder mtimes are coarse (ext4: ~4 ms); re-scan while one is this fresh
 
 
@@ -270,14 +273,17 @@ class StoreReport:
 class LoraStore:
     """A folder of LoRAs addressed by :func:`store_key` (see the module docstring)."""
 
-    def __init__(self, root: str | Path, dtype: StoreDtype = "bfloat16", max_open_shards: int = 64) -> None:
+    def __init__(self, root: str | Path, dtype: StoreDtype | None = None, max_open_shards: int = 64) -> None:
         """
         Args:
             root: the store folder (created if missing; readers open it with :func:`existing_store`).
-            dtype: storage dtype of new entries (``bfloat16``, ``float32`` or ``int8``); reads return float32.
+            dtype: storage dtype of the entries of a store that holds none yet (``bfloat16``, ``float32`` or
+                ``int8``; ``None``: ``bfloat16``). A store keeps one precision: once it holds entries, new ones
+                are stored in its dtype (:attr:`dtype`), with a warning when ``dtype`` names another. Reads
+                return float32.
             max_open_shards: memory-mapped shard handles kept open (LRU).
         """
-        if dtype not in ("bfloat16", "float32", "int8"):
+        if dtype not in (None, "bfloat16", "float32", "int8"):
             raise HyperPragError(f"store dtype must be 'bfloat16', 'float32' or 'int8', not {dtype!r}.")
         self.root = Path(root)
         self.shards = self.root / "shards"
@@ -286,7 +292,8 @@ class LoraStore:
                                  "(an empty or new one to encode into, or the one `hyper-prag encode` wrote to).")
         with store_writes(self.root, "create"):
             self.shards.mkdir(parents=True, exist_ok=True)
-        self.dtype = dtype
+        self.requested_dtype = dtype  # what the caller asked for; the store's own dtype wins (see dtype)
+        self._warned_dtype = False
         self._index: dict[str, _Entry] = {}  # key -> where its (newest) copy is
         self._shard_info: dict[str, dict] = {}  # shard name -> sidecar without its entries
         self._ignored: dict[str, tuple[_Signature, SidecarState, str]] = {}  # sidecars not used, and why
@@ -426,22 +433,49 @@ class LoraStore:
         return self._require(key).spec
 
     # ------------------------------------------------------------------------------------ writing
+    @property
+    def dtype(self) -> StoreDtype:
+        """The storage dtype of new entries: the store's own (its newest shard's), else the one asked for, else
+        ``bfloat16``. One store keeps one precision: a re-encode with another ``store_dtype`` (a bf16 config
+        run into a float32 store) does not mix precisions, it stores in the store's dtype."""
+        held = self.held_dtype()
+        return held or self.requested_dtype or "bfloat16"
+
+    def held_dtype(self) -> StoreDtype | None:
+        """The dtype of the store's newest shard; ``None`` for a store without entries."""
+        if not self._shard_info:
+            return None
+        newest = max(self._shard_info.values(), key=lambda info: info.get("written_ns", 0))
+        return newest.get("dtype", "bfloat16")
+
+    def check_writable(self) -> None:
+        """Writes and removes a probe file, so that a read-only folder or a full disk is a clear error before an
+        encoder spends time on LoRAs that could not be stored.
+
+        Raises:
+            HyperPragError: the folder refuses writes (the message says what to do).
+        """
+        probe = self.shards / f".probe-{uuid.uuid4().hex}"
+        with store_writes(self.root):
+            atomic_write_bytes(probe, b"probe")  # temp file, fsync, rename: every step a shard write takes
+            probe.unlink()
+
     def put(self, key: str, lora: Lora, meta: Mapping | None = None) -> bool:
         """Stores one LoRA (atomically); see :meth:`put_many`. Returns whether it was written."""
         return bool(self.put_many([(key, lora, meta or {})]))
 
-    def _tensors(self, key: str, lora: Lora) -> dict[str, Tensor]:
+    @staticmethod
+    def _tensors(key: str, lora: Lora, dtype: StoreDtype) -> dict[str, Tensor]:
         tensors = {}
         for m in lora.spec.target_modules:
             a = lora.A[m].detach().to("cpu")  # (L, r, d_in)
             b = lora.B[m].detach().to("cpu")  # (L, d_out, r)
-            if self.dtype == "int8":
+            if dtype == "int8":
                 tensors[f"{key}/A/{m}"], tensors[f"{key}/A_scale/{m}"] = quantize_int8(a, dim=-1)  # scale (L, r, 1)
                 tensors[f"{key}/B/{m}"], tensors[f"{key}/B_scale/{m}"] = quantize_int8(b, dim=-2)  # scale (L, 1, r)
             else:
-                dtype = getattr(torch, self.dtype)
-                tensors[f"{key}/A/{m}"] = a.to(dtype)
-                tensors[f"{key}/B/{m}"] = b.to(dtype)
+                tensors[f"{key}/A/{m}"] = a.to(getattr(torch, dtype))
+                tensors[f"{key}/B/{m}"] = b.to(getattr(torch, dtype))
         return {k: t.contiguous() for k, t in tensors.items()}
 
     def put_many(self, items: Sequence[tuple[str, Lora, Mapping]]) -> list[str]:
@@ -467,11 +501,20 @@ class LoraStore:
             absent = set(self.missing(list(wanted)))
             fresh = {k: v for k, v in wanted.items() if k in absent}
             if fresh:
-                self._commit(fresh)
+                self._commit(fresh, self._write_dtype())
         return list(fresh)
 
-    def _commit(self, fresh: Mapping[str, tuple[Lora, dict]]) -> None:
-        """Writes ``key -> (LoRA, meta)`` as one shard and its sidecar (the caller holds the write lock)."""
+    def _write_dtype(self) -> StoreDtype:
+        dtype = self.dtype
+        if self.requested_dtype not in (None, dtype) and not self._warned_dtype:
+            log.warning("the LoRA store %s holds %s LoRAs: new entries are stored as %s too, not %s (one store keeps "
+                        "one precision; pass another --store for %s LoRAs)", self.root, dtype, dtype,
+                        self.requested_dtype, self.requested_dtype)
+            self._warned_dtype = True
+        return dtype
+
+    def _commit(self, fresh: Mapping[str, tuple[Lora, dict]], dtype: StoreDtype) -> None:
+        """Writes ``key -> (LoRA, meta)`` as one ``dtype`` shard and its sidecar (the caller holds the write lock)."""
         tensors, entries = {}, {}
         for key, (lora, meta) in fresh.items():
             if lora.batch_size is not None:
@@ -480,11 +523,11 @@ class LoraStore:
             if not all(torch.isfinite(t).all() for t in (*lora.A.values(), *lora.B.values())):
                 raise HyperPragError(f"LoRA for key {key[:12]}… (meta {meta}) has NaN/inf weights: the encoder "
                                      "diverged. Lower its learning rate and re-run encode; nothing was stored.")
-            own = self._tensors(key, lora)
+            own = self._tensors(key, lora, dtype)
             tensors |= own
             entries[key] = {"spec": json.loads(lora.spec.to_json()), "meta": meta, "sha256": entry_sha256(own),
                             "spec_sha256": spec_sha256(lora.spec)}
-        self._write_shard(tensors, entries, self.dtype)
+        self._write_shard(tensors, entries, dtype)
 
     def _write_shard(self, tensors: Mapping[str, Tensor], entries: Mapping[str, dict], dtype: str) -> str:
         """Writes one shard and then its sidecar (the commit point); indexes its entries as the newest copies."""
@@ -567,8 +610,10 @@ class LoraStore:
             return None, None, f"tensors unreadable: {err}"
         A, B = {}, {}  # decoded first, checked below, returned only if every check passes
         for m in entry.spec.target_modules:
-            A[m] = raw[f"{key}/A/{m}"].float()  # (L, r, d_in)
-            B[m] = raw[f"{key}/B/{m}"].float()  # (L, d_out, r)
+            # Copies, also of float32 tensors: one read from the memory map would change with the file after
+            # it was verified (a shard rewritten in place), and what is served must be what was hashed.
+            A[m] = raw[f"{key}/A/{m}"].to(torch.float32, copy=True)  # (L, r, d_in)
+            B[m] = raw[f"{key}/B/{m}"].to(torch.float32, copy=True)  # (L, d_out, r)
             if int8:
                 A[m] *= raw[f"{key}/A_scale/{m}"]  # (L, r, 1)
                 B[m] *= raw[f"{key}/B_scale/{m}"]  # (L, 1, r)
@@ -636,6 +681,34 @@ class LoraStore:
         docs = len(self._index)
         return {"documents": docs, "bytes": total, "bytes_per_document": total / docs if docs else 0.0,
                 "shards": len(self._shard_info)}
+
+    def entry_bytes(self, keys: Iterable[str]) -> dict[str, float]:
+        """The bytes each entry takes on disk: its shard's size shared among the shard's entries in proportion
+        to their tensor bytes (so the header counts too; a shard of like entries gives each ``bytes / n``).
+
+        Args:
+            keys: stored keys (unknown ones raise, as :meth:`get` does).
+        Returns:
+            ``{key: bytes}``. Unlike :meth:`stats`, this is the cost of these entries alone: a store holding
+            several recipes' LoRAs (per-document, hypernetwork, another rank) mixes their sizes in ``stats``.
+        """
+        data: dict[str, dict[str, int]] = {}  # shard -> {key: its tensor bytes}
+        out: dict[str, float] = {}
+        for key in keys:
+            entry = self._require(key)
+            if entry.shard not in data:
+                handle, _, why = self._handle(entry.shard)
+                if handle is None:
+                    raise self._bad_entry(key, entry, why)
+                sizes: dict[str, int] = {}
+                for name in handle.keys():
+                    tensor = handle.get_slice(name)
+                    owner = name.split("/", 1)[0]
+                    sizes[owner] = sizes.get(owner, 0) + math.prod(tensor.get_shape()) * _ITEMSIZE[tensor.get_dtype()]
+                data[entry.shard] = sizes
+            sizes = data[entry.shard]
+            out[key] = self._shard_info[entry.shard]["bytes"] * sizes[key] / sum(sizes.values())
+        return out
 
     def _remove_shard(self, name: str, report: StoreReport) -> None:
         """Deletes a sidecar, then its shard (a crash in between leaves a sidecar-less shard: garbage for gc)."""
@@ -766,7 +839,7 @@ class LoraStore:
 
 # ---------------------------------------------------------------------------------------- library API
 
-def existing_store(root: str | Path, dtype: StoreDtype = "bfloat16") -> LoraStore:
+def existing_store(root: str | Path, dtype: StoreDtype | None = None) -> LoraStore:
     """The LoRA store at ``root``, which must exist: readers (``ask``, ``verify``) never create one.
 
     Raises:

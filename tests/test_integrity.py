@@ -186,38 +186,109 @@ def test_concurrent_writers_store_each_key_once_and_report_what_they_wrote(tiny,
 # ------------------------------------------------------------------------------------------ recipes, writes
 
 
-def _encode(tmp_path: Path):
+def _encode(tmp_path: Path, folder: str = "corpus", qa: bool = True, **settings):
     """Encodes the first document of a tiny corpus folder into ``tmp_path/store`` (per-doc, templated QA)."""
     import hyper_prag.api as api
     from hyper_prag.corpus import save_corpus
 
-    folder = tmp_path / "corpus"
-    if not folder.exists():
-        save_corpus(Corpus("integrity", DOCS, (), {d.id: ((f"What is {d.title}?", d.title),) for d in DOCS}), folder)
-    return api.encode(model="tiny", corpus=str(folder), limit=1, store=str(tmp_path / "store"), store_dtype="float32",
-                      augment={"source": "template"}, runner="loop", logger="none", progress=False)
+    path = tmp_path / folder
+    if not path.exists():
+        pairs = {d.id: ((f"What is {d.title}?", d.title),) for d in DOCS} if qa else {}
+        save_corpus(Corpus("integrity", DOCS, (), pairs), path)
+    return api.encode(**{"model": "tiny", "corpus": str(path), "limit": 1, "store": str(tmp_path / "store"),
+                         "store_dtype": "float32", "augment": {"source": "template"}, "runner": "loop",
+                         "logger": "none", "progress": False} | settings)
 
 
-def test_a_truncated_recipe_is_reported_by_verify_and_gc_and_refused_by_encode_and_ask(tmp_path, capsys):
+def test_a_truncated_recipe_is_reported_by_verify_and_gc_and_written_again_by_encode(tmp_path, capsys, caplog):
     import hyper_prag.api as api
     from hyper_prag.cli import main
 
     assert _encode(tmp_path).encoded == 1
     store = tmp_path / "store"
     (recipe,) = (store / "recipes").glob("*.json")
+    good = json.loads(recipe.read_text())
     recipe.write_text(recipe.read_text()[:40])  # a crash or a full disk while copying the store by hand
-    with pytest.raises(HyperPragError, match=r"(?s)recipe file .*\.json is not valid JSON.*Delete it and re-run"):
-        _encode(tmp_path)
     for action in (["verify"], ["gc", "--min-age", "0"]):
         assert main(["store", *action, "--store", str(store)]) == 2
         out = capsys.readouterr().out
-        assert recipe.name in out and "not valid JSON" in out and "Delete it and re-run" in out
+        assert recipe.name in out and "not valid JSON" in out and "Re-run the `hyper-prag encode`" in out
     with pytest.raises(HyperPragError, match="unusable recipe files"):
         api.ask("What is Velmora River?", "prag", benchmark=str(tmp_path / "corpus"), model="tiny", store=store)
-    recipe.unlink()  # the fix the messages give
-    again = _encode(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hyper_prag.recipes"):
+        again = _encode(tmp_path)  # the fix the messages give
+    assert "writing it again" in caplog.text
     assert (again.encoded, again.skipped) == (0, 1)  # recorded again under the same keys: the LoRA is re-used
+    assert {k: v for k, v in json.loads(recipe.read_text()).items() if k != "provenance"} == \
+        {k: v for k, v in good.items() if k != "provenance"}
     assert main(["store", "verify", "--store", str(store)]) == 0
+    assert api.ask("Who was Zorvath Kellimar?", "prag", benchmark=str(tmp_path / "corpus"), model="tiny", store=store,
+                   k=1, max_new_tokens=2).lora_names  # the encoded document's LoRA is read with the recipe again
+
+
+def test_a_recipe_edited_by_hand_is_reported_and_not_read(tmp_path):
+    from hyper_prag.recipes import check_recipes, list_recipes
+
+    _encode(tmp_path)
+    store = tmp_path / "store"
+    (recipe,) = (store / "recipes").glob("*.json")
+    data = json.loads(recipe.read_text())
+    data["spec"]["alpha"] = 64.0  # valid JSON, a valid recipe, but not the one its name (its key inputs) says
+    recipe.write_text(json.dumps(data))
+    (issue,) = check_recipes(store)
+    assert recipe.name in issue.path and "edited by hand" in issue.why
+    assert list_recipes(store) == []
+
+
+def test_a_failed_encode_leaves_the_stores_recipes_unchanged(tmp_path):
+    """Templated augmentation on a corpus without QA pairs fails; its recipe (another alpha) is not recorded, so the
+    store keeps its one recipe and ask needs no --recipe."""
+    import hyper_prag.api as api
+
+    assert _encode(tmp_path).encoded == 1
+    recipes = tmp_path / "store" / "recipes"
+    before = {p.name: p.read_bytes() for p in recipes.iterdir()}
+    with pytest.raises(HyperPragError, match="has no doc_qa pairs"):
+        _encode(tmp_path, folder="bare", qa=False, alpha=16.0)
+    assert {p.name: p.read_bytes() for p in recipes.iterdir()} == before
+    answer = api.ask("What is Zorvath Kellimar?", "prag", benchmark=str(tmp_path / "corpus"), model="tiny",
+                     store=tmp_path / "store", k=1, max_new_tokens=2)
+    assert answer.lora_names
+
+
+def test_an_encoder_that_fails_records_no_recipe_and_a_rerun_records_it(tmp_path, monkeypatch):
+    from hyper_prag.encoders.per_doc import PerDocEncoder
+
+    def diverged(self, documents):
+        raise HyperPragError("the encoder diverged")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PerDocEncoder, "encode", diverged)
+        with pytest.raises(HyperPragError, match="diverged"):
+            _encode(tmp_path)
+    assert not list((tmp_path / "store").glob("recipes/*.json"))
+    assert _encode(tmp_path).encoded == 1 and len(list((tmp_path / "store").glob("recipes/*.json"))) == 1
+
+
+def test_a_read_only_store_is_refused_before_any_document_is_trained(tmp_path, monkeypatch):
+    import errno
+
+    import hyper_prag.io as io
+    from hyper_prag.encoders.per_doc import PerDocEncoder
+
+    store, flush, trained = tmp_path / "store", io._fsync_file, []
+
+    def read_only(path):
+        if store in Path(path).parents:
+            raise OSError(errno.EROFS, "Read-only file system")
+        flush(path)
+
+    encode = PerDocEncoder.encode
+    monkeypatch.setattr(PerDocEncoder, "encode", lambda self, docs: trained.append(len(docs)) or encode(self, docs))
+    monkeypatch.setattr(io, "_fsync_file", read_only)
+    with pytest.raises(HyperPragError, match="cannot write to the LoRA store .*Read-only file system"):
+        _encode(tmp_path)
+    assert trained == [] and [p for p in store.rglob("*") if p.is_file()] == []
 
 
 def test_a_full_disk_while_encoding_is_a_clear_error_and_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -239,6 +310,86 @@ def test_a_full_disk_while_encoding_is_a_clear_error_and_leaves_nothing_behind(t
     assert left == []  # no temp file, no shard without its sidecar, no recipe
     monkeypatch.undo()
     assert _encode(tmp_path).encoded == 1  # space freed: the same command works
+
+
+# ------------------------------------------------------------------------------------------- hypernet
+
+def _hypernet(tiny, window: int = 32):
+    from hyper_prag.hypernet import Hypernet, HypernetConfig
+
+    torch.manual_seed(0)
+    net = Hypernet.for_model(tiny, HypernetConfig(doc_dim=16, emb_dim=8, width=16, depth=1, max_doc_tokens=window))
+    for head in net.head_B.values():
+        torch.nn.init.normal_(head.weight, std=0.1)
+    return net
+
+
+def test_the_hypernet_encoder_averages_a_long_documents_pieces(tiny, caplog):
+    """What encode stores and ask applies: the mean of the pieces' LoRAs, never above its largest piece (their sum
+    grew with the piece count); a warning names the document."""
+    from hyper_prag.augment import AugmentedDocument
+    from hyper_prag.combine import combine, delta_norms
+    from hyper_prag.encoders import split_text
+    from hyper_prag.encoders.hypernet import HypernetEncoder
+
+    encoder = HypernetEncoder(_hypernet(tiny), tiny, checkpoint_sha256="test")
+    text = " ".join(f"Mill {i} of Varnholt ground {('barley', 'rye')[i % 2]} for {i * 7} families." for i in range(40))
+    pieces = split_text(tiny, text, encoder.window)
+    singles = encoder.generate(pieces)
+    assert len(pieces) > 8 and all(lora.spec.rank == 2 for lora in singles)
+
+    def norm(lora):  # ‖ΔW‖_F over every module and layer
+        return torch.cat(list(delta_norms(lora).values())).norm().item()
+
+    with caplog.at_level(logging.WARNING, logger="hyper_prag.hypernet"):
+        (stored,) = encoder.encode([AugmentedDocument("varn", text)])
+    assert f"document 'varn' is longer than the hypernet's 32-token window: read in {len(pieces)} pieces" in caplog.text
+    mean = combine(singles, "mean")
+    assert stored.spec.rank == len(pieces) * 2
+    for m in stored.spec.target_modules:  # ΔW = (1/P) Σ_p ΔW_p, exactly what combine's mean computes
+        assert torch.allclose(delta_norms(stored)[m], delta_norms(mean)[m], rtol=1e-4, atol=1e-7)
+    assert norm(stored) <= max(norm(p) for p in singles) * (1 + 1e-4) < norm(combine(singles, "sum"))
+    assert encoder.settings()["pieces"] == "mean"  # the key changes with how pieces are joined
+
+
+def test_every_damaged_hypernet_checkpoint_names_the_export_command(tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hyper_prag.encoders.hypernet import load_hypernet, save_inference_checkpoint
+
+    good = save_inference_checkpoint(_hypernet(tiny), tmp_path / "good" / "hn.safetensors")
+
+    def copy(name: str, with_json: bool) -> Path:
+        (tmp_path / name).mkdir()
+        shutil.copy(good, tmp_path / name / good.name)
+        if with_json:
+            shutil.copy(good.with_suffix(".json"), tmp_path / name / good.with_suffix(".json").name)
+        return tmp_path / name / good.name
+
+    damaged = {}
+    for name, with_json in (("flipped", True), ("flipped-alone", False)):
+        path = damaged[name] = copy(name, with_json)
+        _patch(path, path.stat().st_size - 8, b"\x01\x02\x03\x04")
+    header = damaged["header"] = copy("header", False)
+    (n,) = struct.unpack("<Q", header.read_bytes()[:8])
+    _patch(header, 10, b"\xff")  # the header's JSON: no longer parses
+    digit = damaged["hash-digit"] = copy("hash-digit", False)
+    at = 8 + digit.read_bytes()[8 : 8 + n].index(b"tensors_sha256") + 20
+    _patch(digit, at, b"0" if digit.read_bytes()[at : at + 1] != b"0" else b"1")
+    truncated = damaged["truncated"] = copy("truncated", False)
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    old = damaged["older export, no description"] = tmp_path / "old" / "hn.safetensors"
+    old.parent.mkdir()
+    meta = {k: v for k, v in json.loads(good.with_suffix(".json").read_text()).items()
+            if k not in ("weights_sha256", "tensors_sha256")}
+    save_file(load_file(str(good)), str(old), metadata={"hypernet": json.dumps(meta)})
+    for name, path in damaged.items():
+        with pytest.raises(HyperPragError, match="export-hypernet") as err:
+            load_hypernet(path, tiny)
+        assert str(path) in str(err.value), name
+    assert load_hypernet(copy("bare", False), tiny) is not None  # no description, but the header's hash verifies
 
 
 # ------------------------------------------------------------------------------------------------ index

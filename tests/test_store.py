@@ -339,3 +339,56 @@ def test_a_store_folder_that_cannot_be_created_is_a_clear_error(tmp_path, monkey
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises(HyperPragError, match="cannot create the LoRA store .*Permission denied.*make it writable"):
         LoraStore(tmp_path / "new")
+
+
+def test_a_store_keeps_its_dtype_when_a_writer_asks_for_another(tiny, tmp_path, make_lora, caplog):
+    """A bf16 re-encode into a float32 store stores float32 (exact), with a warning; a new store takes the dtype asked."""
+    import logging
+
+    assert LoraStore(tmp_path / "new").dtype == "bfloat16" and LoraStore(tmp_path / "new").held_dtype() is None
+    LoraStore(tmp_path, dtype="float32").put("a", make_lora(tiny, 0))
+    again = LoraStore(tmp_path, dtype="bfloat16")
+    assert again.dtype == "float32" and again.requested_dtype == "bfloat16"
+    with caplog.at_level(logging.WARNING, logger="hyper_prag.store"):
+        again.put_many([("b", make_lora(tiny, 1), {}), ("c", make_lora(tiny, 2), {})])
+        again.put("d", make_lora(tiny, 3))
+    assert caplog.text.count("holds float32 LoRAs: new entries are stored as float32 too, not bfloat16") == 1
+    dtypes = {json.loads(p.read_text())["dtype"] for p in (tmp_path / "shards").glob("*.json")}
+    assert dtypes == {"float32"}
+    for key, seed in (("b", 1), ("d", 3)):
+        assert torch.equal(LoraStore(tmp_path).get(key).A["up_proj"], make_lora(tiny, seed).A["up_proj"])  # exact
+    assert LoraStore(tmp_path).dtype == "float32"  # no dtype asked: the store's own
+    assert verify_store(tmp_path).ok
+
+
+def test_check_writable_refuses_a_store_that_takes_no_writes_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import hyper_prag.io as io
+
+    store = LoraStore(tmp_path)
+    store.check_writable()  # a writable folder: nothing left behind
+    assert list(store.shards.iterdir()) == []
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(io, "_fsync_file", read_only)
+    with pytest.raises(HyperPragError, match=r"cannot write to the LoRA store .*Read-only file system.*make it writable"):
+        store.check_writable()
+    assert list(store.shards.iterdir()) == []
+
+
+def test_a_served_lora_does_not_change_when_its_shard_is_rewritten_in_place(tiny, tmp_path, make_lora):
+    """A float32 entry is served as a copy: the memory map under it follows the file, the served LoRA must not."""
+    lora = make_lora(tiny, 0)
+    LoraStore(tmp_path, dtype="float32").put("a", lora)
+    served = LoraStore(tmp_path).get("a")
+    (shard,) = (tmp_path / "shards").glob("*.safetensors")
+    with open(shard, "r+b") as f:  # the same inode: what an in-place edit or bit rot does
+        f.seek(-4096, 2)
+        f.write(b"\xff" * 4096)
+    assert all(torch.equal(served.A[m], lora.A[m]) and torch.equal(served.B[m], lora.B[m])
+               for m in lora.spec.target_modules)
+    with pytest.raises(HyperPragError, match="corrupted"):
+        LoraStore(tmp_path).get("a")

@@ -117,13 +117,14 @@ def test_nested_injection_in_one_thread_does_not_deadlock(shared):
 
 # ------------------------------------------------------------------------------------- api.ask, every method
 
-ASK_METHODS = ("closed-book", "rag", "hypernet", "hypernet-both")
+ASK_METHODS = ("closed-book", "rag", "prag", "prag-both", "hypernet", "hypernet-both", "flare", "dragin")
 ASK_QUESTIONS = ("Where does the river Quellmar rise?", "Who founded Ardent Loom?", "What colour is zorvath?")
 
 
 @pytest.fixture(scope="module")
 def asked(tmp_path_factory):
-    """``ask``'s inputs on one loaded, untied tiny model: a corpus folder and a hypernet that reads in pieces."""
+    """``ask``'s inputs on one loaded, untied tiny model: a corpus folder, its per-document store and a hypernet
+    that reads in pieces."""
     import hyper_prag.api as api
     import hyper_prag.retrieve as retrieve
     from hyper_prag.corpus import Corpus, Document, save_corpus
@@ -144,10 +145,14 @@ def asked(tmp_path_factory):
         patch.setattr(retrieve, "cache_dir", lambda stage: tmp / stage)  # the index goes to tmp
         patch.setattr(api.assemble, "load_model", lambda *args, **kwargs: base)  # every call gets this one model
 
+        store = tmp / "store"
+        api.encode(model="tiny", corpus=str(folder), store=str(store), store_dtype="float32", chunk_size=3,
+                   augment={"source": "extractive"}, logger="none", progress=False)
+
         def ask(question: str, method: str):
             answer = api.ask(question, method, benchmark=str(folder), model="tiny", k=2, hypernet=checkpoint,
-                             max_new_tokens=4)
-            return answer.prediction, answer.doc_ids
+                             store=store, max_new_tokens=4)
+            return answer.prediction, answer.doc_ids, answer.lora_names
 
         ask(ASK_QUESTIONS[0], "rag")  # builds the index once, before the threads read it
         yield base, ask

@@ -1,7 +1,7 @@
 """The amortized encoder: a trained hypernetwork as an :class:`~hyper_prag.encoders.Encoder`, and its checkpoint files.
 
 The network itself (architecture, doc embeddings, forward pass) is :mod:`hyper_prag.hypernet`; it is
-trained by ``python -m train.hypernet fit`` (``train/hypernet.py``). This module is everything the
+trained by ``hyper-prag train hypernet fit`` (``hyper_prag/training/hypernet.py``). This module is everything the
 library does with a trained one::
 
     texts ──► doc embeddings (frozen LLM, cached) ──► Hypernet ──► one Lora per document    (HypernetEncoder)
@@ -28,24 +28,22 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
-from hyper_prag.combine import combine
 from hyper_prag.encoders import split_text
 from hyper_prag.errors import HyperPragError
 from hyper_prag.hypernet import (
     FORMAT_VERSION, EmbeddingCache, Hypernet, HypernetConfig, doc_embeddings, doc_token_states, pad_states,
 )
+from hyper_prag.io import atomic_write_bytes
 from hyper_prag.lora import Lora, LoraSpec
 from hyper_prag.model import BaseModel
 from hyper_prag.store import entry_sha256
@@ -136,21 +134,18 @@ def save_inference_checkpoint(hypernet: Hypernet, folder: str | Path, extra: dic
     folder.mkdir(parents=True, exist_ok=True)
     meta = hypernet.describe()
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hypernet.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=".hypernet-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        # One metadata entry (the description carries "format"): safetensors writes several entries in a
-        # per-process hash order, and the file's sha256 is the checkpoint identity in store keys.
-        # The description carries the tensors' own hash, so the weights file alone is verifiable.
-        described = {**meta, "tensors_sha256": entry_sha256(tensors)}
-        save_file(tensors, tmp, metadata={"hypernet": json.dumps(described, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # One metadata entry (the description carries "format"): safetensors writes several entries in a
+    # per-process hash order, and the file's sha256 is the checkpoint identity in store keys.
+    # The description carries the tensors' own hash, so the weights file alone is verifiable.
+    described = {**meta, "tensors_sha256": entry_sha256(tensors)}
+    # Bytes through a plain open(): the umask's permissions (0644); safetensors' save_file writes 0600.
+    atomic_write_bytes(path, save(tensors, metadata={"hypernet": json.dumps(described, sort_keys=True)}))
     config_path.write_text(json.dumps({**meta, "weights_sha256": file_sha256(path), **(extra or {})},
                                       indent=2, sort_keys=True))
     return path
+
+
+_REEXPORT = "re-export it from its training checkpoint (hyper-prag export-hypernet CKPT OUT)"
 
 
 def _build(meta: dict, state: dict[str, Tensor], base: BaseModel, source: str) -> Hypernet:
@@ -161,18 +156,19 @@ def _build(meta: dict, state: dict[str, Tensor], base: BaseModel, source: str) -
         embed_dim = int(meta["embed_dim"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise HyperPragError(f"hypernet checkpoint {source} has an invalid description ({err!r}); it is corrupted "
-                             "or not a hyper-prag hypernet: re-export it from its training run.") from err
+                             f"or not a hyper-prag hypernet: {_REEXPORT}.") from err
     if spec.base_model != base.identity:
         raise HyperPragError(
             f"hypernet checkpoint {source} was trained for base model '{spec.base_model}' but the loaded base "
             f"model is '{base.identity}' ({base.name}). A hypernet only works with the exact model it was trained "
-            "for: load that model, or train a hypernet for this one (python -m train.hypernet fit --config ...)."
+            "for: load that model, or train a hypernet for this one (hyper-prag train hypernet fit --config ...)."
         )
     net = Hypernet(config, spec, dims, embed_dim)
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
-        raise HyperPragError(f"hypernet checkpoint {source} does not match its own config ({err}); it is corrupted.") from err
+        raise HyperPragError(f"hypernet checkpoint {source} does not match its own config ({err}); it is corrupted: "
+                             f"{_REEXPORT}.") from err
     return net.eval()
 
 
@@ -201,14 +197,14 @@ def read_training_checkpoint(path: str | Path) -> dict:
                            for line in text.splitlines() if "WeightsUnpickler error:" in line), "unsupported content")
             raise HyperPragError(
                 f"{path} is refused: loading it would build objects other than tensors and plain containers, which "
-                f"can run code ({reason[:160]}). Only load .ckpt files written by `python -m train.hypernet fit`."
+                f"can run code ({reason[:160]}). Only load .ckpt files written by `hyper-prag train hypernet fit`."
             ) from err
         raise HyperPragError(f"{path} is not a readable hypernet training checkpoint ({type(err).__name__}: "
-                             f"{text[:200]}); pass a .ckpt written by `python -m train.hypernet fit`.") from err
+                             f"{text[:200]}); pass a .ckpt written by `hyper-prag train hypernet fit`.") from err
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get(CKPT_KEY), dict) \
             or not isinstance(ckpt.get("state_dict"), dict):
         raise HyperPragError(f"{path} is not a hypernet training checkpoint (no hypernet description or weights); "
-                             "pass a .ckpt written by `python -m train.hypernet fit`.")
+                             "pass a .ckpt written by `hyper-prag train hypernet fit`.")
     return ckpt
 
 
@@ -233,7 +229,7 @@ def _load(checkpoint: str | Path, base: BaseModel) -> tuple[Hypernet, str]:
             recorded = json.loads(described.read_text()).get("weights_sha256")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
             raise HyperPragError(f"the description {described} of hypernet checkpoint {path} is corrupted ({err}); "
-                                 "restore both files from the same export.") from err
+                                 f"restore both files from the same export, or {_REEXPORT}.") from err
         if recorded is not None and recorded != sha256:
             raise HyperPragError(
                 f"hypernet weights {path} have sha256 {sha256[:16]}…, but {described.name} records "
@@ -245,14 +241,15 @@ def _load(checkpoint: str | Path, base: BaseModel) -> tuple[Hypernet, str]:
             metadata = handle.metadata() or {}
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise HyperPragError(f"hypernet checkpoint {path} is truncated or corrupted ({err}).") from err
+        raise HyperPragError(f"hypernet checkpoint {path} is truncated or corrupted ({err}): {_REEXPORT}.") from err
     try:
         meta = json.loads(metadata.get("hypernet", "{}"))
     except json.JSONDecodeError as err:
-        raise HyperPragError(f"hypernet checkpoint {path} has a corrupted description ({err}).") from err
+        raise HyperPragError(f"hypernet checkpoint {path} has a corrupted description ({err}): {_REEXPORT}.") from err
     found = metadata.get("format", meta.get("format") if isinstance(meta, dict) else None)  # older files: both
     if found != FORMAT_VERSION:
-        raise HyperPragError(f"{path} is not a hyper-prag hypernet checkpoint (format {found!r}).")
+        raise HyperPragError(f"{path} is not a hyper-prag hypernet checkpoint (format {found!r}); pass one that "
+                             f"`hyper-prag export-hypernet` wrote, or {_REEXPORT}.")
     inner = meta.get("tensors_sha256")
     if inner is None and not described.is_file():
         raise HyperPragError(f"hypernet checkpoint {path} has no description beside it ({described.name}) and no "
@@ -269,7 +266,7 @@ def load_hypernet(checkpoint: str | Path, base: BaseModel) -> Hypernet:
 
     Args:
         checkpoint: a folder holding ``hypernet.safetensors``, that file itself, or a ``.ckpt`` written by
-            ``python -m train.hypernet fit``.
+            ``hyper-prag train hypernet fit``.
         base: the loaded base model; must be the one the hypernet was trained for.
 
     Returns:
@@ -296,7 +293,7 @@ def export_hypernet(ckpt: str | Path, out: str | Path, extra: dict | None = None
     """Turns a Lightning training checkpoint into the shippable inference checkpoint.
 
     Args:
-        ckpt: ``.ckpt`` written during ``python -m train.hypernet fit``.
+        ckpt: ``.ckpt`` written during ``hyper-prag train hypernet fit``.
         out: output folder (``hypernet.safetensors`` + ``config.json``) or ``NAME.safetensors`` (+ ``NAME.json``).
         extra: more facts for the JSON (e.g. the validation curve, training commands, a note).
         base: the base model it was trained for; ``None``: the one named in the checkpoint's hyper-parameters.
@@ -331,7 +328,7 @@ def validation_curve(metrics_csvs: Sequence[str | Path]) -> list[dict]:
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hyper-prag export-hypernet``."""
-    parser.add_argument("ckpt", type=Path, help="Lightning .ckpt from `python -m train.hypernet fit`")
+    parser.add_argument("ckpt", type=Path, help="Lightning .ckpt from `hyper-prag train hypernet fit`")
     parser.add_argument("out", type=Path, help="output folder for hypernet.safetensors + config.json, or NAME.safetensors")
     parser.add_argument("--metrics", type=Path, nargs="*", default=[],
                         help="the run's CSV logs (metrics.csv; one per resumed phase, in order): recorded as the validation curve")
@@ -386,8 +383,10 @@ class HypernetEncoder:
         return cls(hypernet.to(base.device), base, sha256, **kwargs)
 
     def settings(self) -> dict:
-        """Encoder identity: name, checkpoint sha256 and architecture (enter the store key)."""
-        return {"name": self.name, "checkpoint_sha256": self.sha256, **self.hypernet.config.to_dict()}
+        """Encoder identity: name, checkpoint sha256, architecture, and how a long document's pieces are joined
+        (their mean; stores written when they were summed hold other LoRAs under the old keys)."""
+        return {"name": self.name, "checkpoint_sha256": self.sha256, **self.hypernet.config.to_dict(),
+                "pieces": "mean"}
 
     def embed(self, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
         """The hypernet's input for ``texts`` (through the cache if one is set).
@@ -411,15 +410,21 @@ class HypernetEncoder:
         return int(self.hypernet.config.max_doc_tokens)
 
     @torch.no_grad()
-    def generate(self, texts: Sequence[str]) -> list[Lora]:
+    def generate(self, texts: Sequence[str], names: Sequence[str] | None = None) -> list[Lora]:
         """One LoRA per document text (float32, CPU).
 
         A text longer than :attr:`window` tokens is cut into pieces (:func:`~hyper_prag.encoders.split_text`);
-        its LoRA is the sum of the pieces' LoRAs (rank concatenation), so no part of it goes unread. The
-        hypernet's bias LoRA (``bias_rank`` > 0) is added once per document, after the pieces are summed.
+        its LoRA is the mean of the pieces' LoRAs (:meth:`~hyper_prag.hypernet.Hypernet.document_lora`: rank
+        concatenation, each piece weighted 1/P), so no part of it goes unread and its size stays that of one
+        window; a warning names the document. The bias LoRA (``bias_rank`` > 0) is added once per document.
+
+        Args:
+            texts: the documents' texts.
+            names: what the warning about a split document calls each one (e.g. its id); default: its opening.
         """
         if not texts:
             return []
+        names = list(names) if names is not None else [f"the document {t[:40]!r}…" for t in texts]
         pieces = [split_text(self.base, text, self.window) for text in texts]
         flat = [p for ps in pieces for p in ps]
         device = next(self.hypernet.parameters()).device
@@ -428,12 +433,9 @@ class HypernetEncoder:
             emb, mask = self.embed(flat[i : i + self.batch_size])  # (n, E) | (n, T, E) + (n, T)
             lora = self.hypernet(emb.to(device), None if mask is None else mask.to(device), bias=False)
             loras += lora.to("cpu").detach().unbind()
-        bias = self.hypernet.bias_lora()
-        bias = bias.to("cpu").detach() if bias is not None else None
         out, start = [], 0
-        for ps in pieces:
-            part = loras[start : start + len(ps)] + ([bias] if bias is not None else [])
-            out.append(part[0] if len(part) == 1 else combine(part, "sum"))
+        for ps, name in zip(pieces, names):
+            out.append(self.hypernet.document_lora(loras[start : start + len(ps)], name).to("cpu").detach())
             start += len(ps)
         return out
 
@@ -446,7 +448,8 @@ class HypernetEncoder:
         Returns:
             One single LoRA per document, in order.
         """
-        return self.generate([doc.text for doc in documents])
+        ids = [getattr(doc, "doc_id", None) or getattr(doc, "id", "?") for doc in documents]  # a plain Document too
+        return self.generate([doc.text for doc in documents], [f"document {i!r}" for i in ids])
 
 
 __all__ = ["HypernetEncoder", "load_hypernet", "save_inference_checkpoint", "checkpoint_sha256", "file_sha256",
