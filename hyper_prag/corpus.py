@@ -13,7 +13,9 @@ Any user corpus in that form works. Documents can also come from ``datasets``: a
 ``{"id": ..., "text": ..., "title": ..., "split": ...}`` from our fields to the dataset's columns
 (:func:`parse_columns` reads ``"id=doc_id,text=body"``). Integer ids become strings, a missing
 title column gives empty titles, and a ``DatasetDict``'s split names become the documents' splits
-unless a split column is mapped. Such a corpus has documents only (no questions, no doc_qa).
+unless a split column is mapped. Such a corpus has documents only (no questions, no doc_qa);
+:func:`load_questions` adds the questions of a second dataset (``"path_or_name[:split]"``, its own column
+mapping over :data:`QUESTION_FIELDS`), each naming its gold documents by id or by their text.
 
 :func:`load_corpus` validates every record and raises
 :class:`HyperPragError` naming the file and the 1-based line (JSONL) or row (Parquet) of the first
@@ -231,14 +233,19 @@ def _strings(row: dict[str, Any], key: str, path: Path, n: int) -> tuple[str, ..
 
 
 COLUMN_FIELDS: tuple[str, ...] = ("id", "title", "text", "split")  # the Document fields a column can map to
+# The Question fields a questions dataset's column can map to; "context" is the gold passage's text, matched to the
+# document with that text when the dataset names no document ids (SQuAD-style rows).
+QUESTION_FIELDS: tuple[str, ...] = ("id", "question", "answers", "type", "doc_ids", "context", "split")
+DEFAULT_QUESTION_TYPE = "question"  # the type of questions read from a dataset without a type column
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def parse_columns(text: str) -> dict[str, str]:
+def parse_columns(text: str, fields: tuple[str, ...] = COLUMN_FIELDS) -> dict[str, str]:
     """Parses a column mapping such as ``"id=doc_id,text=body,title=heading"``.
 
     Args:
-        text: comma-separated ``field=column`` pairs; fields are among :data:`COLUMN_FIELDS`.
+        text: comma-separated ``field=column`` pairs.
+        fields: the fields that may be mapped: :data:`COLUMN_FIELDS` (documents) or :data:`QUESTION_FIELDS`.
     Returns:
         ``{field: column}``.
     """
@@ -249,19 +256,20 @@ def parse_columns(text: str) -> dict[str, str]:
         field_name, sep, column = (x.strip() for x in part.partition("="))
         if not sep or not field_name or not column:
             raise HyperPragError(f"column mapping {text!r}: {part!r} is not field=column; write e.g. 'id=doc_id,text=body'")
-        if field_name not in COLUMN_FIELDS:
-            raise HyperPragError(f"column mapping {text!r}: unknown field {field_name!r}; map any of {list(COLUMN_FIELDS)}")
+        if field_name not in fields:
+            raise HyperPragError(f"column mapping {text!r}: unknown field {field_name!r}; map any of {list(fields)}")
         if field_name in mapping:
             raise HyperPragError(f"column mapping {text!r}: field {field_name!r} is mapped twice")
         mapping[field_name] = column
     return mapping
 
 
-def _check_columns(columns: Mapping[str, str] | str | None) -> dict[str, str]:
-    mapping = parse_columns(columns) if isinstance(columns, str) else dict(columns or {})
-    unknown = [k for k in mapping if k not in COLUMN_FIELDS]
+def _check_columns(columns: Mapping[str, str] | str | None,
+                   fields: tuple[str, ...] = COLUMN_FIELDS) -> dict[str, str]:
+    mapping = parse_columns(columns, fields) if isinstance(columns, str) else dict(columns or {})
+    unknown = [k for k in mapping if k not in fields]
     if unknown:
-        raise HyperPragError(f"column mapping names unknown fields {unknown}; map any of {list(COLUMN_FIELDS)}")
+        raise HyperPragError(f"column mapping names unknown fields {unknown}; map any of {list(fields)}")
     return mapping
 
 
@@ -309,6 +317,15 @@ def _load_hub_dataset(name: str, split: str | None, local_files_only: bool):
                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     finally:
         datasets.config.HF_HUB_OFFLINE = offline
+
+
+def _load_saved_dataset(folder: Path):
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(folder))
+    except (OSError, ValueError, FileNotFoundError) as e:
+        raise HyperPragError(f"{folder}: cannot read this save_to_disk folder ({e}); save the dataset again") from None
 
 
 def _dataset_corpus(data, where: Path, name: str, columns: Mapping[str, str], split: str | None) -> Corpus:
@@ -362,13 +379,7 @@ def load_corpus(path: str | Path, columns: Mapping[str, str] | str | None = None
         raise HyperPragError(f"{folder}: no such corpus folder; make one with save_corpus or `hyper-prag make-benchmark`, "
                              "or pass a datasets save_to_disk folder or a cached hub dataset id")
     if _is_saved_dataset(folder):
-        import datasets
-
-        try:
-            data = datasets.load_from_disk(str(folder))
-        except (OSError, ValueError, FileNotFoundError) as e:
-            raise HyperPragError(f"{folder}: cannot read this save_to_disk folder ({e}); save the dataset again") from None
-        return _dataset_corpus(data, folder, folder.name, mapping, split)
+        return _dataset_corpus(_load_saved_dataset(folder), folder, folder.name, mapping, split)
     doc_path = _find(folder, "documents")
     if doc_path is None:
         raise HyperPragError(f"{folder}: no documents.jsonl or documents.parquet (nor a datasets save_to_disk folder); "
@@ -414,6 +425,142 @@ def load_corpus(path: str | Path, columns: Mapping[str, str] | str | None = None
                                                   _string(row, "answer", qa_path, n, non_empty=True)))
     return Corpus(name=name, documents=tuple(documents), questions=tuple(questions),
                   doc_qa={k: tuple(v) for k, v in doc_qa.items()})
+
+
+# -------------------------------------------------------------------------------------- questions dataset
+
+_DATA_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # datasets builder by suffix
+
+
+def split_source(text: str) -> tuple[str, str | None]:
+    """Splits ``"path_or_name[:split]"`` into the dataset and its split (``None``: every split).
+
+    A text that names an existing file or folder as a whole is never split (a path may hold a colon).
+    """
+    name, sep, split = text.rpartition(":")
+    if not sep or Path(text).exists() or not name or not re.fullmatch(r"[\w.-]+", split):
+        return text, None
+    return name, split
+
+
+def _open_questions(source: str, split: str | None, local_files_only: bool):
+    """The questions' ``datasets`` object: a ``save_to_disk`` folder, a JSONL/JSON/Parquet/CSV file or a hub id."""
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not _is_saved_dataset(path):
+            raise HyperPragError(f"questions {source!r}: this folder is not a datasets save_to_disk folder; pass one, "
+                                 "a .jsonl/.parquet/.csv file of questions, or a cached hub dataset id")
+        data = _load_saved_dataset(path)
+    elif path.is_file():
+        builder = _DATA_FILES.get(path.suffix.lower())
+        if builder is None:
+            raise HyperPragError(f"questions {source!r}: unknown file type {path.suffix!r}; use one of {sorted(_DATA_FILES)}")
+        try:
+            data = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # pyarrow / datasets parse errors
+            raise HyperPragError(f"questions {source!r}: cannot read the file ({type(e).__name__}: {e})") from None
+        return {split or "test": data}
+    elif _HUB_ID.match(source) and not source.startswith("."):
+        data = _load_hub_dataset(source, split, local_files_only)
+    else:
+        raise HyperPragError(f"questions {source!r}: no such file or folder, and not a hub dataset id")
+    if isinstance(data, datasets.DatasetDict):
+        if split is not None and split not in data:
+            raise HyperPragError(f"questions {source!r}: no split {split!r}; it has {list(data)} (write {source}:SPLIT)")
+        return {split: data[split]} if split is not None else dict(data)
+    return {split or "test": data}
+
+
+def _answers(value: Any) -> Any:
+    """An answers cell as a list: a string, a list of strings, or SQuAD's ``{"text": [...], "answer_start": [...]}``."""
+    if isinstance(value, Mapping) and "text" in value:
+        value = value["text"]
+    return [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _ids(value: Any) -> Any:
+    """A doc-ids cell as a list of strings (datasets often number documents with integers)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in items]
+
+
+def load_questions(source: str | Path, corpus: Corpus, columns: Mapping[str, str] | str | None = None, *,
+                   local_files_only: bool = True) -> Corpus:
+    """Adds the questions of a second dataset to a corpus (e.g. a ``datasets`` corpus, which carries documents only).
+
+    Each row gives a question, its answers and its gold documents: by id (``doc_ids``: one id or a list) or by
+    text (``context``: the passage, matched to the corpus document with that exact text, as in SQuAD's rows); a
+    row with neither has no gold documents. Missing optional columns: ids ``<dataset>-<row>``, type
+    ``"question"``, split: the split of its gold documents, else the dataset split's name if documents have
+    that split, else the documents' one split, else ``"test"``.
+
+    Args:
+        source: ``"path_or_name[:split]"``: a ``save_to_disk`` folder, a ``.jsonl``/``.json``/``.parquet``/``.csv``
+            file, or a cached hub dataset id, optionally with the one split to read.
+        corpus: the corpus the questions are about (its documents are what ``doc_ids``/``context`` name).
+        columns: ``{field: column}`` (or ``"question=query,answers=answer,context=passage"``) over
+            :data:`QUESTION_FIELDS`; unmapped fields use their own names.
+        local_files_only: for a hub id, never download (default).
+    Returns:
+        The corpus with these questions after its own.
+    Raises:
+        HyperPragError: a missing column, an empty question or answer, an unknown document id or a context no
+            document has, naming the dataset and row.
+    """
+    mapping = _check_columns(columns, QUESTION_FIELDS)
+    col = {f: mapping.get(f, f) for f in QUESTION_FIELDS}
+    name, split = split_source(str(source))
+    parts = _open_questions(name, split, local_files_only)
+    by_text: dict[str, str] = {}
+    for doc in corpus.documents:
+        by_text.setdefault(doc.text.strip(), doc.id)
+    doc_splits = {d.split for d in corpus.documents}
+    label = Path(name).stem if Path(name).expanduser().exists() else name.replace("/", "-")
+    questions: list[Question] = []
+    for part_name, ds in parts.items():
+        where = Path(f"{name} ({part_name})")
+        required = [col["question"], col["answers"]] + [mapping[f] for f in mapping if f not in ("question", "answers")]
+        missing = sorted({c for c in required if c not in ds.column_names})
+        if missing:
+            raise HyperPragError(
+                f"questions {name!r} ({part_name}): no column(s) {missing}; its columns are {ds.column_names}. Map "
+                "our fields to them, e.g. question_columns='question=query,answers=answer,doc_ids=passage_id' "
+                "(or context=passage to find the gold document by its text)")
+        for n, row in enumerate(ds.to_list(), start=1):
+            row = {k: v for k, v in row.items() if v is not None}
+            if isinstance(row.get(col["id"]), int) and not isinstance(row.get(col["id"]), bool):
+                row[col["id"]] = str(row[col["id"]])
+            q_id = _string(row, col["id"], where, n, default=f"{label}-{part_name}-{n:05d}", non_empty=True)
+            text = _string(row, col["question"], where, n, non_empty=True)
+            answers = _strings({col["answers"]: _answers(row.get(col["answers"], []))}, col["answers"], where, n)
+            if col["doc_ids"] in row:
+                doc_ids = _strings({col["doc_ids"]: _ids(row[col["doc_ids"]])}, col["doc_ids"], where, n)
+                unknown = [d for d in doc_ids if d not in corpus._index]  # type: ignore[attr-defined]  # O(1) each
+                if unknown:
+                    raise HyperPragError(f"{_where(where, n)}: doc_ids names {unknown[0]!r}, which is not a document "
+                                         f"of corpus {corpus.name!r}; map doc_ids to the column of the documents' ids")
+            elif col["context"] in row:
+                context = _string(row, col["context"], where, n, non_empty=True).strip()
+                if context not in by_text:
+                    raise HyperPragError(f"{_where(where, n)}: no document of corpus {corpus.name!r} has this "
+                                         f"context's text ({context[:60]!r}…); map doc_ids instead, or check --columns")
+                doc_ids = (by_text[context],)
+            else:
+                doc_ids = ()
+            cited = {corpus.document(d).split for d in doc_ids}
+            default_split = (next(iter(cited)) if cited else part_name if part_name in doc_splits
+                             else next(iter(doc_splits)) if len(doc_splits) == 1 else "test")
+            questions.append(Question(id=q_id, question=text, answers=answers,
+                                      type=_string(row, col["type"], where, n, default=DEFAULT_QUESTION_TYPE,
+                                                   non_empty=True),
+                                      doc_ids=doc_ids,
+                                      split=_string(row, col["split"], where, n, default=default_split, non_empty=True)))
+    if not questions:
+        raise HyperPragError(f"questions {source!r}: the dataset has no rows")
+    return Corpus(name=corpus.name, documents=corpus.documents, questions=corpus.questions + tuple(questions),
+                  doc_qa=corpus.doc_qa)
 
 
 # ---------------------------------------------------------------------------------------------- writing

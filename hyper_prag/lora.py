@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from hyper_prag.errors import HyperPragError
-from hyper_prag.io import atomic_file
+from hyper_prag.io import atomic_write_bytes
 
 FORMAT_VERSION = "hyper-prag-lora/1"
 
@@ -247,8 +247,8 @@ def save_lora(lora: Lora, path: str | Path, dtype: torch.dtype | None = None) ->
         raise HyperPragError("save_lora() takes one LoRA; unbind() a batch and save each.")
     tensors = {f"A.{m}": t for m, t in lora.A.items()} | {f"B.{m}": t for m, t in lora.B.items()}
     tensors = {k: t.detach().to("cpu", dtype=dtype or t.dtype).contiguous() for k, t in tensors.items()}
-    with atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata={"format": FORMAT_VERSION, "spec": lora.spec.to_json()})
+    # Bytes through a plain open(): the umask's permissions (0644); safetensors' save_file writes 0600.
+    atomic_write_bytes(path, save(tensors, metadata={"format": FORMAT_VERSION, "spec": lora.spec.to_json()}))
     return path
 
 
@@ -300,7 +300,9 @@ def export_peft(lora: Lora, folder: str | Path, base_model_name_or_path: str = "
     Args:
         lora: a single LoRA.
         folder: output folder (created).
-        base_model_name_or_path: recorded in the config for PEFT users.
+        base_model_name_or_path: recorded in the config: the hub id ``AutoPeftModelForCausalLM`` loads the base
+            model from (:func:`hyper_prag.model.portable_model_name` gives it; ``PeftModel.from_pretrained``,
+            handed the base model, does not read it), not a path of this machine.
 
     Returns:
         The folder.
@@ -319,8 +321,10 @@ def export_peft(lora: Lora, folder: str | Path, base_model_name_or_path: str = "
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
     }
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt", "hyper_prag_spec": spec.to_json()})
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    # Through a plain open(): the umask's permissions (0644) for a folder meant to be shared; save_file writes 0600.
+    atomic_write_bytes(folder / "adapter_model.safetensors",
+                       save(tensors, metadata={"format": "pt", "hyper_prag_spec": spec.to_json()}))
+    atomic_write_bytes(folder / "adapter_config.json", json.dumps(config, indent=2).encode())
     return folder
 
 

@@ -514,6 +514,48 @@ def _prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: s
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model whose Q4_1 GGUF is the packaged default
+_HUB_CACHE_FOLDER = re.compile(r"^models--(?P<org>[\w.-]+?)--(?P<name>[\w.-]+)$")  # huggingface_hub's layout
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a model name is meant as a folder: ``/…``, ``./…``, ``~/…``, ``a/b/c`` or a Windows separator.
+    ``org/name`` has the one slash of a hub id and is looked up in the Hugging Face cache instead."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def portable_model_name(name_or_path: str | Path | None) -> str:
+    """The base model's name as another machine can load it: PEFT's ``base_model_name_or_path``.
+
+    The packaged default becomes :data:`DEFAULT_HUB_ID` (its weights are that model's Q4_1 GGUF, de-quantized;
+    the LoRA's own metadata keeps the exact identity); a hub id stays itself; a folder in the Hugging Face cache
+    (``…/models--ORG--NAME/snapshots/REV``) becomes ``ORG/NAME``; another folder becomes the hub id its
+    ``config.json`` records as ``_name_or_path`` (``save_pretrained`` writes it), else the folder's name. Never
+    a path of this machine.
+
+    Args:
+        name_or_path: what was passed as the model (``load_base_model``'s argument).
+    Returns:
+        The portable name.
+    """
+    if name_or_path in (None, DEFAULT_MODEL):
+        return DEFAULT_HUB_ID
+    name = str(name_or_path)
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        return name  # a hub id (or a known name such as "tiny")
+    folder = folder.resolve()
+    for part in reversed(folder.parts):
+        found = _HUB_CACHE_FOLDER.match(part)
+        if found:
+            return f"{found['org']}/{found['name']}"
+    try:
+        recorded = json.loads((folder / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and _HUB_ID.match(recorded) and "/" in recorded and not Path(recorded).exists():
+        return recorded
+    return folder.name
 
 
 # What a causal LM needs from a hub repository: configs, safetensors weights, tokenizer files.
@@ -571,8 +613,11 @@ def load_base_model(
     if name_or_path in (None, DEFAULT_MODEL):
         folder, name = default_model_dir(cache), DEFAULT_MODEL
     else:
-        folder, name = Path(name_or_path), str(name_or_path)
-        if not folder.exists() and _HUB_ID.match(name) and not name.startswith("."):
+        folder, name = Path(name_or_path).expanduser(), str(name_or_path)
+        if not folder.exists():
+            if _looks_like_path(name) or not _HUB_ID.match(name):
+                raise HyperPragError(f"Base model folder {name} does not exist ({folder.resolve()}); check the path, "
+                                     f"or pass a hub id such as 'Qwen/Qwen2.5-0.5B' or '{DEFAULT_MODEL}'.")
             folder = _hub_snapshot(name, local_files_only)
         if not (folder / "config.json").is_file():
             raise HyperPragError(

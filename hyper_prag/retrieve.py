@@ -231,6 +231,17 @@ def _write_common(folder: Path, manifest: dict[str, Any], doc_ids: Sequence[str]
 
 # ------------------------------------------------------------------------------------------------ BM25
 
+def _bm25s():
+    """``bm25s``, its logger kept under the application's level: it pins itself at DEBUG on import, so its
+    "Building index from tokens" and per-empty-query lines would print under any handler; now they show
+    only when the root logger is at DEBUG (``hyper-prag -v``)."""
+    import bm25s
+
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    logging.getLogger("bm25s").setLevel(logging.NOTSET if verbose else logging.WARNING)
+    return bm25s
+
+
 class BM25Retriever:
     """Sparse lexical retrieval with ``bm25s`` (the paper's retriever).
 
@@ -259,7 +270,7 @@ class BM25Retriever:
         Returns:
             The retriever.
         """
-        import bm25s
+        bm25s = _bm25s()
 
         if not corpus.documents:
             raise HyperPragError(f"corpus {corpus.name!r} has no documents to index")
@@ -281,7 +292,7 @@ class BM25Retriever:
         Returns:
             One list of hits per query.
         """
-        import bm25s
+        bm25s = _bm25s()
 
         _check_k(k)
         if not queries:
@@ -318,7 +329,7 @@ class BM25Retriever:
 
     @classmethod
     def _read(cls, path: Path, corpus: Corpus, manifest: dict[str, Any]) -> BM25Retriever:
-        import bm25s
+        bm25s = _bm25s()
 
         try:
             index = bm25s.BM25.load(str(path / "bm25"), show_progress=False)

@@ -214,3 +214,66 @@ def test_uncached_hub_dataset_is_a_clear_error_without_network_waits(tmp_path: P
         load_corpus("someone/not-cached-corpus", columns="id=doc_id,text=body")
     assert time.monotonic() - start < 10
     assert datasets.config.HF_HUB_OFFLINE == offline  # the switch is put back
+
+
+# ------------------------------------------------------------------------------------- questions dataset
+
+def _passages(tmp_path: Path) -> Corpus:
+    """A datasets corpus (documents only): two splits, integer ids."""
+    import datasets
+
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([{"pid": 1, "body": "Varn is a lake north of Brask."},
+                                             {"pid": 2, "body": "Tessa Lind painted the Varn in 1902."}]),
+        "validation": datasets.Dataset.from_list([{"pid": 3, "body": "Ardent Loom was founded in 1873."}]),
+    }).save_to_disk(str(tmp_path / "passages"))
+    return load_corpus(tmp_path / "passages", columns="id=pid,text=body")
+
+
+def test_questions_of_a_second_dataset_name_their_documents_by_id_or_by_text(tmp_path: Path) -> None:
+    import datasets
+
+    from hyper_prag.corpus import load_questions, split_source
+
+    corpus = _passages(tmp_path)
+    assert corpus.questions == ()
+    datasets.DatasetDict({
+        "by_id": datasets.Dataset.from_list([{"query": "Where is Varn?", "answer": "north of Brask", "gold": 1}]),
+        "lists": datasets.Dataset.from_list([
+            {"query": "Who painted the Varn?", "answer": ["Tessa Lind", "Lind"], "gold": [2, 1]}]),
+        "squad_like": datasets.Dataset.from_list([  # SQuAD's answers and gold passage text (padding is stripped)
+            {"id": "s1", "query": "When was Ardent Loom founded?", "passage": " Ardent Loom was founded in 1873. ",
+             "answers": {"text": ["1873"], "answer_start": [27]}}]),
+    }).save_to_disk(str(tmp_path / "qs"))
+    mapping = "question=query,answers=answer,doc_ids=gold"
+    by_id = load_questions(f"{tmp_path / 'qs'}:by_id", corpus, mapping)
+    assert by_id.documents == corpus.documents
+    assert by_id.questions == (Question("qs-by_id-00001", "Where is Varn?", ("north of Brask",), "question", ("1",),
+                                        "train"),)
+    lists = load_questions(f"{tmp_path / 'qs'}:lists", by_id, mapping)  # added after the first ones
+    assert lists.questions[1:] == (Question("qs-lists-00001", "Who painted the Varn?", ("Tessa Lind", "Lind"),
+                                            "question", ("2", "1"), "train"),)
+    squad = load_questions(f"{tmp_path / 'qs'}:squad_like", corpus, {"question": "query", "context": "passage"})
+    assert squad.questions == (Question("s1", "When was Ardent Loom founded?", ("1873",), "question", ("3",),
+                                        "validation"),)  # the split of its gold document
+    assert squad.split("validation").questions == squad.questions
+    # A JSONL file of questions; its split column wins.
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "Varn?", "answers": ["lake"], "doc_ids": ["1"],
+                                                  "split": "train", "type": "lookup"}) + "\n")
+    assert load_questions(tmp_path / "q.jsonl", corpus).questions[0].type == "lookup"
+    assert split_source("org/name:validation") == ("org/name", "validation")
+    assert split_source(str(tmp_path / "q.jsonl")) == (str(tmp_path / "q.jsonl"), None)
+    for source, columns, match in [
+        (f"{tmp_path / 'qs'}:by_id", "question=query", r"no column\(s\) \['answers'\].*question_columns="),
+        (f"{tmp_path / 'qs'}:by_id", "question=query,answers=answer,doc_ids=nope", r"no column\(s\) \['nope'\]"),
+        (f"{tmp_path / 'qs'}:test", "question=query", r"no split 'test'.*\['by_id', 'lists', 'squad_like'\]"),
+        (f"{tmp_path / 'qs'}:squad_like", "question=query,context=query", "no document .* has this context"),
+        (str(tmp_path / "none.jsonl"), None, "no such file or folder"),
+        (f"{tmp_path / 'qs'}:by_id", "question=query,answers=answer,doc_ids=gold,name=x", "unknown field 'name'"),
+    ]:
+        with pytest.raises(HyperPragError, match=match):
+            load_questions(source, corpus, columns)
+    datasets.Dataset.from_list([{"question": "Where?", "answers": ["x"], "doc_ids": ["9"]}]).save_to_disk(
+        str(tmp_path / "bad-id"))
+    with pytest.raises(HyperPragError, match=r"bad-id \(test\), row 1: doc_ids names '9'"):
+        load_questions(tmp_path / "bad-id", corpus)

@@ -109,6 +109,19 @@ def test_peft_export_loads_in_peft_with_same_logits(tiny, tmp_path):
         assert torch.equal(back.A[m], lora.A[m]) and torch.equal(back.B[m], lora.B[m])
 
 
+def test_peft_export_files_get_the_umask_s_permissions(tiny, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        folder = export_peft(random_lora(tiny, seed=3), tmp_path / "adapter", base_model_name_or_path="someone/model")
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {
+        "adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
+
+
 def test_zeros_has_no_delta(tiny):
     spec = LoraSpec().for_model(tiny)
     lora = zeros(spec, {m: tiny.module_dims(m) for m in spec.target_modules})

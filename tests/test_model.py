@@ -1,4 +1,5 @@
 import copy
+import json
 import shutil
 from dataclasses import replace
 
@@ -59,8 +60,20 @@ def test_missing_model_package_says_how_to_install(monkeypatch):
 
 
 def test_missing_model_folder_is_clear(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(HyperPragError, match="no config.json"):
-        load_base_model(tmp_path / "nothing")
+        load_base_model(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("name", ["./models/smol", "/tmp/hyper-prag-nope", "~/hyper-prag-nope", "models/small/v2",
+                                  "../smol"])
+def test_a_mistyped_folder_is_not_taken_for_a_hub_id(name, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("looked up on the hub"))
+    with pytest.raises(HyperPragError, match=f"Base model folder {name} does not exist .*check the path") as err:
+        load_base_model(name, device="cpu")
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow
@@ -149,6 +162,22 @@ def test_hub_id_loads_from_the_hugging_face_cache(tiny, monkeypatch, tmp_path):
     base = load_base_model("someone/tiny", device="cpu")
     assert base.name == "someone/tiny"
     assert base.identity == load_base_model(folder, device="cpu").identity
+    # What an exported adapter records: the hub id, whichever way the model was named; never a path here.
+    assert model_mod.portable_model_name("someone/tiny") == "someone/tiny"
+    assert model_mod.portable_model_name(snapshot) == "someone/tiny"
+
+
+def test_portable_model_name_is_never_a_path_of_this_machine(tiny, tmp_path, monkeypatch):
+    folder = _save(tiny, tmp_path / "my-finetune")
+    assert model_mod.portable_model_name(folder) == "my-finetune"  # nothing better is known
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_name_or_path": "someone/base-model"}))
+    assert model_mod.portable_model_name(folder) == "someone/base-model"
+    monkeypatch.chdir(tmp_path)
+    assert model_mod.portable_model_name("./my-finetune") == "someone/base-model"
+    assert model_mod.portable_model_name(None) == model_mod.portable_model_name(model_mod.DEFAULT_MODEL) \
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert model_mod.portable_model_name("tiny") == "tiny"
 
 
 # ------------------------------------------------------------------------------------- prompts

@@ -158,3 +158,32 @@ def test_run_index_cli(corpus: Corpus, tmp_path: Path) -> None:
     assert (default_index_path("bm25", corpus) / "manifest.json").is_file()
     assert load_retriever("bm25", corpus).search(["Mount Ferrick telescope"], k=1)[0][0].doc_id == "bram"
     assert main(["index", "--corpus", str(folder), "--kind", "both", "--out", str(tmp_path / "x")]) == 2  # --out: one kind
+
+
+def test_bm25s_logs_only_when_the_application_logs_at_debug(tmp_path):
+    """bm25s pins its logger at DEBUG; its lines reach a root handler only when the root is at DEBUG (-v)."""
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.NOTSET)  # like basicConfig's handler: the root logger's level filters
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    corpus = Corpus("bm25-log", tuple(Document(id=str(i), title="t", text=f"apples and pears {i}") for i in range(3)))
+    root, keep = logging.getLogger(), Keep()
+    level = root.level
+    root.addHandler(keep)
+    try:
+        for root_level, shown in ((logging.INFO, False), (logging.DEBUG, True)):
+            root.setLevel(root_level)
+            keep.records.clear()
+            retriever = BM25Retriever.build(corpus)
+            retriever.search(["the"], k=1)  # a query of stop words only: bm25s logs that it is empty
+            retriever.save(tmp_path / f"index-{root_level}")
+            assert any(r.name.startswith("bm25s") for r in keep.records) == shown, root_level
+    finally:
+        root.removeHandler(keep)
+        root.setLevel(level)
