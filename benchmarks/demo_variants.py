@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                            wandb_mode="disabled")
     summary = {"variant": args.variant, "layout": args.layout, "examples": len(examples),
                "methods": {m.name: {"median_answer_tokens": m.median_answer_tokens,
-                                    **{k: round(100 * m.scores["total"][k]["mean"], 1) for k in ("f1", "em", "accuracy")}}
+                                    **{k: round(100 * m.scores["total"][k]["mean"], 1) for k in ("f1", "em", "contained")}}
                            for m in results.methods}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))

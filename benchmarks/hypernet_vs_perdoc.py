@@ -23,6 +23,9 @@ Measured:
   (``rag``: the question's documents in the prompt) and "combine both" (``<encoder>+rag``: documents and
   LoRAs); paired differences (own − wrong document, − closed-book, combine − RAG) with bootstrap CIs.
 
+The rows also go to one W&B run (offline by default; :mod:`hyper_prag.tracking`): F1 by row and by question
+type, quality vs encoding cost per document, the refine curve (``--refine-steps``), the answers; in percent.
+
 With several ``--checkpoint`` paths, the first is reported as ``hypernet`` and each other one as
 ``hypernet:<file stem>`` (with its own ``_wrong_doc`` control), all on the same questions.
 """
@@ -36,6 +39,7 @@ import random
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -43,6 +47,7 @@ import yaml
 
 from hyper_prag.corpus import Corpus
 from hyper_prag.encoders.hypernet import SHIPPED_CHECKPOINT
+from hyper_prag.evaluate import MethodResult, Results
 from hyper_prag.lora import Lora
 from hyper_prag.pipeline import Pipeline
 from hyper_prag.scoring import bootstrap_ci
@@ -129,23 +134,28 @@ def paired(a: list[float], b: list[float]) -> dict:
     return {"mean": mean, "low": low, "high": high}
 
 
+def pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The paired comparisons (row, reference) of a run's rows: each table vs its wrong-document control and
+    vs closed-book, each "combine both" row vs standard RAG, each amortized encoder vs per-document training."""
+    out = []
+    for m in methods:
+        if f"{m}_wrong_doc" in methods:
+            out.append((m, f"{m}_wrong_doc"))
+        if m not in ("closed_book", "rag") and not m.endswith(("_wrong_doc", "+rag")):
+            out.append((m, "closed_book"))
+        if m.endswith("+rag"):
+            out.append((m, "rag"))
+        if m.startswith(("hypernet", "gradient")) and not m.endswith(("_wrong_doc", "+rag")) and "per_doc" in methods:
+            out.append((m, "per_doc"))  # the amortized encoder against per-document training
+    return out
+
+
 def paired_differences(questions, predictions: dict[str, list[str]]) -> dict:
-    """Paired F1 differences with bootstrap 95% CIs (all questions and lookups): each table vs its
-    wrong-document control and vs closed-book, each "combine both" row vs standard RAG."""
+    """Paired F1 differences with bootstrap 95% CIs (all questions and lookups) of :func:`pairs`."""
     f1 = {m: [score_answer(p, q.answers)["f1"] for p, q in zip(preds, questions)] for m, preds in predictions.items()}
     lookups = [i for i, q in enumerate(questions) if q.type == "lookup"]
-    pairs = []
-    for m in f1:
-        if f"{m}_wrong_doc" in f1:
-            pairs.append((m, f"{m}_wrong_doc"))
-        if m not in ("closed_book", "rag") and not m.endswith(("_wrong_doc", "+rag")):
-            pairs.append((m, "closed_book"))
-        if m.endswith("+rag"):
-            pairs.append((m, "rag"))
-        if m.startswith(("hypernet", "gradient")) and not m.endswith(("_wrong_doc", "+rag")) and "per_doc" in f1:
-            pairs.append((m, "per_doc"))  # the amortized encoder against per-document training
     out = {}
-    for a, b in pairs:
+    for a, b in pairs(list(f1)):
         for label, idx in (("all", range(len(questions))), ("lookup", lookups)):
             if idx:
                 out[f"{a} - {b}/{label}"] = paired([f1[a][i] for i in idx], [f1[b][i] for i in idx]) | {"n": len(idx)}
@@ -153,7 +163,7 @@ def paired_differences(questions, predictions: dict[str, list[str]]) -> dict:
 
 
 def score(questions, predictions, resamples: int = 1000) -> dict:
-    """F1 / EM / accuracy (max over answer aliases), by question type and overall ("all"), with 95% CIs."""
+    """F1 / EM / contained (max over answer aliases), by question type and overall ("all"), with 95% CIs."""
     scored = [score_answer(p, q.answers) for q, p in zip(questions, predictions)]
     types = [q.type for q in questions]
     summary = summarize(scored, types, sorted(set(types)), n_resamples=resamples)
@@ -161,6 +171,38 @@ def score(questions, predictions, resamples: int = 1000) -> dict:
                                              **{m: c["mean"] for m, c in cells.items()},
                                              **{f"{m}_ci": [c["low"], c["high"]] for m, c in cells.items()}}
             for t, cells in summary.items()}
+
+
+def encode_seconds(result: dict, method: str) -> float | None:
+    """Encoding seconds per document of a row: 0 for closed-book and RAG, its encoder's for a table and its
+    "combine both" row, ``None`` for a wrong-document control (not an encoder of its own)."""
+    if method in ("closed_book", "rag"):
+        return 0.0
+    entry = result.get(method.removesuffix("+rag"))
+    if method.endswith("_wrong_doc") or not isinstance(entry, dict):
+        return None
+    return entry["ms_per_doc_batched"] / 1000 if "ms_per_doc_batched" in entry else entry.get("s_per_doc")
+
+
+def as_results(questions, predictions: dict[str, list[str]], result: dict, resamples: int = 1000) -> Results:
+    """The rows as harness :class:`~hyper_prag.evaluate.Results`, what :mod:`hyper_prag.tracking` logs: each
+    row's answering time spread evenly over its questions (one stage, ``answer``), its encoding cost."""
+    types = [q.type for q in questions]
+    methods = []
+    for name, preds in predictions.items():
+        scored = [score_answer(p, q.answers) for q, p in zip(questions, preds)]
+        seconds = result["scores"][name]["all"]["answer_seconds"]
+        timing = {"answer": seconds / len(questions)}
+        latency = {"median": {**timing, "total": timing["answer"]}, "mean": {**timing, "total": timing["answer"]}}
+        methods.append(MethodResult(
+            name=name, scores=summarize(scored, types, sorted(set(types)), n_resamples=resamples), latency=latency,
+            memory={}, retrievals=0.0, encode_seconds_per_doc=encode_seconds(result, name), wall_seconds=seconds,
+            predictions=[{"id": q.id, "type": q.type, "question": q.question, "answers": list(q.answers),
+                          "prediction": p, "doc_ids": list(q.doc_ids), "lora_names": [], "retrievals": 0,
+                          "timing": timing, **s} for q, p, s in zip(questions, preds, scored)]))
+    config = {"benchmark": "fictional", "split": "test", "questions": len(questions), "n_resamples": resamples,
+              "seed": 0, **{k: result[k] for k in ("command", "documents", "checkpoint")}}
+    return Results(methods, sorted(set(types)), config)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -322,19 +364,15 @@ def main(argv: list[str] | None = None) -> dict:
     result["paired"] = paired_differences(questions, predictions)
     result["examples"] = [{"question": q.question, "answers": list(q.answers), "type": q.type,
                            **{m: p[i] for m, p in predictions.items()}} for i, q in enumerate(questions[:12])]
-    from hyper_prag.tracking import log_tables
+    from hyper_prag.tracking import log_results
 
-    rows = [[method, t, c["f1"], c["f1_ci"][0], c["f1_ci"][1], c["em"], c["accuracy"], c["n"]]
-            for method, by_type in scores.items() for t, c in by_type.items()]
-    answers = [[method, q.id, q.type, q.question, p, " | ".join(q.answers)]
-               for method, preds in predictions.items() for q, p in zip(questions, preds)]
-    costs = {k: v for k, v in result.items() if k.startswith("encode_cost_ratio")}
-    log_tables({"summary": (("method", "type", "f1", "f1_low", "f1_high", "em", "accuracy", "n"), rows),
-                "answers": (("method", "id", "type", "question", "prediction", "answers"), answers)},
-               summary={**{f"{m}/f1": by_type["all"]["f1"] for m, by_type in scores.items()}, **costs},
-               config={"command": result["command"], "documents": len(docs), "questions": len(questions)},
-               project=args.wandb_project, group="hypernet_vs_perdoc", name="hypernet-vs-perdoc",
-               mode=args.wandb_mode, save_dir=args.wandb_dir)
+    # The refine curve: F1 after k per-document steps from the hypernet's LoRA and from a random one.
+    curves = {f"{row}+k": {k: f"{row}+{k}" for k in args.refine_steps} for row in ("hypernet", "random")
+              if args.refine_steps}
+    log_results(as_results(questions, predictions, result), curves=curves, pairs=pairs(list(predictions)),
+                summary={k: v for k, v in result.items() if k.startswith("encode_cost_ratio")},
+                project=args.wandb_project, group="hypernet_vs_perdoc", name="hypernet-vs-perdoc",
+                job_type="benchmark", mode=args.wandb_mode, save_dir=args.wandb_dir)
     write_json(result, args.out)
     return result
 

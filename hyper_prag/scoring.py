@@ -9,8 +9,9 @@ Scoring (max over all accepted answer aliases), exactly as the official SQuAD v1
 - ``em``: normalised prediction == normalised alias.
 - ``f1``: token-level F1 between the two normalised strings (0 when they share no token, also when
   both are empty, as in v1.1).
-- ``accuracy`` ("answer contained", ours): the normalised alias occurs as whole words inside the
+- ``contained`` ("answer contained", ours): the normalised alias occurs as whole words inside the
   normalised prediction (small instruction models are verbose: "It was founded in 1873." contains "1873").
+  Results written before this name was chosen call it ``accuracy`` (:data:`RENAMED_METRICS`).
 
 Every mean comes with a seeded percentile-bootstrap 95% confidence interval (resamples of the
 questions), per question type and in total (:func:`summarize`).
@@ -28,7 +29,8 @@ import numpy as np
 
 from hyper_prag.errors import HyperPragError
 
-METRICS: tuple[str, ...] = ("f1", "em", "accuracy")
+METRICS: tuple[str, ...] = ("f1", "em", "contained")  # one name each in JSON, Markdown and W&B
+RENAMED_METRICS: dict[str, str] = {"accuracy": "contained"}  # old name -> name, for results files read back
 TOTAL = "total"
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -71,7 +73,7 @@ def score(prediction: str, answers: Sequence[str]) -> dict[str, float]:
         answers: accepted aliases (non-empty).
 
     Returns:
-        ``{"em": 0|1, "f1": [0, 1], "accuracy": 0|1}``.
+        ``{"em": 0|1, "f1": [0, 1], "contained": 0|1}``.
     """
     if not answers:
         raise HyperPragError("a question has no accepted answers; every question needs at least one.")
@@ -79,7 +81,7 @@ def score(prediction: str, answers: Sequence[str]) -> dict[str, float]:
     return {
         "em": max(exact_match(prediction, a) for a in answers),
         "f1": max(f1_score(prediction, a) for a in answers),
-        "accuracy": float(any(g and f" {g} " in padded for g in map(normalize_answer, answers))),
+        "contained": float(any(g and f" {g} " in padded for g in map(normalize_answer, answers))),
     }
 
 
