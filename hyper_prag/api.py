@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from hyper_prag import assemble
 from hyper_prag.combine import DEFAULT_COMBINE, CombineMode, check_combine_mode
@@ -30,16 +30,21 @@ from hyper_prag.encoders.per_doc import FitBank, PerDocConfig, fit_steps
 from hyper_prag.errors import HyperPragError
 from hyper_prag.evaluate import Results, compare, select_questions
 from hyper_prag.lora import LoraSpec
-from hyper_prag.methods import Answer, LoraSource, method_spec, parse_methods
-from hyper_prag.model import DEFAULT_MODEL
+from hyper_prag.corpus import Corpus
+from hyper_prag.methods import Answer, LoraSource, MethodSpec, method_spec, parse_methods
+from hyper_prag.model import DEFAULT_MODEL, portable_model_name
 from hyper_prag.pipeline import Pipeline
+from hyper_prag.recipes import recipe_for
+
+if TYPE_CHECKING:
+    from hyper_prag.store import LoraStore
 
 log = logging.getLogger(__name__)
 
 RetrieverName = Literal["bm25", "dense"]
 WandbMode = Literal["offline", "online", "disabled"]
 WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
-Runner = Literal["lightning", "loop"]  # which trainer python -m train.encode runs each bank with
+Runner = Literal["lightning", "loop"]  # which trainer hyper-prag encode runs each bank with
 
 
 # ----------------------------------------------------------------------------------------------- encode
@@ -115,9 +120,9 @@ def encode(
         warmup_split: for ``trainer.init="warmup"``: the held-out split the warm-up LoRA trains on.
         warmup_docs: held-out documents used for the warm-up.
         warmup_steps: warm-up sequences (steps).
-        runner: read by ``python -m train.encode``: ``lightning`` trains each chunk's bank under a
-            ``lightning.Trainer``, ``loop`` with the library's plain loop; both give bit-identical LoRAs.
-            This function trains with ``fit`` whatever the value.
+        runner: read by ``hyper-prag encode`` (:mod:`hyper_prag.training.encode`): ``lightning`` trains each
+            chunk's bank under a ``lightning.Trainer``, ``loop`` with the library's plain loop; both give
+            bit-identical LoRAs. This function trains with ``fit`` whatever the value.
         logger: Lightning logger for per-step losses: ``csv`` (default), ``wandb`` or ``none`` (rank 0 logs).
         log_dir: logger folder.
         offline: W&B offline mode (no network here).
@@ -193,20 +198,38 @@ def _make_logger(logger: str, log_dir: str, offline: bool, name: str):
     return False
 
 
-def encode_config_parser():
-    """The jsonargparse parser whose schema is :func:`encode`'s signature (+ ``--config``)."""
+def encode_config_parser(prog: str = "hyper-prag encode"):
+    """The jsonargparse parser whose schema is :func:`encode`'s signature (+ ``--config``), flags hyphenated.
+
+    Args:
+        prog: the program name in its usage line.
+    """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="python -m train.encode", description="Per-document LoRA encoding (paper §3.2).")
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/encode/*.yaml)")
+    from hyper_prag.flags import hyphenate
+
+    parser = ArgumentParser(prog=prog, description="Encode documents into LoRAs (per-document training, paper "
+                            "§3.2, or a hypernetwork) into the LoRA store. Every flag is a key of the YAML.")
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="YAML config: a file or a shipped config's name (tiny, demo, paper, ...)")
     parser.add_function_arguments(encode, skip={"fit"})
-    return parser
+    return hyphenate(parser)
 
 
-def load_encode_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Parses an encode YAML (and ``--key value`` overrides) into :func:`encode` keyword arguments."""
-    parser = encode_config_parser()
-    args = (["--config", str(path)] if path else []) + list(overrides)
+def load_encode_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                       prog: str = "hyper-prag encode") -> dict[str, Any]:
+    """Parses an encode YAML (and ``--key value`` overrides) into :func:`encode` keyword arguments.
+
+    Args:
+        path: a YAML file or a shipped config's name (:func:`hyper_prag.paths.config_file`); ``None``: the
+            signature's defaults (or a ``--config`` among ``overrides``).
+        overrides: command-line arguments, e.g. ``["--limit", "4", "--trainer.epochs", "2"]``.
+        prog: the program name of usage lines and ``--help``.
+    """
+    from hyper_prag.flags import config_argv
+
+    parser = encode_config_parser(prog)
+    args = config_argv((["--config", str(path)] if path else []) + list(overrides), "encode")
     cfg = parser.instantiate(parser.parse_args(args))
     return {k: v for k, v in cfg.as_dict().items() if k != "config"} | {"trainer": cfg.trainer}
 
@@ -282,6 +305,8 @@ def ask(
         source = assemble.hypernet_source(hypernet, base, benchmark)
     pipeline = Pipeline(base, retriever_, corpus, k=k, max_new_tokens=max_new_tokens, combine_mode=combine,
                         batch_size=1, augment=augment)
+    if source is not None:
+        source = _source_for(spec, {spec.lora: source}, corpus)
     return assemble.build_method(method, pipeline, source).answer([question])[0]
 
 
@@ -318,6 +343,8 @@ def evaluate(
     dtype: str = "auto",
     local_files_only: bool = True,
     columns: str | None = None,
+    questions: str | None = None,
+    question_columns: str | None = None,
     k: int = 3,
     retriever: RetrieverName = "bm25",
     store: str | Path | None = None,
@@ -350,6 +377,11 @@ def evaluate(
         dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
         local_files_only: never download a hub model or dataset (default).
         columns: column mapping of a ``datasets`` corpus.
+        questions: a second dataset whose questions are asked, ``"path_or_name[:split]"`` (a ``save_to_disk``
+            folder, a ``.jsonl``/``.parquet``/``.csv`` file or a cached hub id); for a corpus that carries none,
+            such as a ``datasets`` one (:func:`hyper_prag.corpus.load_questions`).
+        question_columns: its column mapping, e.g. ``"question=query,answers=answer,doc_ids=passage_id"`` (or
+            ``context=passage``: the gold document found by its text).
         k: documents retrieved per question (at most the split's documents).
         retriever: ``bm25`` or ``dense``.
         store: LoRA store folder (default: the cache's store of ``model``).
@@ -378,7 +410,7 @@ def evaluate(
     Returns:
         The :class:`~hyper_prag.evaluate.Results`.
     """
-    from hyper_prag.sources import StoreSource
+    from hyper_prag.sources import StoreSource, wrong_partners
 
     # Every setting is checked before anything runs: a bad one must not surface after all questions were answered.
     _check_positive(k=k, max_new_tokens=max_new_tokens, limit=limit, per_type=per_type, batch_size=batch_size,
@@ -392,12 +424,12 @@ def evaluate(
         raise HyperPragError(f"--out {out} is a file; give a folder for results.json, results.md and the plots.")
     names = parse_methods(methods)
     base = assemble.load_model(model, device, dtype, local_files_only)
-    full = assemble.load_corpus(benchmark, columns, local_files_only)
+    full = assemble.load_corpus(benchmark, columns, local_files_only, questions, question_columns)
+    question_source = questions
     corpus = full.split(split) if split else full
     questions = select_questions(corpus.questions, per_type, limit)
     if not corpus.documents or not questions:
-        raise HyperPragError(f"benchmark {benchmark!r} split {split!r} has {len(corpus.documents)} "
-                             f"documents and {len(questions)} questions; choose another --split.")
+        raise HyperPragError(_nothing_to_ask(full, benchmark, split, question_source))
     if any(method_spec(m).retrieves for m in names):
         _check_k(k, corpus, split)
     retriever_ = assemble.build_retriever(retriever, corpus, device)
@@ -407,12 +439,17 @@ def evaluate(
     # The documents the evaluated questions retrieve: what the prag methods need LoRAs for.
     hits = retriever_.search([q.question for q in questions], k)
     needed = [corpus.document(i) for i in dict.fromkeys(h.doc_id for row in hits for h in row)]
+    controls = [s for s in static if s.wrong_doc]
+    if controls:  # the wrong-document control also needs the LoRAs that stand in for the retrieved ones
+        partner = wrong_partners(corpus.documents)
+        needed += [d for d in dict.fromkeys(partner[d.id] for d in needed) if d not in needed]
     costs: dict[str, dict[str, float | None]] = {}
     sources: dict[str, LoraSource] = {}
     augment = None
     chosen_recipe = None
+    store_root = Path(store) if store is not None else assemble.default_store_path(model)  # DA-RAG only reads it
+    lora_store = None
     if "store" in kinds or "augmented" in contexts:
-        store_root = Path(store) if store is not None else assemble.default_store_path(model)  # DA-RAG only reads it
         per_doc = _per_doc_for_evaluate(base, full, store_root, encode_config, recipe)
         chosen_recipe = per_doc.recipe
         augment = assemble.augment_function(base, full, per_doc.augment_config)
@@ -430,25 +467,31 @@ def evaluate(
                                      "run `hyper-prag encode` or drop --no-encode.")
             report = encode_corpus(needed, per_doc.encoder, lora_store, base, per_doc.augment_config, chunk_size,
                                    corpus=full, recipe=per_doc.recipe, progress=progress)
-            stats = lora_store.stats()
             # The cost of the LoRAs this run uses, as recorded when each was encoded (now or by an earlier run).
             recorded = [lora_store.meta(key).get("seconds") for key in source.names(needed)]
             recorded = [s for s in recorded if s is not None]
             enc = sum(recorded) / len(recorded) if recorded else (report.seconds_per_doc if report.encoded else None)
-            for m in ("prag", "prag-both"):
-                costs[m] = {"encode_seconds_per_doc": enc, "bytes_per_doc": stats.get("bytes_per_document")}
+            for m in ("prag", "prag-wrong-doc", "prag-both"):
+                served = source.names(_served(method_spec(m), corpus, needed)) if m in names else []
+                costs[m] = {"encode_seconds_per_doc": enc, "bytes_per_doc": _bytes_per_doc(lora_store, served)}
             sources["store"] = source
     if "hypernet" in kinds:
         hyper = assemble.hypernet_source(hypernet, base, benchmark)
         start = time.perf_counter()
         hyper.loras(needed)  # generation cost per document (the online path pays it in its `lora` stage)
         per_doc_s = (time.perf_counter() - start) / max(1, len(needed))
-        for m in ("hypernet", "hypernet-both"):
-            costs[m] = {"encode_seconds_per_doc": per_doc_s, "bytes_per_doc": None}
+        # Bytes: those of the hypernet's own entries, where `encode --encoder hypernet` stored them in this store.
+        if lora_store is None:
+            lora_store = _existing_store(store_root)
+        hyper_recipe = recipe_for(hyper.encoder, base)
+        for m in ("hypernet", "hypernet-wrong-doc", "hypernet-both"):
+            served = ([hyper_recipe.key(d.text, full.doc_qa.get(d.id)) for d in _served(method_spec(m), corpus, needed)]
+                      if m in names else [])
+            costs[m] = {"encode_seconds_per_doc": per_doc_s, "bytes_per_doc": _bytes_per_doc(lora_store, served)}
         sources["hypernet"] = hyper
     pipeline = Pipeline(base, retriever_, corpus, k=k, max_new_tokens=max_new_tokens, combine_mode=combine,
                         batch_size=batch_size, augment=augment)
-    built = [assemble.build_method(m, pipeline, sources.get(method_spec(m).lora)) for m in names]
+    built = [assemble.build_method(m, pipeline, _source_for(method_spec(m), sources, corpus)) for m in names]
     config = {"benchmark": str(benchmark), "split": split, "model": model, "base_identity": base.identity,
               "device": str(base.device), "dtype": str(base.dtype).removeprefix("torch."),
               "k": k, "retriever": retriever, "combine": combine, "max_new_tokens": max_new_tokens,
@@ -458,6 +501,7 @@ def evaluate(
               "hypernet_sha256": getattr(getattr(sources.get("hypernet"), "encoder", None), "sha256", None),
               "encode_config": str(encode_config) if encode_config is not None else None,
               "recipe": chosen_recipe.id if chosen_recipe is not None else None,
+              "question_source": question_source, "question_columns": question_columns,
               "documents_retrieved": len(needed)}
     tokenizer = base.tokenizer
     results = compare(built, questions, costs=costs, n_resamples=resamples, seed=seed, chunk=batch_size,
@@ -498,7 +542,7 @@ def export_lora(doc_id: str, out: str | Path, *, benchmark: str = assemble.DEFAU
     lora_store = assemble.open_store(store, model, create=False)
     source = StoreSource(lora_store, assemble.per_doc_from_store(base, lora_store.root, recipe), corpus.doc_qa)
     (lora,) = source.loras([corpus.document(doc_id)])
-    folder = export_peft(lora, out, base_model_name_or_path=str(getattr(base, "path", "") or model))
+    folder = export_peft(lora, out, base_model_name_or_path=portable_model_name(model))
     log.info("LoRA of document %s (key %s) -> %s", doc_id, source.names([corpus.document(doc_id)])[0], folder)
     return folder
 
@@ -511,6 +555,62 @@ REPRODUCED: tuple[str, ...] = ("split", "model", "k", "retriever", "combine", "m
 def recorded_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The :func:`evaluate` keyword arguments that repeat a run from its recorded ``Results.config``."""
     return {"benchmark": config["benchmark"], **{k: config[k] for k in REPRODUCED if config.get(k) is not None}}
+
+
+def _source_for(spec: MethodSpec, sources: Mapping[str, LoraSource], corpus: Corpus) -> LoraSource | None:
+    """The LoRA source of method ``spec``: its kind's, or for the wrong-document control that source with every
+    document's LoRA swapped for its partner's (:class:`~hyper_prag.sources.WrongDocSource`)."""
+    from hyper_prag.sources import WrongDocSource
+
+    source = sources.get(spec.lora)
+    return WrongDocSource(source, corpus.documents) if spec.wrong_doc and source is not None else source
+
+
+def _nothing_to_ask(full: Corpus, benchmark: str, split: str | None, question_source: str | None) -> str:
+    """Why an evaluation has no documents or no questions, and what to pass instead."""
+    if not full.questions:
+        return (f"benchmark {benchmark!r} has {len(full.documents)} documents and no questions (a datasets corpus "
+                "carries documents only): name its questions with --questions PATH_OR_ID[:SPLIT] and their columns "
+                "with --question-columns question=...,answers=...,doc_ids=... (or context=... to find each gold "
+                "document by its text); or add questions.jsonl to the corpus folder.")
+    with_docs = sorted({d.split for d in full.documents})
+    with_questions = sorted({q.split for q in full.questions})
+    where = f" from {question_source!r}" if question_source else ""
+    return (f"split {split!r} of benchmark {benchmark!r} has {sum(d.split == split for d in full.documents)} "
+            f"documents and {sum(q.split == split for q in full.questions)} questions{where}; documents are in "
+            f"splits {with_docs}, questions in {with_questions}: choose one of those with --split (a question's split "
+            "is its gold documents', or a mapped split column's).")
+
+
+def _served(spec: MethodSpec, corpus: Corpus, documents: Sequence[Any]) -> list[Any]:
+    """The documents whose LoRAs method ``spec`` applies for ``documents`` (the control: their partners)."""
+    from hyper_prag.sources import wrong_partners
+
+    if not spec.wrong_doc:
+        return list(documents)
+    partner = wrong_partners(corpus.documents)
+    return [partner[d.id] for d in documents]
+
+
+def _existing_store(root: Path) -> "LoraStore | None":
+    """The LoRA store at ``root`` if there is one (read only; nothing is created)."""
+    from hyper_prag.store import existing_store
+
+    try:
+        return existing_store(root)
+    except HyperPragError:
+        return None
+
+
+def _bytes_per_doc(lora_store: "LoraStore | None", keys: Sequence[str]) -> float | None:
+    """Mean on-disk bytes of the store entries one method serves (:meth:`~hyper_prag.store.LoraStore.entry_bytes`):
+    its own entries only, since a store may also hold other recipes' LoRAs of other sizes. ``None``: no store,
+    no keys, or some of them not stored (LoRAs generated on the fly are not stored)."""
+    keys = list(dict.fromkeys(keys))
+    if lora_store is None or not keys or any(k not in lora_store for k in keys):
+        return None
+    sizes = lora_store.entry_bytes(keys)
+    return sum(sizes.values()) / len(sizes)
 
 
 def _per_doc_for_evaluate(base, corpus, store_root: Path, encode_config: str | Path | None,

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from hyper_prag.errors import HyperPragError
 from hyper_prag.methods import METHOD_NAMES, STAGES, Answer, Method
-from hyper_prag.scoring import TOTAL, bootstrap_ci, score, summarize
+from hyper_prag.scoring import RENAMED_METRICS, TOTAL, bootstrap_ci, score, summarize
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,10 @@ class MethodResult:
 
 
 # Paired comparisons shown under the table when both methods ran: (method, reference).
-PAIRS: tuple[tuple[str, str], ...] = (("rag", "closed-book"), ("prag", "closed-book"), ("prag", "rag"),
-                                      ("prag-both", "rag"), ("hypernet", "closed-book"), ("hypernet-both", "rag"))
+PAIRS: tuple[tuple[str, str], ...] = (("rag", "closed-book"), ("prag", "closed-book"), ("prag", "prag-wrong-doc"),
+                                      ("prag", "rag"), ("prag-both", "rag"), ("hypernet", "closed-book"),
+                                      ("hypernet", "hypernet-wrong-doc"), ("hypernet-both", "rag"),
+                                      ("prag", "hypernet"))
 
 
 # What runs must share for their rows to stand in one table: the same questions, asked and scored the same way.
@@ -84,7 +86,7 @@ class Results:
     def from_dict(cls, data: Mapping[str, Any]) -> "Results":
         """The inverse of :meth:`to_dict` (a ``results.json`` read back)."""
         names = {f for f in MethodResult.__dataclass_fields__}
-        methods = [MethodResult(**{k: v for k, v in m.items() if k in names}) for m in data["methods"]]
+        methods = [MethodResult(**{k: v for k, v in _renamed(m).items() if k in names}) for m in data["methods"]]
         return cls(methods, list(data["types"]), dict(data.get("config", {})))
 
     @classmethod
@@ -150,7 +152,7 @@ class Results:
         for m in self.methods:
             med = m.latency["median"]
             row = [pm(m.scores[t]["f1"]) for t in self.types] + [pm(m.scores[TOTAL]["f1"]), pm(m.scores[TOTAL]["em"]),
-                                                                 pm(m.scores[TOTAL]["accuracy"])]
+                                                                 pm(m.scores[TOTAL]["contained"])]
             row += ["–" if m.median_answer_tokens is None else f"{m.median_answer_tokens:g}", f"{m.retrievals:.2f}", f"{med['total']:.3f}", "/".join(f"{1000 * med[s]:.1f}" for s in STAGES),
                     "–" if m.encode_seconds_per_doc is None else f"{m.encode_seconds_per_doc:.2f}",
                     "–" if m.bytes_per_doc is None else f"{m.bytes_per_doc:,.0f}",
@@ -194,6 +196,15 @@ def _asked(run: Results, number: int) -> tuple[str, ...]:
         raise HyperPragError(f"run {number} has no per-question records to merge (or its methods asked different "
                              "questions): re-run it with this version's `hyper-prag evaluate`.")
     return asked.pop()
+
+
+def _renamed(method: Mapping[str, Any]) -> dict[str, Any]:
+    """A method of a ``results.json`` with the metrics' current names (older files say ``accuracy``)."""
+    def rename(cell: Mapping[str, Any]) -> dict[str, Any]:
+        return {RENAMED_METRICS.get(k, k): v for k, v in cell.items()}
+
+    return {**method, "scores": {group: rename(cell) for group, cell in method["scores"].items()},
+            "predictions": [rename(p) for p in method.get("predictions", [])]}
 
 
 def _json_default(obj: Any) -> Any:
@@ -291,7 +302,7 @@ def compare(
         ))
         total = results[-1].scores[TOTAL]
         log.info("%s: F1 %.1f EM %.1f contained %.1f, %.3f s/question (median)", method.name, 100 * total["f1"]["mean"],
-                 100 * total["em"]["mean"], 100 * total["accuracy"]["mean"], results[-1].latency["median"]["total"])
+                 100 * total["em"]["mean"], 100 * total["contained"]["mean"], results[-1].latency["median"]["total"])
     cfg = {"questions": len(questions), "n_resamples": n_resamples, "seed": seed, **(config or {})}
     return Results(results, all_types, cfg)
 

@@ -13,6 +13,8 @@ come from::
     hypernet        top-k       nothing                       hypernetwork LoRAs, generated on the fly
     prag-both       top-k       the k documents               store LoRAs      ("combine both")
     hypernet-both   top-k       the k documents               hypernet LoRAs   ("combine both")
+    prag-wrong-doc, top-k       nothing                       another document's LoRAs (the control:
+    hypernet-wrong-doc                                        hyper_prag.sources.WrongDocSource)
     flare           dynamic     the documents of each         none (optional: their LoRAs)
                                 retrieval (hyper_prag.dynamic)
     dragin          dynamic     as flare                      none (optional: their LoRAs)
@@ -47,6 +49,7 @@ class MethodSpec:
     retrieval: Literal["none", "top-k", "dynamic"]  # dynamic: FLARE / DRAGIN decide while generating
     context: Context
     lora: LoraKind  # dynamic methods: an optional source may be given; none is needed
+    wrong_doc: bool = False  # the control: each retrieved document's LoRA is another document's
 
     @property
     def retrieves(self) -> bool:
@@ -62,8 +65,10 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("rag", "top-k", "documents", "none"),
     MethodSpec("da-rag", "top-k", "augmented", "none"),
     MethodSpec("prag", "top-k", "none", "store"),
+    MethodSpec("prag-wrong-doc", "top-k", "none", "store", wrong_doc=True),
     MethodSpec("prag-both", "top-k", "documents", "store"),
     MethodSpec("hypernet", "top-k", "none", "hypernet"),
+    MethodSpec("hypernet-wrong-doc", "top-k", "none", "hypernet", wrong_doc=True),
     MethodSpec("hypernet-both", "top-k", "documents", "hypernet"),
     MethodSpec("flare", "dynamic", "documents", "none"),
     MethodSpec("dragin", "dynamic", "documents", "none"),

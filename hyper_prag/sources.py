@@ -3,6 +3,7 @@
 - :class:`StoreSource`: per-document LoRAs read from the LoRA store, by the keys of the
   :class:`~hyper_prag.recipes.Recipe` that ``encode`` recorded (reading only: nothing is trained).
 - :class:`HypernetSource`: LoRAs generated on the fly by a hypernetwork, one batched forward per call.
+- :class:`WrongDocSource`: the control, another document's LoRA from either of them.
 
 Both implement :class:`hyper_prag.methods.LoraSource`; the pipeline does not know which it holds.
 """
@@ -22,6 +23,7 @@ from hyper_prag.recipes import Recipe
 if TYPE_CHECKING:
     from hyper_prag.encoders.hypernet import HypernetEncoder
     from hyper_prag.hypernet import Hypernet
+    from hyper_prag.methods import LoraSource
     from hyper_prag.store import LoraStore
 
 
@@ -101,3 +103,51 @@ class HypernetSource:
 
     def loras(self, documents: Sequence[Document]) -> list[Lora]:
         return self.encoder.generate([doc.text for doc in documents])
+
+
+def wrong_partners(documents: Sequence[Document]) -> dict[str, Document]:
+    """The fixed partner of each document for the wrong-document control: the one half-way round the
+    documents sorted by id, never the document itself.
+
+    Raises:
+        HyperPragError: fewer than two documents.
+    """
+    by_id = {doc.id: doc for doc in documents}
+    ids = sorted(by_id)
+    if len(ids) < 2:
+        raise HyperPragError(f"the wrong-document control needs at least 2 documents, got {len(ids)}.")
+    shift = len(ids) // 2
+    return {ids[i]: by_id[ids[(i + shift) % len(ids)]] for i in range(len(ids))}
+
+
+class WrongDocSource:
+    """The control that can fail: each document's LoRA replaced by another document's, from the same source
+    (:func:`wrong_partners`). A method that scores as well under these LoRAs as under the right ones carries
+    no document content: it helps through the format of answering, or not at all."""
+
+    def __init__(self, source: "LoraSource", documents: Sequence[Document]) -> None:
+        """
+        Args:
+            source: where the right LoRAs come from.
+            documents: the documents partners are drawn from (the retrieval corpus; at least two).
+        """
+        self.source = source
+        self.name = f"{source.name}-wrong-doc"
+        self._partner = wrong_partners(documents)
+
+    @property
+    def apply_from(self) -> str:
+        return getattr(self.source, "apply_from", "all")
+
+    def partners(self, documents: Sequence[Document]) -> list[Document]:
+        """The document whose LoRA stands in for each of ``documents``."""
+        missing = [doc.id for doc in documents if doc.id not in self._partner]
+        if missing:
+            raise HyperPragError(f"documents {missing[:3]} are not among the wrong-document control's documents.")
+        return [self._partner[doc.id] for doc in documents]
+
+    def names(self, documents: Sequence[Document]) -> list[str]:
+        return self.source.names(self.partners(documents))
+
+    def loras(self, documents: Sequence[Document]) -> list[Lora]:
+        return self.source.loras(self.partners(documents))

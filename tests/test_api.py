@@ -87,7 +87,7 @@ def test_export_lora_writes_a_peft_adapter_plain_peft_loads(folder, tmp_path):
     store = tmp_path / "store"
     api.encode(model="tiny", corpus=str(folder), store=str(store), store_dtype="float32", limit=2,
                trainer=PerDocConfig(lr=1e-2), augment={"source": "template"}, logger="none", progress=False)
-    assert main(["export-lora", "--doc", "quell", "--out", str(tmp_path / "adapter"), "--benchmark", str(folder),
+    assert main(["export-lora", "--doc", "quell", "--out", str(tmp_path / "adapter"), "--corpus", str(folder),
                  "--model", "tiny", "--store", str(store)]) == 0
     base = api.assemble.load_model("tiny")
     recipe = find_recipe(store, base.identity)
@@ -103,7 +103,11 @@ def test_export_lora_writes_a_peft_adapter_plain_peft_loads(folder, tmp_path):
         theirs = peft_model(ids).logits
     peft_model.unload()
     assert (ours - theirs).abs().max() <= 1e-5
-    assert main(["export-lora", "--doc", "nope", "--out", str(tmp_path / "x"), "--benchmark", str(folder),
+    import json
+
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny"  # the name given (model.portable_model_name), never a path
+    assert main(["export-lora", "--doc", "nope", "--out", str(tmp_path / "x"), "--corpus", str(folder),
                  "--model", "tiny", "--store", str(store)]) == 2
 
 

@@ -60,21 +60,21 @@ def test_official_em_and_f1(prediction, gold, em, f1):
 
 def test_number_with_thousands_separator_matches_both_spellings():
     for prediction in ("15,140", "15140", "About 15,140 people."):
-        assert score(prediction, ("15,140",))["accuracy"] == 1.0
+        assert score(prediction, ("15,140",))["contained"] == 1.0
     assert score("15140", ("15,140",))["em"] == 1.0
     assert score("15", ("15,140",))["em"] == 0.0
 
 
 def test_score_takes_the_best_alias():
     s = score("Vostra", ("the Vostra hills", "Vostra"))
-    assert s == {"em": 1.0, "f1": 1.0, "accuracy": 1.0}
+    assert s == {"em": 1.0, "f1": 1.0, "contained": 1.0}
     s = score("in the hills of Vostra", ("the Vostra hills",))
-    assert s["em"] == 0.0 and s["accuracy"] == 0.0
+    assert s["em"] == 0.0 and s["contained"] == 0.0
     assert s["f1"] == pytest.approx(2 * (2 / 4) * (2 / 2) / (2 / 4 + 2 / 2))  # pred: in hills of vostra
     assert score("It was Mira Castell.", ("Mira Castell",)) == {"em": 0.0, "f1": pytest.approx(2 * 0.5 * 1 / 1.5),
-                                                                "accuracy": 1.0}
-    assert score("Castellan", ("Castell",))["accuracy"] == 0.0  # whole words only
-    assert score("", ("blue",)) == {"em": 0.0, "f1": 0.0, "accuracy": 0.0}
+                                                                "contained": 1.0}
+    assert score("Castellan", ("Castell",))["contained"] == 0.0  # whole words only
+    assert score("", ("blue",)) == {"em": 0.0, "f1": 0.0, "contained": 0.0}
 
 
 def test_bootstrap_ci_contains_mean_and_is_deterministic():
@@ -276,7 +276,7 @@ def test_evaluate_command_reproduces_the_recorded_settings():
               "max_new_tokens": 32, "per_type": 4, "limit": None, "encode_config": "configs/encode/real.yaml",
               "hypernet": None, "store": None, "questions": 8}
     words = shlex.split(evaluate_command(config, ["rag", "prag"]))
-    assert words[:6] == ["hyper-prag", "evaluate", "--benchmark", "squad", "--methods", "rag,prag"]
+    assert words[:6] == ["hyper-prag", "evaluate", "--corpus", "squad", "--methods", "rag,prag"]
     assert "--split" not in words and "--retriever" not in words  # defaults are left out
     args = build_parser("evaluate").parse_args(words[1:])
     for key in ("split", "model", "k", "retriever", "combine", "max_new_tokens", "per_type", "limit", "encode_config"):
@@ -324,3 +324,74 @@ def test_evaluate_without_encoding_never_creates_a_store(tiny, tmp_path, monkeyp
         evaluate("prag", benchmark=str(folder), model="tiny", limit=1, store=nowhere, encode_missing=False,
                  out=None, progress=False, wandb_mode="disabled")
     assert not nowhere.exists()
+
+
+def test_each_method_reports_the_bytes_of_its_own_store_entries(tiny, tmp_path, monkeypatch):
+    """A store holding per-document and hypernetwork LoRAs (of other sizes): prag's bytes/doc is the mean of the
+    per-document entries it serves, hypernet's that of the hypernetwork's entries; neither is the store's mix."""
+    import hyper_prag.api as api
+    import hyper_prag.retrieve as retrieve
+    from hyper_prag.encoders.hypernet import save_inference_checkpoint
+    from hyper_prag.encoders.per_doc import PerDocConfig
+    from hyper_prag.hypernet import Hypernet, HypernetConfig
+    from hyper_prag.store import LoraStore
+
+    monkeypatch.setattr(retrieve, "cache_dir", lambda stage: tmp_path / stage)
+    docs = tuple(Document(id=i, title=t, text=x) for i, (t, x) in TEXTS.items())
+    qa = {i: ((f"What is {t}?", x.split(".")[0]),) for i, (t, x) in TEXTS.items()}
+    folder = save_corpus(Corpus(name="tiny-eval", documents=docs, questions=tuple(QUESTIONS), doc_qa=qa),
+                         tmp_path / "corpus")
+    store = tmp_path / "store"
+    common = dict(model="tiny", corpus=str(folder), store=str(store), logger="none", progress=False)
+    api.encode(trainer=PerDocConfig(epochs=1), augment={"source": "template"}, runner="loop", **common)
+    torch.manual_seed(0)
+    net = Hypernet.for_model(tiny, HypernetConfig(doc_dim=16, emb_dim=4, width=16, rank=4))  # per-doc LoRAs: rank 2
+    checkpoint = save_inference_checkpoint(net, tmp_path / "hn.safetensors")
+    api.encode(encoder="hypernet", checkpoint=str(checkpoint), **common)
+    # Each entry's size from the sidecars alone: a shard's bytes over its entries (one encode writes like entries).
+    size, hyper_size = {}, {}
+    for sidecar in (store / "shards").glob("*.json"):
+        shard = json.loads(sidecar.read_text())
+        for key, entry in shard["entries"].items():
+            size[key] = shard["bytes"] / len(shard["entries"])
+            if entry["meta"]["encoder"] == "hypernet":
+                hyper_size[entry["meta"]["doc_id"]] = size[key]
+    assert len(set(size.values())) == 2  # two kinds of entry, of two sizes
+    results = evaluate("prag,prag-both,hypernet", benchmark=str(folder), model="tiny", limit=3, k=2,
+                       max_new_tokens=2, resamples=20, store=store, hypernet=checkpoint, encode_missing=False,
+                       out=None, progress=False, wandb_mode="disabled")
+
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values)
+
+    served = {name for p in results.method("prag").predictions for name in p["lora_names"]}
+    assert results.method("prag").bytes_per_doc == pytest.approx(mean(size[k] for k in served))
+    assert results.method("prag-both").bytes_per_doc == results.method("prag").bytes_per_doc
+    hyper_docs = {d for p in results.method("hypernet").predictions for d in p["doc_ids"]}
+    assert results.method("hypernet").bytes_per_doc == pytest.approx(mean(hyper_size[d] for d in hyper_docs))
+    mixed = LoraStore(store).stats()["bytes_per_document"]
+    assert mixed not in (results.method("prag").bytes_per_doc, results.method("hypernet").bytes_per_doc)
+
+
+def test_evaluate_a_datasets_corpus_with_the_questions_of_a_second_dataset(tiny, tmp_path, monkeypatch):
+    import datasets
+
+    import hyper_prag.retrieve as retrieve
+
+    monkeypatch.setattr(retrieve, "cache_dir", lambda stage: tmp_path / stage)
+    datasets.Dataset.from_list([{"pid": i, "body": text} for i, (_, text) in TEXTS.items()]).save_to_disk(
+        str(tmp_path / "passages"))
+    datasets.Dataset.from_list([{"q": q.question, "gold": q.doc_ids[0], "a": list(q.answers)} for q in QUESTIONS[:3]]
+                               ).save_to_disk(str(tmp_path / "questions"))
+    run = dict(benchmark=str(tmp_path / "passages"), columns="id=pid,text=body", model="tiny", limit=3, k=2,
+               max_new_tokens=2, resamples=20, out=None, progress=False, wandb_mode="disabled")
+    with pytest.raises(HyperPragError, match="no questions .*--questions PATH_OR_ID\\[:SPLIT\\].*--question-columns"):
+        evaluate("rag", **run)
+    results = evaluate("closed-book,rag", questions=str(tmp_path / "questions"),
+                       question_columns="question=q,answers=a,doc_ids=gold", **run)
+    assert [p["question"] for p in results.method("rag").predictions] == [q.question for q in QUESTIONS[:3]]
+    assert results.config["question_source"] == str(tmp_path / "questions")
+    with pytest.raises(HyperPragError, match=r"split 'validation'.*splits \['test'\].*--split"):
+        evaluate("rag", questions=str(tmp_path / "questions"), question_columns="question=q,answers=a,doc_ids=gold",
+                 split="validation", **run)

@@ -23,7 +23,7 @@ from hyper_prag.inject import injected
 from hyper_prag.lora import stack
 from hyper_prag.model import tiny_base_model
 from hyper_prag.sequences import IGNORE, labelled_logits
-from train.hypernet import (
+from hyper_prag.training.hypernet import (
     HypernetDataModule, HypernetModule, QAItem, collate, delta_distance, delta_norm, lr_factor, main, shared_base,
     sum_groups, tokenize_qa,
 )
@@ -375,6 +375,21 @@ def test_weights_that_do_not_match_their_recorded_sha256_are_refused(tiny, tmp_p
             load_hypernet(checkpoint, tiny)
     with pytest.raises(HyperPragError, match="modified or corrupted after export"):
         HypernetEncoder.from_checkpoint(tmp_path / "hn", tiny)
+
+
+def test_exported_checkpoint_files_get_the_umask_s_permissions(tiny, tmp_path):
+    """What export-hypernet writes is for others to read: 0644 under umask 022 (a temp file from mkstemp is 0600)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = save_inference_checkpoint(Hypernet.for_model(tiny, SMALL), tmp_path / "hn")
+    finally:
+        os.umask(old)
+    for written in (path, path.parent / "config.json"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o644, written
+    assert [p.name for p in (tmp_path / "hn").iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
 def test_checkpoint_resolves_by_benchmark_or_shipped_name(tmp_path, monkeypatch):
