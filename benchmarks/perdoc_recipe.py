@@ -5,12 +5,19 @@
     python benchmarks/perdoc_recipe.py --base lr=3e-3 --factors rank,modules --docs 48
     python benchmarks/perdoc_recipe.py --base lr=3e-3 --factors epochs=1 --extra epochs=1,n_qa=10   # a combined candidate
     python benchmarks/perdoc_recipe.py --plan                           # the recipes and their steps, nothing run
+    python benchmarks/perdoc_recipe.py --split val --docs 24 --base source=extractive,lr=3e-3,epochs=3 \
+        --factors lr=1e-3,lr=1e-2,epochs=2,source=llm-fewshot      # a recipe for corpora without QA pairs
 
-Every single-fact (``lookup``) question of the fictional benchmark's test split names one document.
-Each question is answered under **its own document's LoRA alone** (oracle: no retrieval, no summing),
-through the online path (``Pipeline.answer_given``, no passage in the prompt, greedy decoding), for
-``--docs`` test documents drawn with ``--seed``. Recipes move ONE factor at a time away from a base
-recipe (:data:`BASE`, changed with ``--base``); :data:`FACTORS` lists the levels of every factor.
+Every single-fact (``lookup``) question of the fictional benchmark names one document. Each question is
+answered under **its own document's LoRA alone** (oracle: no retrieval, no summing), through the online
+path (``Pipeline.answer_given``, no passage in the prompt, greedy decoding), for ``--docs`` documents of
+``--split`` drawn with ``--seed`` (default ``test``; choose a recipe on ``val`` documents, then report it on
+test questions it was not chosen on). Recipes move ONE factor at a time away from a base
+recipe (:data:`BASE`, changed with ``--base``); :data:`FACTORS` lists the levels of every factor, and any
+``field=value`` in ``--factors`` is one more level. The augmentation source is a factor like the others:
+``template`` (the benchmark's templated pairs), ``llm`` / ``llm-fewshot`` (SmolLM2 self-augmentation),
+``extractive`` (no LLM) or ``both``; only ``template`` and ``both`` read the templated pairs, so a study with
+``--base source=extractive`` measures what a corpus that brings no QA pairs gets.
 
 Rows of the table:
 
@@ -52,10 +59,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
+from hyper_prag import extractive
 from hyper_prag.augment import AugmentConfig, AugmentedDocument, augment_documents
 from hyper_prag.combine import combine, combine_renormalized, scale, softmax_weights
 from hyper_prag.corpus import Corpus, Document, Question
@@ -69,7 +77,11 @@ from hyper_prag.store import LoraStore, store_key
 
 log = logging.getLogger("perdoc_recipe")
 
-Source = Literal["template", "llm", "both"]
+# template: the benchmark's QA pairs | llm / llm-fewshot: self-augmentation by the base model (paper §3.2; the
+# few-shot prompt with validated pairs) | extractive: questions from the document's own sentences (no LLM) |
+# both: template and llm merged. Only template and both read the corpus's templated pairs (Corpus.doc_qa).
+Source = Literal["template", "llm", "llm-fewshot", "extractive", "both"]
+TEMPLATED: tuple[str, ...] = ("template", "both")  # the sources that read Corpus.doc_qa
 ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -80,15 +92,22 @@ ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 class EncodeRecipe:
     """One way to encode a document: augmentation, trainer and LoRA shape (every field enters the cache key)."""
 
-    source: Source = "template"  # template: the benchmark's QA | llm: self-augmentation (paper) | both: the two merged
-    n_qa: int = 3  # QA pairs per source (template: the first n of its 4-10 pairs; paper: 3)
-    n_rewrites: int = 0  # rewrites d_i^k besides the document (template: sentence re-orderings; paper: 1)
+    source: Source = "template"  # see Source: template | llm | llm-fewshot | extractive | both
+    n_qa: int = 3  # QA pairs per source (template: the first n of its 4-10 pairs; 0: all it has; paper: 3)
+    n_rewrites: int = 0  # rewrites d_i^k besides the document (template, extractive: sentence re-orderings; paper: 1)
     trainer: PerDocConfig = PerDocConfig(lr=1e-3, epochs=2)  # lr, epochs, loss_on, init, ...
     rank: int = 2  # LoRA rank r (paper: 2)
     alpha: float = 32.0  # ΔW = alpha / r · B A (paper: 32)
     target_modules: tuple[str, ...] = FFN_MODULES  # linears adapted in every layer (paper: the FFN)
     warmup_docs: int = 16  # init="warmup": held-out (train split) documents the warm-up LoRA trains on
     warmup_steps: int = 64  # init="warmup": warm-up sequences (steps)
+
+    def __post_init__(self) -> None:
+        if self.source not in get_args(Source):
+            raise HyperPragError(f"unknown augmentation source {self.source!r}; use one of {get_args(Source)}.")
+        if self.source in ("llm", "llm-fewshot") and self.n_qa <= 0:  # the LLM is asked for n_qa pairs
+            raise HyperPragError(f"source {self.source!r} with n_qa {self.n_qa} asks the LLM for no QA pair; give "
+                                 f"n_qa too, e.g. --extra source={self.source},n_qa=3.")
 
     def settings(self) -> dict[str, Any]:
         return {**asdict(self), "trainer": self.trainer.settings(), "target_modules": list(self.target_modules)}
@@ -109,7 +128,7 @@ FACTORS: dict[str, list[dict[str, Any]]] = {
     "epochs": [{"epochs": 1}, {"epochs": 4}],
     "lr": [{"lr": 3e-4}, {"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}],
     "n_qa": [{"n_qa": 10}, {"n_qa": 20}],
-    "source": [{"source": "llm"}, {"source": "both"}],
+    "source": [{"source": "llm"}, {"source": "both"}, {"source": "extractive"}, {"source": "llm-fewshot"}],
     "rewrites": [{"n_rewrites": 1}],
     "loss_on": [{"loss_on": "answer"}],
     "rank": [{"rank": 4}, {"rank": 8}],
@@ -175,20 +194,25 @@ def plan(base_recipe: EncodeRecipe, factors: Sequence[str],
 
     Args:
         base_recipe: the base of the sweep.
-        factors: names of :data:`FACTORS` (all their levels) or single level labels such as ``lr=0.003``.
+        factors: names of :data:`FACTORS` (all their levels) or single levels ``field=value`` (:func:`parse_override`,
+            e.g. ``lr=3e-3``, ``source=llm-fewshot``), filed under the factor of :data:`FACTORS` that varies that field.
         extra: further recipes, each a set of overrides of the base changing several fields at once
             (factor ``combined``), e.g. a candidate default assembled from the best level of each factor.
 
     A level that equals the base recipe (e.g. ``--base lr=3e-3`` and the lr level 3e-3) is left out.
     """
-    levels = {label_of(level): (factor, level) for factor, group in FACTORS.items() for level in group}
-    unknown = [f for f in factors if f not in FACTORS and f not in levels]
+    unknown = [f for f in factors if f not in FACTORS and "=" not in f]
     if unknown:
-        raise HyperPragError(f"unknown factor(s) or level(s) {unknown}; choose from {sorted(FACTORS)} "
-                             f"or {sorted(levels)}.")
+        raise HyperPragError(f"unknown factor(s) {unknown}; choose from {sorted(FACTORS)} or give a level as "
+                             "field=value (e.g. lr=3e-3).")
+    factor_of = {key: factor for factor, group in FACTORS.items() for level in group for key in level}
     recipes = {"base": ("base", base_recipe)}
     for name in factors:
-        chosen = [(name, level) for level in FACTORS[name]] if name in FACTORS else [levels[name]]
+        if name in FACTORS:
+            chosen = [(name, level) for level in FACTORS[name]]
+        else:
+            key, value = parse_override(name)
+            chosen = [(factor_of.get(key, key), {key: value})]
         for factor, level in chosen:
             recipe = with_overrides(base_recipe, level)
             if recipe != base_recipe:
@@ -202,22 +226,24 @@ def plan(base_recipe: EncodeRecipe, factors: Sequence[str],
 
 def drop_duplicate_levels(recipes: Mapping[str, tuple[str, EncodeRecipe]], corpus: Corpus, docs: Sequence[Document]
                           ) -> tuple[dict[str, tuple[str, EncodeRecipe]], dict[str, str]]:
-    """Leaves out template recipes that would train on the same pairs as an earlier one (n_qa above the pairs held).
+    """Leaves out recipes that would train on the same pairs as an earlier one (n_qa above the pairs there are).
 
-    The template source takes the first ``n_qa`` of a document's pairs, so every ``n_qa`` at or above the
-    most pairs any study document has gives the same data (but another cache key).
+    The template source takes the first ``n_qa`` of a document's pairs and the extractive source the first
+    ``n_qa`` it writes, so for either every ``n_qa`` at or above the most pairs any study document has (or
+    gets) gives the same data (but another cache key).
 
     Returns:
         ``(kept recipes, {dropped label: the label it duplicates})``.
     """
-    most = max((len(corpus.doc_qa.get(d.id, ())) for d in docs), default=0)
+    most = {"template": max((len(corpus.doc_qa.get(d.id, ())) for d in docs), default=0),
+            "extractive": max((len(extractive.extract_qa(d.text, d.title)) for d in docs), default=0)}
     kept: dict[str, tuple[str, EncodeRecipe]] = {}
     seen: dict[EncodeRecipe, str] = {}
     dropped: dict[str, str] = {}
     for label, (factor, recipe) in recipes.items():
         effective = recipe
-        if recipe.source == "template" and (recipe.n_qa <= 0 or recipe.n_qa >= most):
-            effective = replace(recipe, n_qa=most)
+        if recipe.source in most and (recipe.n_qa <= 0 or recipe.n_qa >= most[recipe.source]):
+            effective = replace(recipe, n_qa=most[recipe.source])
         if effective in seen:
             dropped[label] = seen[effective]
             continue
@@ -250,10 +276,14 @@ def study_questions(corpus: Corpus, n_docs: int, seed: int = 0, split: str = "te
 
 def augment_for(recipe: EncodeRecipe, docs: Sequence[Document], base: BaseModel, corpus: Corpus,
                 cache: Path) -> list[AugmentedDocument]:
-    """The augmented documents of a recipe; ``both`` merges the template's and the LLM's QA pairs and rewrites."""
+    """The augmented documents of a recipe; ``both`` merges the template's and the LLM's QA pairs and rewrites.
+
+    Only the :data:`TEMPLATED` sources are handed the corpus: ``extractive``, ``llm`` and ``llm-fewshot`` see the
+    documents alone, as they would on a user's corpus that brings no QA pairs.
+    """
     def one(source: str) -> list[AugmentedDocument]:
         config = AugmentConfig(n_rewrites=recipe.n_rewrites, n_qa=recipe.n_qa, source=source)  # type: ignore[arg-type]
-        return augment_documents(docs, config, base=base, corpus=corpus, cache=cache)
+        return augment_documents(docs, config, base=base, corpus=corpus if source in TEMPLATED else None, cache=cache)
 
     if recipe.source != "both":
         return one(recipe.source)
@@ -578,7 +608,7 @@ def run_study(base: BaseModel, corpus: Corpus, docs: Sequence[Document], questio
         rows[label] = {
             "kind": "recipe", "factor": factor, "recipe": encoded.recipe.settings(), "recipe_id": encoded.folder.name,
             **oracle,
-            "wrong_doc": {m: control[m] for m in ("f1", "f1_ci", "em", "em_ci", "accuracy", "accuracy_ci",
+            "wrong_doc": {m: control[m] for m in ("f1", "f1_ci", "em", "em_ci", "contained", "contained_ci",
                                                     "median_answer_tokens")},
             "steps_per_doc": statistics.mean(m["steps"] for m in meta),
             "qa_pairs_per_doc": statistics.mean(m.get("qa_pairs", 0) for m in meta),
@@ -641,7 +671,8 @@ def _pct(row: Mapping[str, Any], metric: str) -> str:
 def markdown(result: Mapping[str, Any]) -> str:
     """The study's tables as Markdown: recipes (Pareto-marked) with controls, then the interference table."""
     rows = result["rows"]
-    lines = [f"# Per-document recipe study (oracle, {result['n']} single-fact questions, {result['base_model']})", "",
+    lines = [f"# Per-document recipe study (oracle, {result['n']} single-fact questions of the "
+             f"{result.get('split', 'test')} split, {result['base_model']})", "",
              f"Command: `{result.get('command', '')}`", "",
              "F1 / EM / contained: % with 95% bootstrap CIs; ΔF1: paired difference to `base` on the same questions; "
              "wrong-doc: each question under another document's LoRA of the same recipe; CPU s/doc: encoding "
@@ -649,7 +680,8 @@ def markdown(result: Mapping[str, Any]) -> str:
              "★: on the Pareto front of F1 vs CPU s/doc.", ""]
     if "base" in rows:
         recipe = rows["base"]["recipe"]
-        trainer = ", ".join(f"{k} {v}" for k, v in recipe["trainer"].items() if k in ("lr", "epochs", "loss_on", "init"))
+        trainer = ", ".join(f"{k} {v}" for k, v in recipe["trainer"].items() if k in ("lr", "epochs", "loss_on", "init",
+                                                                                 "qa_context", "examples"))
         lines += [f"Base recipe: {recipe['source']} augmentation, n_qa {recipe['n_qa']}, {recipe['n_rewrites']} rewrite(s), "
                   f"{trainer}, rank {recipe['rank']}, alpha {recipe['alpha']:g}, {'+'.join(recipe['target_modules'])}; "
                   "every other row changes the fields its name gives.", ""]
@@ -657,12 +689,12 @@ def markdown(result: Mapping[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         if r.get("kind") != "recipe":
-            lines.append(f"| {label} | control | {_pct(r, 'f1')} | {_pct(r, 'em')} | {_pct(r, 'accuracy')} | | | "
+            lines.append(f"| {label} | control | {_pct(r, 'f1')} | {_pct(r, 'em')} | {_pct(r, 'contained')} | | | "
                          f"{r['median_answer_tokens']:g} | 0 | 0 | 0 |")
             continue
         delta = _pct(r, "delta_f1") if "delta_f1" in r else "—"
         lines.append(f"| {label}{' ★' if r['pareto'] else ''} | {r['factor']} | {_pct(r, 'f1')} | {_pct(r, 'em')} | "
-                     f"{_pct(r, 'accuracy')} | {delta} | {_pct(r['wrong_doc'], 'f1')} | {r['median_answer_tokens']:g} | "
+                     f"{_pct(r, 'contained')} | {delta} | {_pct(r['wrong_doc'], 'f1')} | {r['median_answer_tokens']:g} | "
                      f"{r['steps_per_doc']:.1f} | {r['cpu_s_per_doc']:.1f} | {r['wall_s_per_doc']:.1f} |")
     if "cpu_s_per_doc_step" in result:
         lines += ["", f"One training sequence of one document costs {result['cpu_s_per_doc_step']:.2f} CPU s here "
@@ -678,7 +710,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         for name, r in inter["rows"].items():
             delta = _pct(r, "delta_f1") if "delta_f1" in r else "—"
             lines.append(f"| {name} | {r.get('what', 'ΔW_own')} | {_pct(r, 'f1')} | {_pct(r, 'em')} | "
-                         f"{_pct(r, 'accuracy')} | {delta} | {r['median_answer_tokens']:g} |")
+                         f"{_pct(r, 'contained')} | {delta} | {r['median_answer_tokens']:g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -730,9 +762,12 @@ def write_outputs(result: Mapping[str, Any], out: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--docs", type=int, default=100, help="test documents (one single-fact question each)")
+    parser.add_argument("--docs", type=int, default=100, help="documents of --split (one single-fact question each)")
+    parser.add_argument("--split", default="test",
+                        help="split the documents and questions are drawn from; choose recipes on val, report test")
     parser.add_argument("--factors", default="all",
-                        help=f"comma-separated factors ({','.join(FACTORS)}) or single levels (e.g. lr=0.003), or 'all'")
+                        help=f"comma-separated factors ({','.join(FACTORS)}) or single levels field=value "
+                             "(e.g. lr=3e-3,source=llm-fewshot), or 'all'")
     parser.add_argument("--base", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a field of the base recipe (repeatable, or comma-separated), e.g. lr=3e-3")
     parser.add_argument("--extra", action="append", default=[], metavar="FIELD=VALUE,...",
@@ -771,20 +806,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     base = assemble.load_model(args.model, args.device)
     corpus = assemble.load_corpus("fictional")
-    docs, questions = study_questions(corpus, args.docs, args.seed)
+    docs, questions = study_questions(corpus, args.docs, args.seed, args.split)
     notes = []
     if any(m in ATTENTION_MODULES for _, r in recipes.values() for m in r.target_modules):
         raise HyperPragError("attention projections cannot be targets: the injector adapts only the FFN linears.")
     notes.append("Attention projections (q/k/v/o_proj) are not a level of the modules factor: the injector "
                  "(hyper_prag.inject via BaseModel.ffn_linear) adapts only the FFN linears of model.layers[i].mlp.")
     recipes, dropped = drop_duplicate_levels(recipes, corpus, docs)
-    notes += [f"{label} left out: it trains on exactly the data of {kept} (the template has no more QA pairs)."
+    notes += [f"{label} left out: it trains on exactly the data of {kept} (its source has no more QA pairs)."
               for label, kept in dropped.items()]
     result = run_study(base, corpus, docs, questions, recipes, args.cache, chunk_size=args.chunk_size,
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, resamples=args.resamples,
                        seed=args.seed, interference_recipe=args.interference_recipe if args.interference else None,
                        k=args.k, others=args.others)
     result["command"] = "python benchmarks/perdoc_recipe.py " + " ".join(argv)
+    result["split"] = args.split
     result["notes"] = notes + list(args.note)
     paths = write_outputs(result, args.out)
     print(markdown(result))

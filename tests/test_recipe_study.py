@@ -393,3 +393,58 @@ def test_both_sources_merge_template_and_llm_pairs(tiny, corpus, monkeypatch):
     assert aug.rewrites == ("llm rewrite", "template rewrite")
     settings = study.augmentation_settings(recipe, tiny)
     assert settings["source"] == "both" and settings["llm"]["augmenter"] == tiny.identity
+
+
+VAL_DOCS = (Document("d-kell", "Ada Kell", "Ada Kell (1933) was a baker from Orn. She opened a shop in 1960.", split="val"),
+            Document("d-rusk", "Bo Rusk", "Bo Rusk (1912) was a sailor from Hale. He crossed the Tarn Sea in 1940.",
+                     split="val"))
+VAL_QUESTIONS = (Question("q-kell", "What was Ada Kell's job?", ("baker",), "lookup", ("d-kell",), split="val"),
+                 Question("q-rusk", "Where was Bo Rusk from?", ("Hale",), "lookup", ("d-rusk",), split="val"))
+SENTINEL = ("What is the templated sentinel?", "sentinel")  # a doc_qa pair no LLM-free or LLM source can write
+
+
+def test_split_draws_its_own_documents_and_the_source_levels_read_no_templated_pairs(tiny, corpus, tmp_path,
+                                                                                     monkeypatch):
+    both = Corpus("tiny-val", DOCS + VAL_DOCS, QUESTIONS + VAL_QUESTIONS,
+                  {**DOC_QA, **{d.id: (SENTINEL,) for d in VAL_DOCS}})
+    docs, questions = study.study_questions(both, 5, split="val")
+    assert {d.id for d in docs} == {"d-kell", "d-rusk"} and {q.id for q in questions} == {"q-kell", "q-rusk"}
+    assert {d.id for d in study.study_questions(both, 5)[0]} == {"d-olen", "d-vask"}  # test stays the default
+
+    base = study.with_overrides(study.BASE, dict([study.parse_override("source=extractive"), ("n_qa", 0), ("epochs", 1)]))
+    recipes = study.plan(base, ["n_qa=3", "lr=1e-2"], [{"source": "llm-fewshot", "n_qa": 3}])
+    assert {label: factor for label, (factor, _) in recipes.items()} == {
+        "base": "base", "n_qa=3": "n_qa", "lr=0.01": "lr", "source=llm-fewshot,n_qa=3": "combined"}
+    assert "extractive" in [level["source"] for level in study.FACTORS["source"]]
+    kept, dropped = study.drop_duplicate_levels(study.plan(base, ["n_qa"]), both, docs)
+    assert list(kept) == ["base"] and dropped == {"n_qa=10": "base", "n_qa=20": "base"}  # fewer pairs written
+    with pytest.raises(HyperPragError, match="n_qa"):
+        study.with_overrides(base, {"source": "llm-fewshot"})  # n_qa 0 would ask the LLM for no pair
+    with pytest.raises(HyperPragError, match="source"):
+        study.with_overrides(base, {"source": "gold"})
+
+    seen = []
+    real = study.augment_documents
+    monkeypatch.setattr(study, "augment_documents",
+                        lambda docs, config, base=None, corpus=None, cache=None:
+                        seen.append((config.source, corpus)) or real(docs, config, base, corpus, cache))
+    encoded = study.encode_recipe(tiny, both, base, docs, tmp_path, chunk_size=2)
+    assert seen and all(source == "extractive" and c is None for source, c in seen)  # doc_qa never handed over
+    assert all(encoded.meta[d.id]["qa_pairs"] > 0 for d in docs)
+    (aug,) = study.augment_for(base, docs[:1], tiny, both, tmp_path)
+    assert aug.qa and SENTINEL not in aug.qa and all(a in docs[0].text for _, a in aug.qa)
+    template = study.augment_for(study.with_overrides(base, {"source": "template"}), docs[:1], tiny, both, tmp_path)
+    assert template[0].qa == (SENTINEL,)  # the template source is the one that reads them
+    assert study.main(["--plan", "--split", "val", "--base", "source=extractive,n_qa=0",
+                       "--factors", "lr=1e-2", "--extra", "source=llm-fewshot,n_qa=3"])["recipes"] == [
+        "base", "lr=0.01", "source=llm-fewshot,n_qa=3"]
+
+
+def test_real_yaml_is_the_measured_own_corpus_recipe_and_own_corpus_extractive_agrees():
+    real, own = (load_encode_config(ROOT / "configs" / "encode" / f"{name}.yaml") for name in ("real", "own-corpus-extractive"))
+    trainer, augment = real["trainer"], AugmentConfig(**real["augment"])
+    assert (augment.source, augment.n_qa, augment.n_rewrites) == ("extractive", 3, 1)  # no templated pair
+    assert (trainer.lr, trainer.epochs, trainer.qa_context, trainer.examples) == (3e-3, 3, "none", False)
+    assert own["trainer"] == trainer and AugmentConfig(**own["augment"]) == augment
+    assert {k: v for k, v in real.items() if k not in ("trainer", "augment")} == \
+        {k: v for k, v in own.items() if k not in ("trainer", "augment")}
