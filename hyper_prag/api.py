@@ -439,10 +439,14 @@ def evaluate(
     # The documents the evaluated questions retrieve: what the prag methods need LoRAs for.
     hits = retriever_.search([q.question for q in questions], k)
     needed = [corpus.document(i) for i in dict.fromkeys(h.doc_id for row in hits for h in row)]
-    controls = [s for s in static if s.wrong_doc]
-    if controls:  # the wrong-document control also needs the LoRAs that stand in for the retrieved ones
-        partner = wrong_partners(corpus.documents)
-        needed += [d for d in dict.fromkeys(partner[d.id] for d in needed) if d not in needed]
+    partner = wrong_partners(corpus.documents) if any(s.wrong_doc for s in static) else {}
+    # The wrong-document control also needs the LoRAs that stand in for the retrieved ones.
+    needed += [d for d in dict.fromkeys(partner[d.id] for d in needed) if d not in needed] if partner else []
+
+    def served(spec: MethodSpec) -> list[Any]:
+        """The documents whose LoRAs method ``spec`` applies for ``needed`` (the control: their partners)."""
+        return [partner[d.id] for d in needed] if spec.wrong_doc else list(needed)
+
     costs: dict[str, dict[str, float | None]] = {}
     sources: dict[str, LoraSource] = {}
     augment = None
@@ -472,8 +476,8 @@ def evaluate(
             recorded = [s for s in recorded if s is not None]
             enc = sum(recorded) / len(recorded) if recorded else (report.seconds_per_doc if report.encoded else None)
             for m in ("prag", "prag-wrong-doc", "prag-both"):
-                served = source.names(_served(method_spec(m), corpus, needed)) if m in names else []
-                costs[m] = {"encode_seconds_per_doc": enc, "bytes_per_doc": _bytes_per_doc(lora_store, served)}
+                served_keys = source.names(served(method_spec(m))) if m in names else []
+                costs[m] = {"encode_seconds_per_doc": enc, "bytes_per_doc": _bytes_per_doc(lora_store, served_keys)}
             sources["store"] = source
     if "hypernet" in kinds:
         hyper = assemble.hypernet_source(hypernet, base, benchmark)
@@ -485,9 +489,9 @@ def evaluate(
             lora_store = _existing_store(store_root)
         hyper_recipe = recipe_for(hyper.encoder, base)
         for m in ("hypernet", "hypernet-wrong-doc", "hypernet-both"):
-            served = ([hyper_recipe.key(d.text, full.doc_qa.get(d.id)) for d in _served(method_spec(m), corpus, needed)]
-                      if m in names else [])
-            costs[m] = {"encode_seconds_per_doc": per_doc_s, "bytes_per_doc": _bytes_per_doc(lora_store, served)}
+            served_keys = ([hyper_recipe.key(d.text, full.doc_qa.get(d.id)) for d in served(method_spec(m))]
+                           if m in names else [])
+            costs[m] = {"encode_seconds_per_doc": per_doc_s, "bytes_per_doc": _bytes_per_doc(lora_store, served_keys)}
         sources["hypernet"] = hyper
     pipeline = Pipeline(base, retriever_, corpus, k=k, max_new_tokens=max_new_tokens, combine_mode=combine,
                         batch_size=batch_size, augment=augment)
@@ -580,16 +584,6 @@ def _nothing_to_ask(full: Corpus, benchmark: str, split: str | None, question_so
             f"documents and {sum(q.split == split for q in full.questions)} questions{where}; documents are in "
             f"splits {with_docs}, questions in {with_questions}: choose one of those with --split (a question's split "
             "is its gold documents', or a mapped split column's).")
-
-
-def _served(spec: MethodSpec, corpus: Corpus, documents: Sequence[Any]) -> list[Any]:
-    """The documents whose LoRAs method ``spec`` applies for ``documents`` (the control: their partners)."""
-    from hyper_prag.sources import wrong_partners
-
-    if not spec.wrong_doc:
-        return list(documents)
-    partner = wrong_partners(corpus.documents)
-    return [partner[d.id] for d in documents]
 
 
 def _existing_store(root: Path) -> "LoraStore | None":
