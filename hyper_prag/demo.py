@@ -191,24 +191,6 @@ ENCODER_PAIRS: tuple[tuple[str, str], ...] = (
 )
 
 
-def paired_f1(results: Results, method: str, reference: str,
-              qtype: str | None = None) -> tuple[float, float, float] | None:
-    """Mean and 95% bootstrap CI (in %) of ``method − reference`` F1 per question, over the questions of
-    ``qtype`` (``None``: all); ``None`` when either method did not run."""
-    from hyper_prag.scoring import bootstrap_ci
-
-    names = {m.name for m in results.methods}
-    if method not in names or reference not in names:
-        return None
-    ref = {p["id"]: p["f1"] for p in results.method(reference).predictions}
-    diffs = [p["f1"] - ref[p["id"]] for p in results.method(method).predictions
-             if qtype in (None, p["type"]) and p["id"] in ref]
-    if not diffs:
-        return None
-    mean, low, high = bootstrap_ci(diffs, results.config.get("n_resamples", 1000), results.config.get("seed", 0))
-    return 100 * mean, 100 * low, 100 * high
-
-
 def encoder_table(results: Results) -> str:
     """The comparison the project exists for, as Markdown: per-document vs amortized LoRAs with the
     wrong-document controls, on quality (lookups and all questions), encoding seconds and bytes per document;
@@ -233,13 +215,13 @@ def encoder_table(results: Results) -> str:
             enc = "–" if m.encode_seconds_per_doc is None else f"{m.encode_seconds_per_doc:.2f}"
             size = "–" if m.bytes_per_doc is None else f"{m.bytes_per_doc:,.0f}"
             lines.append(f"| {what} | {name} | {f1(m, LOOKUP)} | {f1(m, TOTAL)} | {enc} | {size} |")
-    pairs = [(a, b, paired_f1(results, a, b, LOOKUP), paired_f1(results, a, b)) for a, b in ENCODER_PAIRS]
+    pairs = [(a, b, results.paired(a, b, qtype=LOOKUP), results.paired(a, b)) for a, b in ENCODER_PAIRS]
     pairs = [p for p in pairs if p[3] is not None]
     if pairs:
         lines += ["", "| paired ΔF1 (same questions) | lookups | all |", "|---|---|---|"]
 
         def cell(d):
-            return "–" if d is None else f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]"
+            return "–" if d is None else f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"
 
         lines += [f"| {a} − {b} | {cell(lk)} | {cell(al)} |" for a, b, lk, al in pairs]
     lines += ["", "F1 in %, mean [95% bootstrap CI]; encode s/doc: offline seconds per document (the hypernetwork's: "

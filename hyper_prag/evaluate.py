@@ -121,16 +121,18 @@ class Results:
         return cls(sorted(methods.values(), key=lambda m: order.get(m.name, len(order))),
                    sorted({t for run in runs for t in run.types}), config)
 
-    def paired(self, method: str, reference: str, metric: str = "f1") -> tuple[float, float, float] | None:
+    def paired(self, method: str, reference: str, metric: str = "f1",
+               qtype: str | None = None) -> tuple[float, float, float] | None:
         """Mean and 95% bootstrap CI of ``method − reference`` per question (same questions), or ``None``.
 
-        ``None`` when either method did not run or their per-question records do not cover the same questions.
+        ``qtype``: over the questions of that type only (``None``: all). ``None`` when either method did not run
+        or their per-question records do not cover the same questions.
         """
         names = {m.name for m in self.methods}
         if method not in names or reference not in names:
             return None
-        a = {p["id"]: p[metric] for p in self.method(method).predictions}
-        b = {p["id"]: p[metric] for p in self.method(reference).predictions}
+        a = {p["id"]: p[metric] for p in self.method(method).predictions if qtype is None or p["type"] == qtype}
+        b = {p["id"]: p[metric] for p in self.method(reference).predictions if qtype is None or p["type"] == qtype}
         if not a or a.keys() != b.keys():
             return None
         return bootstrap_ci([a[i] - b[i] for i in a], self.config.get("n_resamples", 1000), self.config.get("seed", 0))
