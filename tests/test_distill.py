@@ -265,6 +265,7 @@ def test_datamodule_caches_lower_states_and_reads_a_split_without_doc_qa(tmp_pat
     folder = save_corpus(corpus, tmp_path / "corpus")
     data = HypernetDataModule(model="tiny", corpus=str(folder), layers=[1], distill=True, teacher_topk=4,
                               teacher_cache=str(tmp_path / "teacher"), embedding_cache=str(tmp_path / "emb"),
+                              lower_state_cache=str(tmp_path / "lower"),
                               batch_size=3)
     data.prepare_data()
     data.setup("fit")

@@ -14,10 +14,14 @@ with none; the targets are the gold answers or the teacher's own greedy answers 
 With LoRAs on the upper layers only, the states entering the lowest adapted layer l0 do not depend on the
 LoRA. :func:`lower_states` computes them once (no LoRA, layers < l0 only) and :func:`upper_labelled_logits`
 runs layers l0 … L−1 from them: the same logits as the full forward, and a step skips the l0 lower layers.
+:class:`LowerStateCache` keeps them on disk, one file per content hash of what they depend on
+(:func:`lower_states_key`), so a resumed or repeated run reads them instead of running the lower layers again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import time
@@ -25,10 +29,13 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -37,8 +44,10 @@ from hyper_prag.activated import ApplyFrom, HeadCache, head_cache, suffix_hidden
 from hyper_prag.errors import HyperPragError
 from hyper_prag.hypernet import EmbeddingCache, HypernetConfig, pad_states
 from hyper_prag.inject import injected, layers_cut
+from hyper_prag.io import atomic_file
 from hyper_prag.lora import Lora, LoraSpec, stack
 from hyper_prag.model import BaseModel, DtypeName, resolve_dtype
+from hyper_prag.paths import cache_dir
 from hyper_prag.prompts import fixed_head, qa_sequence
 from hyper_prag.recipes import Recipe
 from hyper_prag.sequences import IGNORE, LossOn, TokenSequence, check_after_head, labelled_positions, right_pad, tokenize
@@ -159,6 +168,116 @@ def upper_labelled_logits(base: BaseModel, lora: Lora | None, lower: Tensor, sta
     if head is None:
         return labelled_positions(base, h, labels)
     return labelled_positions(base, activated.from_head_end(head, h), labels[:, P - 1:])  # positions P − 1 … T − 1
+
+
+# ------------------------------------------------------------------------------------- lower-state cache
+
+LOWER_STATES_VERSION = 1  # bump when what a file holds changes: every cached file then misses
+
+
+def lower_states_key(base: BaseModel, sequences: Sequence[TokenSequence], start: int, batch_size: int = 16,
+                     head: HeadCache | None = None) -> str:
+    """The sha256 that names one :func:`lower_states` result on disk: it covers everything the states depend on.
+
+    That is the base model's identity and its runtime dtype and device type (the identity ignores both; the
+    states do not, bfloat16 weights or GPU kernels give other float32 values), the layer they enter, the batch
+    size of the forward (it sets each batch's padded length), the cached head's token ids (or ``"none"``) and
+    the token ids of every sequence, in order. A changed document, question, model or prompt format is a miss.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps([LOWER_STATES_VERSION, base.identity, str(base.dtype), base.device.type, start,
+                              batch_size, list(head.ids) if head is not None else "none"]).encode())
+    for seq in sequences:  # one JSON list each, so [1, 2][3] and [1][2, 3] hash apart
+        digest.update(json.dumps(list(seq.input_ids)).encode())
+    return digest.hexdigest()
+
+
+class LowerStateCache:
+    """:func:`lower_states` results on disk, one safetensors file per :func:`lower_states_key`.
+
+    A file holds ``states`` ``(ΣT_i, hidden)`` float32 (the sequences' states concatenated in order: exact) and
+    ``lengths`` ``(N,)`` int64; its metadata records the key, the layer, the base identity and the sha256 of the
+    states' bytes. A file that does not load, whose key, lengths or hidden size differ from what is asked, or
+    whose states do not hash to the recorded sha256 is never served: it is recomputed and rewritten.
+    """
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        """
+        Args:
+            root: cache folder; default ``cache_dir("lower_states")``.
+        """
+        self.root = Path(root) if root is not None else cache_dir("lower_states")
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def get(self, base: BaseModel, sequences: Sequence[TokenSequence], start: int, batch_size: int = 16,
+            head: HeadCache | None = None) -> list[Tensor]:
+        """:func:`lower_states` of ``sequences`` (same arguments), read from disk if a file holds them, else
+        computed and saved.
+
+        Returns:
+            One float32 CPU tensor ``(T_i, hidden)`` per sequence, equal to what :func:`lower_states` returns.
+        """
+        if not sequences:
+            return []
+        P = head.length if head is not None else 0
+        if head is not None:  # a hit must refuse the sequences lower_states refuses
+            for i in range(0, len(sequences), batch_size):
+                ids, _, labels = right_pad(sequences[i : i + batch_size], base.tokenizer.pad_token_id)  # (n, T)
+                check_after_head(head, ids, labels)
+        key = lower_states_key(base, sequences, start, batch_size, head)
+        path = self.path(key)
+        began = time.perf_counter()
+        if path.is_file():
+            states = self._read(path, key, [len(seq.input_ids) - P for seq in sequences],
+                                base.model.config.hidden_size)
+            if states is not None:
+                log.info("lower states: %d sequences' states entering layer %d loaded from %s in %.1f s",
+                         len(states), start, path, time.perf_counter() - began)
+                return states
+        states = lower_states(base, sequences, start, batch_size, head)
+        log.info("lower states: %d sequences' states entering layer %d computed in %.1f s",
+                 len(states), start, time.perf_counter() - began)
+        self._write(path, key, states, base, start, P)
+        return states
+
+    @staticmethod
+    def _read(path: Path, key: str, lengths: list[int], hidden: int) -> list[Tensor] | None:
+        """The states of ``path`` split per sequence, or ``None`` (with a warning) unless it holds exactly them."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != key or f.get_tensor("lengths").tolist() != lengths:
+                    raise ValueError("its key or sequence lengths differ from these sequences'")
+                stored = f.get_slice("states")
+                if stored.get_shape() != [sum(lengths), hidden] or stored.get_dtype() != "F32":
+                    raise ValueError(f"its states are {stored.get_dtype()} {stored.get_shape()}, "
+                                     f"not F32 {[sum(lengths), hidden]}")
+                digest, states, at = hashlib.sha256(), [], 0
+                for n in lengths:  # one sequence at a time: memory stays at one copy of the states
+                    states.append(stored[at : at + n])  # (T_i, hidden)
+                    digest.update(states[-1].numpy())
+                    at += n
+            if digest.hexdigest() != meta.get("sha256"):
+                raise ValueError("its states do not match their recorded sha256 (damaged)")
+        except (SafetensorError, OSError, ValueError) as err:
+            log.warning("lower-state cache %s unusable (%s): recomputing", path, err)
+            return None
+        return states
+
+    @staticmethod
+    def _write(path: Path, key: str, states: list[Tensor], base: BaseModel, start: int, head_length: int) -> None:
+        flat = torch.cat(states)  # (ΣT_i, hidden)
+        meta = {"key": key, "version": str(LOWER_STATES_VERSION), "base": base.identity, "dtype": str(base.dtype),
+                "start": str(start), "head_length": str(head_length),
+                "sha256": hashlib.sha256(flat.numpy()).hexdigest()}
+        lengths = torch.tensor([len(s) for s in states], dtype=torch.int64)  # (N,)
+        try:  # a whole new file renamed into place: a crash or another rank never leaves half a file
+            with atomic_file(path) as tmp:
+                save_file({"states": flat, "lengths": lengths}, str(tmp), metadata=meta)
+        except OSError as err:  # a full or read-only cache costs the next run the recomputation, not this one
+            log.warning("lower-state cache %s not written (%s)", path, err)
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -282,6 +401,7 @@ class HypernetDataModule(pl.LightningDataModule):
         teacher_topk: int = 16,
         teacher_cache: str | None = None,
         reuse_lower_states: bool = True,
+        lower_state_cache: str | None = None,
         teacher_store: str | None = None,
         teacher_key: dict | None = None,
         embedding_cache: str | None = None,
@@ -323,6 +443,8 @@ class HypernetDataModule(pl.LightningDataModule):
             teacher_cache: teacher cache folder; ``None``: ``cache_dir("teacher")``.
             reuse_lower_states: with ``layers`` above layer 0, compute the states entering the lowest adapted
                 layer once (float32 in memory, exact) and run only the upper layers per step.
+            lower_state_cache: folder of those states on disk (:class:`LowerStateCache`; a resumed or repeated run
+                reads them); ``None``: ``cache_dir("lower_states")``.
             teacher_store: LoRA store with per-document LoRAs of the training documents (terms d, e).
             teacher_key: ``{"augmentation": {...}, "encoder": {...}, "rank": 2, "alpha": 32}``: how the
                 per-document LoRAs were keyed (:func:`teacher_recipe`).
@@ -464,6 +586,7 @@ class HypernetDataModule(pl.LightningDataModule):
         test_ids = {d.id for d in corpus.documents if d.split == "test"}
         start = self.lower_layer(base)
         cache = EmbeddingCache(hp.embedding_cache)  # a hit after prepare_data
+        lower_cache = LowerStateCache(hp.lower_state_cache)
         for split in (hp.train_split, hp.val_split):
             docs = self._documents(corpus, split)
             # Never touch test documents (they are the benchmark's evaluation set).
@@ -475,10 +598,7 @@ class HypernetDataModule(pl.LightningDataModule):
             teacher = self._teacher_topk(base, docs, queries) if hp.distill else [None] * len(queries)
             lower: list = [None] * len(queries)
             if start:
-                began = time.perf_counter()
-                lower = lower_states(base, sequences, start, head=self.head(base))
-                log.info("hypernet data: %s states entering layer %d of %d sequences computed once in %.1f s",
-                         split, start, len(sequences), time.perf_counter() - began)
+                lower = lower_cache.get(base, sequences, start, head=self.head(base))
             items = [QAItem(rows, seq, top, low) for (rows, _, _), seq, top, low in zip(queries, sequences, teacher, lower)]
             embeddings = self._states(cache, base, docs)  # (D, E) or D × (T_i, E)
             teachers = self._teachers(base, corpus, docs) if hp.teacher_store and split == hp.train_split else None
