@@ -2,6 +2,7 @@
 
     python benchmarks/readout_gates.py --docs 50 --gradient-steps 10 100 1000 --out results/readout_gates/gate0.json
     python benchmarks/readout_gates.py --docs 50 --checkpoint runs/hypernet-smollm2-fastweight/checkpoints/last.ckpt
+    python benchmarks/readout_gates.py --docs 50 --checkpoint CKPT --scales 1 2 3   # serve-time ΔW multipliers
 
 For each readout (a hypernet checkpoint of any readout, or the gradient readout at stage 0 with step size η), on
 the questions of ``--split`` (default ``val``: recipes are chosen there, never on test) whose documents fit in
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--docs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", type=Path, nargs="*", default=[], help="hypernet checkpoints (.ckpt or exported)")
+    parser.add_argument("--scales", type=float, nargs="*", default=[1.0],
+                        help="serve-time multipliers of each hypernet LoRA's B (ΔW scaled by s), one row each")
     parser.add_argument("--gradient-steps", type=float, nargs="*", default=[], help="η of the gradient readout, stage 0")
     parser.add_argument("--gradient-rank", type=int, default=8)
     parser.add_argument("--gradient-layers", type=int, nargs="*", default=[], help="adapted layers (default: all)")
@@ -117,9 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         loras = encoder.generate(texts)
         seconds = (time.perf_counter() - start) / len(docs)
-        table = {d.id: lora for d, lora in zip(docs, loras)}
-        rows.append(evaluate(f"hypernet:{encoder.hypernet.config.readout}:{checkpoint}", base, docs, questions, table,
-                             encoder.hypernet.config.apply_from, seconds, args))
+        for s in args.scales:
+            table = {d.id: lora if s == 1.0 else Lora(lora.spec, lora.A, {m: s * b for m, b in lora.B.items()})
+                     for d, lora in zip(docs, loras)}
+            name = f"hypernet:{encoder.hypernet.config.readout}:{checkpoint}" + ("" if s == 1.0 else f":scale={s:g}")
+            rows.append(evaluate(name, base, docs, questions, table, encoder.hypernet.config.apply_from, seconds, args))
     if args.gradient_steps:
         augmented = augment_documents(docs, AugmentConfig(source="template"), base=base, corpus=corpus)
         config = GradientConfig(rank=args.gradient_rank, layers=tuple(args.gradient_layers))
