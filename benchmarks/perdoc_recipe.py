@@ -82,7 +82,6 @@ log = logging.getLogger("perdoc_recipe")
 # both: template and llm merged. Only template and both read the corpus's templated pairs (Corpus.doc_qa).
 Source = Literal["template", "llm", "llm-fewshot", "extractive", "both"]
 TEMPLATED: tuple[str, ...] = ("template", "both")  # the sources that read Corpus.doc_qa
-ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -303,14 +302,12 @@ def augmentation_settings(recipe: EncodeRecipe, base: BaseModel) -> dict[str, An
 
 
 def check_targets(base: BaseModel, modules: Sequence[str]) -> None:
-    """Raises unless every target module is one the injector can adapt (the FFN linears of ``model.layers[i].mlp``)."""
-    mlp = base.model.model.layers[0].mlp
-    bad = [m for m in modules if not isinstance(getattr(mlp, m, None), torch.nn.Linear)]
+    """Raises unless every target module is a linear of the model's decoder layers the injector can adapt (its FFN
+    linears and the attention projections it has as separate linears: ``BaseModel.linear_modules``)."""
+    bad = [m for m in modules if m not in base.linear_modules]
     if bad:
-        attention = [m for m in bad if m in ATTENTION_MODULES]
-        why = (f"attention projections {attention} are not supported: the injector hooks only the FFN linears "
-               "(BaseModel.ffn_linear reads model.layers[i].mlp)") if attention else f"{bad} are not FFN linears"
-        raise HyperPragError(f"target modules {bad}: {why}; choose from {FFN_MODULES}.")
+        raise HyperPragError(f"target modules {bad} are not linears of {base.name}'s decoder layers; choose from "
+                             f"{list(base.linear_modules)}.")
 
 
 # --------------------------------------------------------------------------------------------- encoding
@@ -808,10 +805,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     corpus = assemble.load_corpus("fictional")
     docs, questions = study_questions(corpus, args.docs, args.seed, args.split)
     notes = []
-    if any(m in ATTENTION_MODULES for _, r in recipes.values() for m in r.target_modules):
-        raise HyperPragError("attention projections cannot be targets: the injector adapts only the FFN linears.")
-    notes.append("Attention projections (q/k/v/o_proj) are not a level of the modules factor: the injector "
-                 "(hyper_prag.inject via BaseModel.ffn_linear) adapts only the FFN linears of model.layers[i].mlp.")
+    for _, r in recipes.values():
+        check_targets(base, r.target_modules)
     recipes, dropped = drop_duplicate_levels(recipes, corpus, docs)
     notes += [f"{label} left out: it trains on exactly the data of {kept} (its source has no more QA pairs)."
               for label, kept in dropped.items()]

@@ -113,7 +113,8 @@ def encode(
         rank: LoRA rank (paper: 2).
         alpha: LoRA alpha (paper: 32).
         target_modules: the linears adapted in every chosen layer (paper: the FFN's gate/up/down; a model
-            with a fused ``gate_up_proj`` maps gate/up onto it).
+            with a fused ``gate_up_proj`` maps gate/up onto it), or attention projections (``q_proj``, ``k_proj``,
+            ``v_proj``, ``o_proj``).
         layers: decoder layers adapted (``()``: all).
         trainer: per-document trainer settings (:class:`PerDocConfig`).
         augment: :class:`~hyper_prag.augment.AugmentConfig` fields (``None``: its defaults).

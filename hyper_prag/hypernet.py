@@ -6,7 +6,7 @@ translator" and text-to-lora's hyper-modulator. For document d::
     d ──► frozen base LLM, decoder layers ≤ max(embed_layers) ──► per-token final-norm
       ──► mean over d's tokens, concatenated over embed_layers ──► doc_embedding e (E,)
 
-    for every adapted layer l and FFN module m:
+    for every adapted layer l and target module m (the FFN linears, or ``target_modules``, e.g. ``o_proj``):
         [proj(LN(e)) ⊕ layer_emb[l] ⊕ module_emb[m]] ──► trunk (MLP) ──► h (width,)
         A[m][l] = head_A[m](h) / √d_in     (r, d_in)
         B[m][l] = g · head_B[m](h)         (d_out, r)      g = 1, head_B zero-initialised: the first LoRA is ΔW = 0
@@ -49,7 +49,10 @@ every LoRA the hypernet emits (training, the encoder, the store) and of its chec
 
 ``layers`` restricts the generated LoRA to a subset of decoder layers (default: all). With LoRAs on the upper
 layers only, the hidden states below the lowest adapted layer do not depend on the LoRA, so training can
-compute them once (``hyper_prag/training/hypernet.py``).
+compute them once (``hyper_prag/training/hypernet.py``). ``target_modules`` chooses the linears it adapts
+(default: the base model's FFN linears); e.g. ``("o_proj",)`` puts every readout's LoRA on the attention output
+projection, where Generative Adapter puts its adapter. The fastweight core C_l still reads layer l's input
+states; only A₁, B₁ take the chosen linear's widths.
 
 The output is a :class:`~hyper_prag.lora.Lora` batch (A: (N, L, r + r_b, d_in), B: (N, L, d_out, r + r_b))
 with the same scaling s = alpha / r as per-document LoRAs, bound to the base model's identity; nothing
@@ -128,6 +131,7 @@ class HypernetConfig:
     #                                         None: g = 1 fixed and head_B zero-initialised
     shift: int = 0  # fastweight: keys from token t, values from token t + shift (1: next-token associations)
     apply_from: str = "all"  # where the LoRAs act, in training and when served: "all" positions or from the "question"
+    target_modules: tuple[str, ...] = ()  # linears the generated LoRA adapts, e.g. ("o_proj",); (): the FFN linears
 
     def for_model(self, base: BaseModel) -> "HypernetConfig":
         """Returns this config with ``embed_layers`` filled in for ``base`` and checked."""
@@ -150,19 +154,25 @@ class HypernetConfig:
                                      f"choose layers in 0..{base.num_layers - 1}.")
         if self.bias_rank < 0 or self.rank < 1:
             raise HyperPragError(f"hypernet rank must be >= 1 and bias_rank >= 0, got {self.rank} and {self.bias_rank}.")
-        return replace(self, embed_layers=tuple(sorted(set(layers))), layers=tuple(sorted(set(self.layers))))
+        # Checked and spelled as the model names them (Phi-3: gate_proj + up_proj is its gate_up_proj); the FFN
+        # linears in the model's own order are the default, () (the same network, so the same description and key).
+        modules = LoraSpec(target_modules=self.target_modules).for_model(base).target_modules if self.target_modules else ()
+        return replace(self, embed_layers=tuple(sorted(set(layers))), layers=tuple(sorted(set(self.layers))),
+                       target_modules=() if modules == base.target_modules else tuple(modules))
 
     def to_dict(self) -> dict:
-        data = {**asdict(self), "embed_layers": list(self.embed_layers), "layers": list(self.layers)}
+        data = {**asdict(self), "embed_layers": list(self.embed_layers), "layers": list(self.layers),
+                "target_modules": list(self.target_modules)}
         return {k: v for k, v in data.items() if k not in _LATER or v != _LATER[k]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "HypernetConfig":
-        return cls(**{**data, "embed_layers": tuple(data.get("embed_layers", ())), "layers": tuple(data.get("layers", ()))})
+        return cls(**{**data, "embed_layers": tuple(data.get("embed_layers", ())), "layers": tuple(data.get("layers", ())),
+                      "target_modules": tuple(data.get("target_modules", ()))})
 
 
 _LATER = {"layers": [], "bias_rank": 0, "output_scale_init": None, "shift": 0,
-          "apply_from": "all"}  # later fields at their no-op defaults
+          "apply_from": "all", "target_modules": []}  # later fields at their no-op defaults
 
 
 # ------------------------------------------------------------------------------------------ doc embedding
@@ -364,9 +374,11 @@ class Hypernet(nn.Module):
         super().__init__()
         if not spec.layers or not spec.base_model:
             raise HyperPragError("Hypernet needs a LoRA spec bound to a base model (LoraSpec.for_model(base)).")
-        if spec.rank != config.rank + config.bias_rank or (config.layers and spec.layers != config.layers):
-            raise HyperPragError(f"hypernet spec (rank {spec.rank}, layers {spec.layers}) contradicts its config (rank "
-                                 f"{config.rank} + bias_rank {config.bias_rank}, layers {config.layers or 'all'}); "
+        if (spec.rank != config.rank + config.bias_rank or (config.layers and spec.layers != config.layers)
+                or (config.target_modules and spec.target_modules != config.target_modules)):
+            raise HyperPragError(f"hypernet spec (rank {spec.rank}, layers {spec.layers}, modules {spec.target_modules}) "
+                                 f"contradicts its config (rank {config.rank} + bias_rank {config.bias_rank}, layers "
+                                 f"{config.layers or 'all'}, modules {config.target_modules or 'the FFN'}); "
                                  "the checkpoint is corrupted: re-export it.")
         self.config, self.spec, self.dims, self.embed_dim = config, spec, dict(dims), embed_dim
         L, M, r = len(spec.layers), len(spec.target_modules), config.rank
@@ -430,8 +442,8 @@ class Hypernet(nn.Module):
         """Builds a freshly initialised hypernet for ``base``."""
         config = config.for_model(base)
         total = config.rank + config.bias_rank
-        spec = LoraSpec(rank=total, alpha=config.alpha / config.rank * total, target_modules=base.target_modules,
-                        layers=config.layers).for_model(base)
+        spec = LoraSpec(rank=total, alpha=config.alpha / config.rank * total,
+                        target_modules=config.target_modules or base.target_modules, layers=config.layers).for_model(base)
         dims = {m: base.module_dims(m) for m in spec.target_modules}
         net = cls(config, spec, dims, embed_dim=len(config.embed_layers) * base.model.config.hidden_size)
         if config.readout == "fastweight":

@@ -1,4 +1,5 @@
-"""The injector: apply LoRAs to the FFN linears of a Hugging Face causal LM, and restore it after.
+"""The injector: apply LoRAs to the linears of a Hugging Face causal LM's decoder layers (FFN or attention, found
+through :meth:`~hyper_prag.model.BaseModel.linear`), and restore it after.
 
 Small and ours because of two needs: gradients must flow through the frozen LLM into LoRA tensors
 that a hypernetwork has just *generated* (outputs of another network, not parameters of an adapter
@@ -206,7 +207,7 @@ class _Merge:
             raise HyperPragError("Refusing to merge a LoRA with non-finite (NaN/inf) weights; re-encode it.")
         for m in spec.target_modules:
             for i, layer in enumerate(spec.layers):
-                weight = self.base.ffn_linear(layer, m).weight.detach()  # (d_out, d_in)
+                weight = self.base.linear(layer, m).weight.detach()  # (d_out, d_in)
                 low = weight.dtype != torch.float32
                 delta = self._delta(m, i)  # (d_out, d_in) float32
                 merged = delta + weight  # (d_out, d_in) float32
@@ -315,7 +316,7 @@ def injected(
                 for i, layer in enumerate(spec.layers):
                     A, B = lora.A[m][..., i, :, :], lora.B[m][..., i, :, :]  # (N?, r, d_in), (N?, d_out, r)
                     hook = _side_hook(A, B, spec.scaling, batched=mode == "batched", active_from=active_from)
-                    handles.append(base.ffn_linear(layer, m).register_forward_hook(hook))
+                    handles.append(base.linear(layer, m).register_forward_hook(hook))
             yield base
         finally:
             for handle in handles:
@@ -364,7 +365,7 @@ def merge_memory(base: BaseModel, lora: Lora, restore: RestoreMode = "subtract")
                 merge.undo()
         device_peak = torch.cuda.max_memory_allocated(base.device) - before if cuda else None
     deltas = {m: base.module_dims(m)[0] * base.module_dims(m)[1] * 4 for m in spec.target_modules}
-    touched = sum(base.ffn_linear(layer, m).weight.numel() * base.ffn_linear(layer, m).weight.element_size()
+    touched = sum(base.linear(layer, m).weight.numel() * base.linear(layer, m).weight.element_size()
                   for m in spec.target_modules for layer in spec.layers)
     return MergeMemory(
         restore=restore, peak_extra_bytes=merge.meter.peak, kept_bytes=merge.meter.kept,

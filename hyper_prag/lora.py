@@ -1,8 +1,9 @@
 """The LoRA contract: one tensor-dict type, made by both encoders, stored, combined and injected.
 
-For every target module m (``gate_proj``, ``up_proj``, ``down_proj``; Phi-3's fused ``gate_up_proj``
-is one module of its own) and every adapted layer l, the frozen weight W (d_out, d_in) of that
-linear is used as::
+For every target module m (the FFN's ``gate_proj``, ``up_proj``, ``down_proj``, the default; Phi-3's
+fused ``gate_up_proj`` is one module of its own; or an attention projection ``q_proj``, ``k_proj``,
+``v_proj``, ``o_proj``) and every adapted layer l, the frozen weight W (d_out, d_in) of that linear
+is used as::
 
     W' = W + ΔW,   ΔW = (alpha / r) · B[m][l] @ A[m][l]
 
@@ -48,7 +49,7 @@ class LoraSpec:
 
     rank: int = 2  # r (paper: 2)
     alpha: float = 32.0  # scaling numerator; ΔW = alpha / r · B @ A (paper: 32)
-    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")  # FFN linears (paper §3.2)
+    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")  # FFN linears (paper §3.2), or q/k/v/o_proj
     layers: tuple[int, ...] = ()  # decoder layers adapted (a subset); () = every layer, until bound to a model
     base_model: str = ""  # identity of the base model (hyper_prag.model.model_identity)
 
@@ -70,10 +71,11 @@ class LoraSpec:
     def for_model(self, base) -> "LoraSpec":
         """Returns this spec bound to a :class:`~hyper_prag.model.BaseModel`, checked against that model.
 
-        The target modules must be FFN linears of the model (``base.target_modules``). On a model
-        with a fused ``gate_up_proj`` (Phi-3) the pair ``gate_proj`` + ``up_proj`` means that one
-        linear, so the default spec adapts every FFN linear of any supported model. ``layers`` is
-        a subset of decoder-layer indices (sorted on binding; ``()`` means every layer).
+        The target modules must be linears of the model's decoder layers (``base.linear_modules``: its
+        FFN linears, then the attention projections it has as separate linears). On a model with a
+        fused ``gate_up_proj`` (Phi-3) the pair ``gate_proj`` + ``up_proj`` means that one linear, so
+        the default spec adapts every FFN linear of any supported model. ``layers`` is a subset of
+        decoder-layer indices (sorted on binding; ``()`` means every layer).
 
         Raises:
             HyperPragError: a rank below 1, a non-positive alpha, no or unknown target modules, or
@@ -83,7 +85,7 @@ class LoraSpec:
             raise HyperPragError(f"LoRA rank must be at least 1, got {self.rank}.")
         if not self.alpha > 0 or self.alpha == float("inf"):
             raise HyperPragError(f"LoRA alpha must be a positive number, got {self.alpha}.")
-        available = tuple(base.target_modules)
+        available = tuple(base.linear_modules)
         modules = list(self.target_modules)
         if "gate_up_proj" in available and ("gate_proj" in modules or "up_proj" in modules):
             if not ("gate_proj" in modules and "up_proj" in modules):
@@ -93,8 +95,10 @@ class LoraSpec:
             modules.remove("up_proj")
         unknown = [m for m in modules if m not in available]
         if not modules or unknown or len(set(modules)) != len(modules):
+            attention = [m for m in available if m not in base.target_modules]
             raise HyperPragError(f"LoRA target modules {list(self.target_modules)} do not fit base model {base.name}: "
-                                 f"choose distinct modules among its FFN linears {list(available)}.")
+                                 f"choose distinct modules among its FFN linears {list(base.target_modules)} and its "
+                                 f"attention linears {attention}.")
         n = base.num_layers
         layers = tuple(sorted(int(layer) for layer in self.layers)) or tuple(range(n))
         if len(set(layers)) != len(layers) or not all(0 <= layer < n for layer in layers):
@@ -287,8 +291,15 @@ def load_lora(path: str | Path, dtype: torch.dtype | None = torch.float32) -> Lo
     return lora
 
 
+def _peft_module(layer: int, module: str) -> str:
+    """The module's name in the model, e.g. ``model.layers.3.self_attn.o_proj``, as PEFT's keys and patterns see it."""
+    from hyper_prag.model import module_path  # here, not at the top: the store's writer processes stay light
+
+    return f"model.layers.{layer}.{module_path(module)}"
+
+
 def _peft_key(layer: int, module: str, which: str) -> str:
-    return f"base_model.model.model.layers.{layer}.mlp.{module}.lora_{which}.weight"
+    return f"base_model.model.{_peft_module(layer, module)}.lora_{which}.weight"
 
 
 def export_peft(lora: Lora, folder: str | Path, base_model_name_or_path: str = "") -> Path:
@@ -337,7 +348,7 @@ def _peft_pattern(patterns: dict, key: str):
 
 
 def import_peft(folder: str | Path, base_model: str) -> Lora:
-    """Reads a PEFT LoRA adapter folder on a Llama-style model's FFN into our contract.
+    """Reads a PEFT LoRA adapter folder on a Llama-style model's FFN or attention linears into our contract.
 
     ``rank_pattern`` and ``alpha_pattern`` (per-module rank and alpha) are honoured exactly: the
     imported LoRA has the largest rank R of the adapter and alpha = ``lora_alpha`` · R / ``r``, so its
@@ -354,7 +365,8 @@ def import_peft(folder: str | Path, base_model: str) -> Lora:
 
     Raises:
         HyperPragError: an unreadable folder, rsLoRA/DoRA, transposed weights (``fan_in_fan_out``),
-            or tensors that do not cover every target module in the same layers.
+            tensors that do not cover every target module in the same layers, or a target module that is
+            neither an FFN linear nor an attention projection.
     """
     folder = Path(folder)
     try:
@@ -378,14 +390,14 @@ def import_peft(folder: str | Path, base_model: str) -> Lora:
             A[m] = [tensors[_peft_key(l, m, "A")].float() for l in layers]  # each (r_m, d_in)
             B[m] = [tensors[_peft_key(l, m, "B")].float() for l in layers]  # each (d_out, r_m)
     except KeyError as err:
-        raise HyperPragError(f"{folder}: adapter tensors do not cover every FFN target module in every layer "
+        raise HyperPragError(f"{folder}: adapter tensors do not cover every target module in every layer "
                              f"(missing {err}).") from err
     rank = max(a.shape[0] for m in targets for a in A[m])
     scaling = alpha0 / r0  # the adapter's default scaling, kept as ours
     for m in targets:
         for i, layer in enumerate(layers):
             a, b = A[m][i], B[m][i]
-            key = f"model.layers.{layer}.mlp.{m}"
+            key = _peft_module(layer, m)
             r_m = int(_peft_pattern(rank_pattern, key) or r0)
             alpha_m = float(_peft_pattern(alpha_pattern, key) or alpha0)
             if a.shape[0] != r_m or b.shape[-1] != r_m:

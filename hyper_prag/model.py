@@ -13,7 +13,11 @@ unless ``local_files_only=False``).
 ``gate_up_proj``/``down_proj`` of Phi-3, where ``gate_up_proj`` is one target module of its own
 (d_in = hidden, d_out = 2 · intermediate: the gate rows, then the up rows). Other layouts
 (GPT-NeoX's ``dense_h_to_4h``, mixture-of-experts FFNs) are refused with a message naming what is
-missing.
+missing. The attention projections ``q_proj``/``k_proj``/``v_proj``/``o_proj`` of
+``model.model.layers[i].self_attn`` can be targeted too, where the model has them as separate linears
+(Generative Adapter puts its adapter on ``o_proj``); with grouped-query attention ``k_proj`` and
+``v_proj`` are narrower: d_out = ``num_key_value_heads · head_dim``. :func:`module_path` is the one
+place that says where a target module sits in a decoder layer; every lookup goes through it.
 
 **Identity.** The identity of a base model is ``"<model_type>-<16 hex>"``: a sha256 of its
 architecture config and of *every* weight (name, dtype, shape and bytes of each tensor). For a
@@ -60,6 +64,8 @@ FFN_MODULES: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 # Phi-3 computes gate and up projections with one linear (its output is [gate; up] along d_out).
 FUSED_FFN_MODULES: tuple[str, ...] = ("gate_up_proj", "down_proj")
 FFN_LAYOUTS: tuple[tuple[str, ...], ...] = (FFN_MODULES, FUSED_FFN_MODULES)
+# The attention projections of a Llama-style block, targetable besides the FFN (Generative Adapter: o_proj).
+ATTENTION_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 # What a base model without a chat template is asked (pretrained, not instruction-tuned models).
 PLAIN_ANSWER_CUE = "Answer:"
 
@@ -307,6 +313,40 @@ def _refuse(name: str, model: nn.Module, what: str) -> HyperPragError:
     )
 
 
+def module_path(module: str) -> str:
+    """Where a target module sits in a decoder layer: ``"mlp.<module>"`` for an FFN linear, ``"self_attn.<module>"``
+    for an attention projection (the path under ``model.model.layers[i]``; PEFT's keys are built from it).
+
+    Raises:
+        HyperPragError: a name that is neither (it lists the names that are).
+    """
+    if module in ATTENTION_MODULES:
+        return f"self_attn.{module}"
+    if any(module in layout for layout in FFN_LAYOUTS):
+        return f"mlp.{module}"
+    names = list(dict.fromkeys(m for layout in FFN_LAYOUTS for m in layout)) + list(ATTENTION_MODULES)
+    raise HyperPragError(f"'{module}' is no target module hyper-prag knows; choose among {names}.")
+
+
+def layer_linear(layer: nn.Module, module: str) -> nn.Linear | None:
+    """The linear ``module`` of one decoder layer (found through :func:`module_path`), or ``None`` if it has none."""
+    found: nn.Module | None = layer
+    for part in module_path(module).split("."):
+        found = getattr(found, part, None)
+    return found if isinstance(found, nn.Linear) else None
+
+
+def attention_layout(model: nn.Module) -> tuple[str, ...]:
+    """The attention projections of :data:`ATTENTION_MODULES` that every decoder layer of ``model`` has as one
+    ``nn.Linear`` of the same shape (``()`` for fused ones such as Phi-3's ``qkv_proj``; ``o_proj`` stays)."""
+    found = []
+    for m in ATTENTION_MODULES:
+        linears = [layer_linear(layer, m) for layer in model.model.layers]
+        if all(lin is not None for lin in linears) and len({tuple(lin.weight.shape) for lin in linears}) == 1:
+            found.append(m)
+    return tuple(found)
+
+
 def ffn_layout(model: nn.Module, name: str = "model") -> tuple[str, ...]:
     """Returns the FFN linears LoRAs can target in every decoder layer of ``model``.
 
@@ -359,9 +399,10 @@ class BaseModel:
     tokenizer: PreTrainedTokenizerBase
     identity: str
     name: str
-    target_modules: tuple[str, ...] = FFN_MODULES  # every FFN linear of this model (see ffn_layout)
+    target_modules: tuple[str, ...] = FFN_MODULES  # every FFN linear of this model (see ffn_layout): the default targets
     system_prompt: str | None = None  # None: the chat template's own default system turn
     _module_dims: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    _linear_modules: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -381,17 +422,36 @@ class BaseModel:
         """False for pretrained (base) models whose tokenizer has no chat template."""
         return bool(getattr(self.tokenizer, "chat_template", None))
 
+    @property
+    def linear_modules(self) -> tuple[str, ...]:
+        """Every target module a LoRA may adapt in this model: its FFN linears (``target_modules``), then the
+        attention projections every decoder layer has as separate linears (:func:`attention_layout`)."""
+        if not self._linear_modules:
+            attention = attention_layout(self.model)
+            self._linear_modules = tuple(self.target_modules) + tuple(m for m in attention if m not in self.target_modules)
+        return self._linear_modules
+
+    def linear(self, layer: int, module: str) -> nn.Linear:
+        """Returns the linear ``module`` (``"up_proj"``, ``"o_proj"``, …) of decoder layer ``layer``.
+
+        Raises:
+            HyperPragError: a module this model does not have as a linear (the message lists those it has).
+        """
+        if module not in self.linear_modules:
+            raise HyperPragError(f"'{module}' is not a linear of base model {self.name}'s decoder layers; its FFN "
+                                 f"linears are {list(self.target_modules)} and its attention linears "
+                                 f"{[m for m in self.linear_modules if m not in self.target_modules]}")
+        return layer_linear(self.model.model.layers[layer], module)
+
     def ffn_linear(self, layer: int, module: str) -> nn.Linear:
-        """Returns the FFN linear ``module`` (e.g. ``"up_proj"``) of decoder layer ``layer``."""
-        return getattr(self.model.model.layers[layer].mlp, module)
+        """Returns the FFN linear ``module`` (e.g. ``"up_proj"``) of decoder layer ``layer`` (:meth:`linear`)."""
+        return self.linear(layer, module)
 
     def module_dims(self, module: str) -> tuple[int, int]:
-        """Returns ``(d_in, d_out)`` of an FFN target module (the same in every layer)."""
+        """Returns ``(d_in, d_out)`` of a target module (the same in every layer), read from its linear: with
+        grouped-query attention ``k_proj``/``v_proj`` give d_out = ``num_key_value_heads · head_dim``."""
         if module not in self._module_dims:
-            if module not in self.target_modules:
-                raise HyperPragError(f"'{module}' is not an FFN linear of base model {self.name}; its FFN linears "
-                                     f"are {list(self.target_modules)}")
-            linear = self.ffn_linear(0, module)
+            linear = self.linear(0, module)
             self._module_dims[module] = (linear.in_features, linear.out_features)
         return self._module_dims[module]
 

@@ -145,7 +145,7 @@ def test_spec_binding_checks_modules_layers_and_rank(tiny):
     assert spec.layers == (1,) and spec.target_modules == ("down_proj",)
     assert LoraSpec(layers=(1, 0)).for_model(tiny).layers == (0, 1)
     for bad, match in [(LoraSpec(layers=(0, 2)), r"layers \[0, 2\].*0\.\.1"), (LoraSpec(layers=(1, 1)), "distinct"),
-                       (LoraSpec(target_modules=("q_proj",)), r"FFN linears \['gate_proj', 'up_proj', 'down_proj'\]"),
+                       (LoraSpec(target_modules=("qkv_proj",)), r"FFN linears \['gate_proj', 'up_proj', 'down_proj'\]"),
                        (LoraSpec(target_modules=()), "choose distinct modules"), (LoraSpec(rank=0), "rank"),
                        (LoraSpec(alpha=-1.0), "alpha")]:
         with pytest.raises(HyperPragError, match=match):

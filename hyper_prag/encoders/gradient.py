@@ -153,7 +153,7 @@ def gradient_factors(base: BaseModel, aug: "AugmentedDocument", spec: LoraSpec, 
     X_all: dict[tuple[int, str], list[Tensor]] = {}
     D_all: dict[tuple[int, str], list[Tensor]] = {}
     with model_lock(base):
-        handles = [base.ffn_linear(layer, m).register_forward_hook(capture((layer, m)))
+        handles = [base.linear(layer, m).register_forward_hook(capture((layer, m)))
                    for layer in spec.layers for m in spec.target_modules]
         try:
             # One backward per forward (the text, then the QA pairs after the head), so each captured input meets

@@ -31,14 +31,14 @@ from torch import Tensor
 
 from hyper_prag.encoders.per_doc import PerDocConfig
 from hyper_prag.lora import Lora, LoraSpec
-from hyper_prag.model import BaseModel
+from hyper_prag.model import BaseModel, module_path
 from hyper_prag.sequences import IGNORE, TokenSequence
 
 
 def _lora_modules(peft_model, spec: LoraSpec) -> dict[tuple[str, int], object]:
-    """(module, layer) -> the PEFT LoRA layer wrapping that FFN linear."""
+    """(module, layer) -> the PEFT LoRA layer wrapping that linear (FFN or attention, :func:`module_path`)."""
     layers = peft_model.base_model.model.model.layers
-    return {(m, layer): getattr(layers[layer].mlp, m) for m in spec.target_modules for layer in spec.layers}
+    return {(m, layer): layers[layer].get_submodule(module_path(m)) for m in spec.target_modules for layer in spec.layers}
 
 
 def train_reference(base: BaseModel, sequences: Sequence[Sequence[TokenSequence]], initial: Sequence[Lora],

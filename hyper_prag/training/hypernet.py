@@ -108,6 +108,10 @@ def delta_distance(student: Lora, teacher: Lora) -> Tensor:
     def inner(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor) -> Tensor:
         return ((B1.transpose(-1, -2) @ B2) * (A1 @ A2.transpose(-1, -2))).sum((-1, -2))  # (N, L)
 
+    missing = [m for m in student.spec.target_modules if m not in teacher.A]
+    if missing:
+        raise HyperPragError(f"the per-document LoRAs lack the hypernet's target modules {missing} (they adapt "
+                             f"{list(teacher.A)}); set delta_weight to 0, or encode teachers on the same modules.")
     s, t = student.spec.scaling, teacher.spec.scaling
     per_module = []
     for m in student.spec.target_modules:
@@ -203,6 +207,7 @@ class HypernetModule(pl.LightningModule):
         output_scale_init: float | None = None,
         shift: int = 0,
         apply_from: ApplyFrom = "all",
+        target_modules: list[str] | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 50,
@@ -248,6 +253,9 @@ class HypernetModule(pl.LightningModule):
             apply_from: ``question``: the generated LoRAs act from the question's text onward, the prompt head is
                 read once by the base model (KV cache, :mod:`hyper_prag.activated`) and each step runs only the
                 tokens after it; served the same way (the checkpoint records it). ``all``: every position.
+            target_modules: the linears the generated LoRAs adapt in every adapted layer, e.g. ``[o_proj]`` (the
+                attention output projection, where Generative Adapter puts its adapter) or any of ``q_proj``,
+                ``k_proj``, ``v_proj`` and the FFN linears (``None``: the base model's FFN linears, as before).
             lr: AdamW learning rate (after linear warm-up).
             weight_decay: AdamW weight decay.
             warmup_steps: linear learning-rate warm-up steps.
@@ -278,7 +286,8 @@ class HypernetModule(pl.LightningModule):
         config = HypernetConfig(embed_layers=tuple(embed_layers or ()), max_doc_tokens=max_doc_tokens, doc_dim=doc_dim,
                                 emb_dim=emb_dim, width=width, depth=depth, rank=rank, alpha=alpha, dropout=dropout,
                                 readout=readout, heads=heads, layers=tuple(layers or ()), bias_rank=bias_rank,
-                                output_scale_init=output_scale_init, shift=shift, apply_from=apply_from)
+                                output_scale_init=output_scale_init, shift=shift, apply_from=apply_from,
+                                target_modules=tuple(target_modules or ()))
         self.hypernet = Hypernet.for_model(self.base, config)
         if init_from:
             self._init_from(init_from)
