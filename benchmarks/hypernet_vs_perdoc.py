@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
                 result[f"{row}+{k}"] = {"s_per_doc": (time.perf_counter() - start) / len(docs), "k": k,
                                         "lr": args.per_doc_lr}
                 loras[f"{row}+{k}"] = table
+                if row == "hypernet":  # served where the hypernet's own LoRAs act: k = 0 is the hypernet row
+                    applied[f"{row}+{k}"] = first.hypernet.config.apply_from
 
     scores = {}
     predictions = {}
