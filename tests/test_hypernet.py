@@ -523,7 +523,9 @@ def test_shipped_checkpoint_loads_on_smollm2():
     loras = encoder.generate(DOCS[:2])
     for lora in loras:
         lora.validate({m: base.module_dims(m) for m in base.target_modules})
-        assert lora.spec.base_model == base.identity and (lora.spec.rank, lora.spec.alpha) == (2, 32.0)
+        config = encoder.hypernet.config
+        assert lora.spec.base_model == base.identity and (lora.spec.rank, lora.spec.alpha) == (config.rank,
+                                                                                                config.alpha)
     assert delta_norm(stack(loras)).min() > 0
     with pytest.raises(HyperPragError, match="base model"):
         load_hypernet(SHIPPED_CHECKPOINT, tiny_base_model())
