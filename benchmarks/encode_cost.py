@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hypernet_vs_perdoc import begin, write_json  # noqa: E402
@@ -51,7 +50,7 @@ def per_doc_cost(base, corpus, docs, config_path: Path) -> dict:
     config = load_encode_config(config_path)
     (per_doc, warmup_wall, warmup_cpu) = timed(lambda: per_doc_from_config(base, corpus, config))
     encoder, augment = per_doc.encoder, per_doc.augment_config
-    chunk = int(config.get("chunk_size") or 4)
+    chunk = int(config["chunk_size"])  # the encode schema's default when a YAML omits it
 
     def run():
         augmented = augment_documents(docs, augment, base=base, corpus=corpus)
