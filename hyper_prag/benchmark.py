@@ -31,6 +31,7 @@ document and every question only cites documents of its own split.
 augmentation source for per-document LoRAs and the hypernetwork.
 
     hyper-prag make-benchmark --seed 0 --docs 3000 --out DIR [--format jsonl|parquet]
+    hyper-prag make-benchmark --seed 0 --docs 3000 --extra-train-docs 3000 --out DIR   # same val/test, 2x train
 """
 
 from __future__ import annotations
@@ -544,7 +545,7 @@ def _template_words() -> set[str]:
 
 
 def generate_benchmark(seed: int = 0, n_docs: int = 3000, split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
-                       questions_per_doc: float = 0.6) -> Corpus:
+                       questions_per_doc: float = 0.6, extra_train_docs: int = 0) -> Corpus:
     """Generates the fictional benchmark deterministically from ``seed``.
 
     Args:
@@ -553,11 +554,17 @@ def generate_benchmark(seed: int = 0, n_docs: int = 3000, split_fractions: tuple
         split_fractions: (train, val, test) share of the documents.
         questions_per_doc: questions of each type per document of a split (default 0.6: a
             600-document test split gets 360 questions per type).
+        extra_train_docs: documents of one more world added to the train split after the three splits are
+            made, so train, val and test stay exactly those of ``extra_train_docs=0`` (names stay unique
+            across all of them): more training data for the hypernetwork, evaluated on the same questions.
     Returns:
-        The corpus named ``fictional-s{seed}-n{n_docs}-v{GENERATOR_VERSION}`` with doc_qa for every document.
+        The corpus named ``fictional-s{seed}-n{n_docs}-v{GENERATOR_VERSION}`` with doc_qa for every document
+        (``fictional-s{seed}-n{n_docs}+{extra_train_docs}-v…`` with extra training documents).
     """
     if n_docs < 60:
         raise HyperPragError(f"--docs {n_docs} is too small; use at least 60")
+    if extra_train_docs and extra_train_docs < 20:
+        raise HyperPragError(f"--extra-train-docs {extra_train_docs} is too small; use 0 or at least 20")
     if len(split_fractions) != 3 or any(f <= 0 for f in split_fractions):
         raise HyperPragError(f"split_fractions {split_fractions} must be three positive shares (train, val, test)")
     rng = random.Random(seed)
@@ -570,24 +577,28 @@ def generate_benchmark(seed: int = 0, n_docs: int = 3000, split_fractions: tuple
     documents: list[Document] = []
     questions: list[Question] = []
     doc_qa: dict[str, tuple[tuple[str, str], ...]] = {}
-    for split in SPLITS:
-        world = _build_world(rng, names, sizes[split], next_id)
+    worlds = [(split, sizes[split], split) for split in SPLITS]
+    if extra_train_docs:
+        worlds.append(("train", extra_train_docs, "train-x"))
+    for split, size, tag in worlds:
+        world = _build_world(rng, names, size, next_id)
         for entity, render in ([(p, _person_doc) for p in world.persons] + [(c, _place_doc) for c in world.places]
                                + [(o, _org_doc) for o in world.orgs] + [(w, _work_doc) for w in world.works]):
             title, facts = render(rng, entity, world)
             text, pairs = _render(rng, facts)
             documents.append(Document(id=entity.id, title=title, text=text, split=split))
             doc_qa[entity.id] = tuple(pairs)
-        n_q = math.ceil(questions_per_doc * sizes[split])
+        n_q = math.ceil(questions_per_doc * size)
         lookups = _lookups(rng, world)
         rng.shuffle(lookups)
         per_type = {"lookup": lookups[:n_q], "compare": _compare(rng, world, n_q),
                     "bridge": _bridge(rng, world, n_q), "inference": _inference(rng, world, n_q)}
         for qtype in QUESTION_TYPES:
             for i, q in enumerate(per_type[qtype]):
-                questions.append(Question(id=f"fic-{split}-{qtype}-{i:05d}", question=q.question, answers=q.answers,
+                questions.append(Question(id=f"fic-{tag}-{qtype}-{i:05d}", question=q.question, answers=q.answers,
                                           type=q.type, doc_ids=q.doc_ids, split=split))
-    return Corpus(name=f"fictional-s{seed}-n{n_docs}-v{GENERATOR_VERSION}", documents=tuple(documents),
+    extra = f"+{extra_train_docs}" if extra_train_docs else ""
+    return Corpus(name=f"fictional-s{seed}-n{n_docs}{extra}-v{GENERATOR_VERSION}", documents=tuple(documents),
                   questions=tuple(questions), doc_qa=doc_qa)
 
 
@@ -625,7 +636,7 @@ def load_or_make_default() -> Corpus:
 
 
 def make_benchmark(seed: int = 0, n_docs: int = 3000, out: str | Path | None = None,
-                   format: Literal["jsonl", "parquet"] = "jsonl") -> Path:
+                   format: Literal["jsonl", "parquet"] = "jsonl", extra_train_docs: int = 0) -> Path:
     """Generates the benchmark and saves it as a corpus folder (``hyper-prag make-benchmark``).
 
     Args:
@@ -633,12 +644,13 @@ def make_benchmark(seed: int = 0, n_docs: int = 3000, out: str | Path | None = N
         n_docs: documents over all splits.
         out: corpus folder to write (default: :func:`default_benchmark_path`).
         format: file format of the folder.
+        extra_train_docs: training documents added beside the three splits (see :func:`generate_benchmark`).
 
     Returns:
         The folder written.
     """
     start = time.perf_counter()
-    corpus = generate_benchmark(seed=seed, n_docs=n_docs)
+    corpus = generate_benchmark(seed=seed, n_docs=n_docs, extra_train_docs=extra_train_docs)
     folder = save_corpus(corpus, out if out is not None else default_benchmark_path(), format=format)
     logger.info("wrote %s (%s) in %.1f s", folder, corpus.name, time.perf_counter() - start)
     for split, row in counts(corpus).items():

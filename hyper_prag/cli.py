@@ -332,12 +332,16 @@ def _make_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--docs", type=_positive_int, default=3000, help="number of documents over all splits")
     parser.add_argument("--out", type=Path, default=None, help="corpus folder to write (default: <cache>/data/fictional)")
     parser.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="file format")
+    parser.add_argument("--extra-train-docs", type=int, default=0,
+                        help="training documents added beside the splits (val and test stay those of --docs): "
+                             "more data for the hypernetwork")
 
 
 def _run_make_benchmark(args: argparse.Namespace) -> None:
     from hyper_prag.benchmark import make_benchmark
 
-    make_benchmark(seed=args.seed, n_docs=args.docs, out=args.out, format=args.format)
+    make_benchmark(seed=args.seed, n_docs=args.docs, out=args.out, format=args.format,
+                   extra_train_docs=args.extra_train_docs)
 
 
 def _fetch_data_arguments(parser: argparse.ArgumentParser) -> None:

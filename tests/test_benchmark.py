@@ -102,6 +102,29 @@ def test_make_benchmark_cli_writes_parquet(tmp_path: Path) -> None:
     assert load_corpus(tmp_path / "b") == generate_benchmark(seed=5, n_docs=120)
 
 
+def test_extra_train_docs_keep_val_and_test_and_names_unique(tmp_path: Path) -> None:
+    from hyper_prag.cli import main
+
+    base = generate_benchmark(seed=3, n_docs=200)
+    more = generate_benchmark(seed=3, n_docs=200, extra_train_docs=100)
+    assert more.name == "fictional-s3-n200+100-v1" and more.fingerprint != base.fingerprint
+    assert set(base.documents) < set(more.documents) and set(base.questions) < set(more.questions)
+    added = [d for d in more.documents if d not in set(base.documents)]
+    assert len(added) == 100 and {d.split for d in added} == {"train"}
+    for split in ("val", "test"):  # what is validated and tested on is unchanged
+        assert more.split(split).documents == base.split(split).documents
+        assert more.split(split).questions == base.split(split).questions
+    titles = [d.title for d in more.documents]
+    assert len(titles) == len(set(titles))  # no extra entity shares a name with a val or test one
+    new_ids = {d.id for d in added}
+    extra_q = [q for q in more.questions if q not in set(base.questions)]
+    assert extra_q and all(set(q.doc_ids) <= new_ids and q.split == "train" for q in extra_q)
+    assert all(more.doc_qa[d.id] for d in added)
+    assert main(["make-benchmark", "--seed", "3", "--docs", "200", "--extra-train-docs", "100",
+                 "--out", str(tmp_path / "x")]) == 0
+    assert load_corpus(tmp_path / "x") == more
+
+
 def test_load_or_make_default_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HYPER_PRAG_CACHE", str(tmp_path))
     assert default_benchmark_path() == tmp_path / "data" / "fictional"
