@@ -108,8 +108,9 @@ def test_extra_train_docs_keep_val_and_test_and_names_unique(tmp_path: Path) -> 
     base = generate_benchmark(seed=3, n_docs=200)
     more = generate_benchmark(seed=3, n_docs=200, extra_train_docs=100)
     assert more.name == "fictional-s3-n200+100-v1" and more.fingerprint != base.fingerprint
-    assert set(base.documents) < set(more.documents) and set(base.questions) < set(more.questions)
-    added = [d for d in more.documents if d not in set(base.documents)]
+    base_docs, base_questions = set(base.documents), set(base.questions)
+    assert base_docs < set(more.documents) and base_questions < set(more.questions)
+    added = [d for d in more.documents if d not in base_docs]
     assert len(added) == 100 and {d.split for d in added} == {"train"}
     for split in ("val", "test"):  # what is validated and tested on is unchanged
         assert more.split(split).documents == base.split(split).documents
@@ -117,7 +118,7 @@ def test_extra_train_docs_keep_val_and_test_and_names_unique(tmp_path: Path) -> 
     titles = [d.title for d in more.documents]
     assert len(titles) == len(set(titles))  # no extra entity shares a name with a val or test one
     new_ids = {d.id for d in added}
-    extra_q = [q for q in more.questions if q not in set(base.questions)]
+    extra_q = [q for q in more.questions if q not in base_questions]
     assert extra_q and all(set(q.doc_ids) <= new_ids and q.split == "train" for q in extra_q)
     assert all(more.doc_qa[d.id] for d in added)
     assert main(["make-benchmark", "--seed", "3", "--docs", "200", "--extra-train-docs", "100",
