@@ -29,6 +29,7 @@ input states over the document's T tokens (what its own attention projections re
     K = H_l W_kᵀ,  V = H_l W_vᵀ              (T, r)    W_k, W_v (r, hidden) start as the top-r directions of
                                                       the layer's k_proj / v_proj, then train
     C_l = polar(K_{t}ᵀ V_{t+shift} / √T)      (r, r)    singular values set to 1 (Newton–Schulz)
+                                                      (``cores`` c: c such cores, block-diagonal, rank c·r)
     A[m][l] = C_l A₁[m][l]   (r, d_in)       B[m][l] = B₁[m][l]   (d_out, r)    A₁ random, B₁ = 0 at the start
 
 so ΔW = s · B₁ C_l A₁: linear attention from the question's states to the document's, put in the weights, at
@@ -132,6 +133,12 @@ class HypernetConfig:
     shift: int = 0  # fastweight: keys from token t, values from token t + shift (1: next-token associations)
     apply_from: str = "all"  # where the LoRAs act, in training and when served: "all" positions or from the "question"
     target_modules: tuple[str, ...] = ()  # linears the generated LoRA adapts, e.g. ("o_proj",); (): the FFN linears
+    cores: int = 1  # fastweight: independent r×r cores per layer, each from its own key/value pair (LoRA rank cores·r)
+
+    @property
+    def generated_rank(self) -> int:
+        """Rank of the generated LoRA: ``rank``, times ``cores`` for the fastweight readout."""
+        return self.rank * self.cores
 
     def for_model(self, base: BaseModel) -> "HypernetConfig":
         """Returns this config with ``embed_layers`` filled in for ``base`` and checked."""
@@ -145,6 +152,8 @@ class HypernetConfig:
             layers = tuple(self.layers) or tuple(range(base.num_layers))
             if self.shift not in (0, 1):
                 raise HyperPragError(f"fastweight shift must be 0 or 1, got {self.shift}.")
+        if self.cores < 1 or (self.cores > 1 and self.readout != "fastweight"):
+            raise HyperPragError(f"cores {self.cores}: use cores >= 1, and cores > 1 only with readout 'fastweight'.")
         if self.readout == "attention" and self.doc_dim % self.heads:
             raise HyperPragError(f"doc_dim {self.doc_dim} must be a multiple of heads {self.heads}.")
         for name, chosen in (("embed_layers", layers), ("layers", self.layers)):
@@ -172,7 +181,7 @@ class HypernetConfig:
 
 
 _LATER = {"layers": [], "bias_rank": 0, "output_scale_init": None, "shift": 0,
-          "apply_from": "all", "target_modules": []}  # later fields at their no-op defaults
+          "apply_from": "all", "target_modules": [], "cores": 1}  # later fields at their no-op defaults
 
 
 # ------------------------------------------------------------------------------------------ doc embedding
@@ -374,16 +383,16 @@ class Hypernet(nn.Module):
         super().__init__()
         if not spec.layers or not spec.base_model:
             raise HyperPragError("Hypernet needs a LoRA spec bound to a base model (LoraSpec.for_model(base)).")
-        if (spec.rank != config.rank + config.bias_rank or (config.layers and spec.layers != config.layers)
+        if (spec.rank != config.generated_rank + config.bias_rank or (config.layers and spec.layers != config.layers)
                 or (config.target_modules and spec.target_modules != config.target_modules)):
             raise HyperPragError(f"hypernet spec (rank {spec.rank}, layers {spec.layers}, modules {spec.target_modules}) "
-                                 f"contradicts its config (rank {config.rank} + bias_rank {config.bias_rank}, layers "
+                                 f"contradicts its config (rank {config.generated_rank} + bias_rank {config.bias_rank}, layers "
                                  f"{config.layers or 'all'}, modules {config.target_modules or 'the FFN'}); "
                                  "the checkpoint is corrupted: re-export it.")
         self.config, self.spec, self.dims, self.embed_dim = config, spec, dict(dims), embed_dim
         L, M, r = len(spec.layers), len(spec.target_modules), config.rank
-        # The generated part alone: rank r at the spec's scaling s = alpha / r (the bias part shares s).
-        self.generated_spec = replace(spec, rank=r, alpha=spec.scaling * r)
+        # The generated part alone: rank r (cores · r) at the spec's scaling s = alpha / r (the bias part shares s).
+        self.generated_spec = replace(spec, rank=config.generated_rank, alpha=spec.scaling * config.generated_rank)
         if config.bias_rank:
             rb = config.bias_rank
             # Standard LoRA init (as PEFT's): A ~ U(±1/√d_in), B = 0, so the bias adds nothing at the start.
@@ -394,15 +403,16 @@ class Hypernet(nn.Module):
         if config.readout == "fastweight":
             if embed_dim % L:
                 raise HyperPragError(f"fastweight states of width {embed_dim} do not split over {L} adapted layers.")
-            hidden = embed_dim // L
+            hidden, cr = embed_dim // L, config.generated_rank
             # Key/value projections of each layer's input states (set from the layer's own k_proj/v_proj by
             # init_from_base), and the document-independent outer factors: A₁ as a LoRA's A, B₁ = 0 (ΔW = 0 at first).
-            self.fw_key = nn.Parameter(torch.randn(L, r, hidden) / hidden ** 0.5)  # (L, r, hidden)
-            self.fw_value = nn.Parameter(torch.randn(L, r, hidden) / hidden ** 0.5)  # (L, r, hidden)
-            self.fw_A = nn.ParameterDict({m: nn.Parameter((torch.rand(L, r, dims[m][0]) * 2 - 1) / dims[m][0] ** 0.5)
-                                          for m in spec.target_modules})  # m -> (L, r, d_in)
-            self.fw_B = nn.ParameterDict({m: nn.Parameter(torch.zeros(L, dims[m][1], r))
-                                          for m in spec.target_modules})  # m -> (L, d_out, r)
+            # With c cores, rows [i·r, (i+1)·r) of each belong to core i.
+            self.fw_key = nn.Parameter(torch.randn(L, cr, hidden) / hidden ** 0.5)  # (L, c·r, hidden)
+            self.fw_value = nn.Parameter(torch.randn(L, cr, hidden) / hidden ** 0.5)  # (L, c·r, hidden)
+            self.fw_A = nn.ParameterDict({m: nn.Parameter((torch.rand(L, cr, dims[m][0]) * 2 - 1) / dims[m][0] ** 0.5)
+                                          for m in spec.target_modules})  # m -> (L, c·r, d_in)
+            self.fw_B = nn.ParameterDict({m: nn.Parameter(torch.zeros(L, dims[m][1], cr))
+                                          for m in spec.target_modules})  # m -> (L, d_out, c·r)
             if config.output_scale_init is not None:
                 self.output_scale = nn.Parameter(torch.tensor(float(config.output_scale_init)))
             return
@@ -441,7 +451,7 @@ class Hypernet(nn.Module):
     def for_model(cls, base: BaseModel, config: HypernetConfig = HypernetConfig()) -> "Hypernet":
         """Builds a freshly initialised hypernet for ``base``."""
         config = config.for_model(base)
-        total = config.rank + config.bias_rank
+        total = config.generated_rank + config.bias_rank
         spec = LoraSpec(rank=total, alpha=config.alpha / config.rank * total,
                         target_modules=config.target_modules or base.target_modules, layers=config.layers).for_model(base)
         dims = {m: base.module_dims(m) for m in spec.target_modules}
@@ -453,9 +463,9 @@ class Hypernet(nn.Module):
     @torch.no_grad()
     def init_from_base(self, base: BaseModel) -> None:
         """Sets the fastweight key/value projections of each adapted layer from that layer's own k_proj / v_proj:
-        their top-r right singular directions, scaled by the singular values (the r directions of the layer's
-        input its attention keys and values read most strongly)."""
-        r = self.config.rank
+        their top right singular directions, scaled by the singular values (the directions of the layer's
+        input its attention keys and values read most strongly): core i takes directions i·r … (i+1)·r − 1."""
+        r = self.config.generated_rank
         for i, layer in enumerate(self.spec.layers):
             attention = base.model.model.layers[layer].self_attn
             for target, proj in ((self.fw_key, attention.k_proj), (self.fw_value, attention.v_proj)):
@@ -615,7 +625,8 @@ class Hypernet(nn.Module):
 
             ΔW = s · B₁[m] · C · A₁[m]        stored as  A = C A₁[m]  (r, d_in),  B = B₁[m]  (d_out, r)
 
-        so the document enters every LoRA from initialisation; B₁ starts at 0, so does ΔW.
+        so the document enters every LoRA from initialisation; B₁ starts at 0, so does ΔW. With ``cores`` c > 1,
+        C is block-diagonal: c independent r×r cores, each from its own r columns of K and V (rank c·r).
         """
         spec, r, shift = self.generated_spec, self.config.rank, self.config.shift
         N, T, _ = states.shape
@@ -627,10 +638,14 @@ class Hypernet(nn.Module):
         values = H @ self.fw_value.transpose(-1, -2)[None]  # (N, L, T, r)
         if shift:
             keys, values = keys[:, :, :-shift], values[:, :, shift:]  # token t's key, token t + shift's value
-        count = mask.sum(1).clamp(min=1)[:, None, None, None]  # (N, 1, 1, 1)
-        core = polar(keys.transpose(-1, -2) @ values / count.sqrt())  # (N, L, r, r)
-        A = {m: core @ self.fw_A[m][None] for m in spec.target_modules}  # (N, L, r, d_in)
-        B = {m: self.fw_B[m][None].expand(N, -1, -1, -1) for m in spec.target_modules}  # (N, L, d_out, r)
+        count = mask.sum(1).clamp(min=1)[:, None, None, None, None]  # (N, 1, 1, 1, 1)
+        c = self.config.cores
+        keys = keys.unflatten(-1, (c, r)).transpose(2, 3)  # (N, L, c, T', r): core i reads its own key/value pair
+        values = values.unflatten(-1, (c, r)).transpose(2, 3)
+        core = polar(keys.transpose(-1, -2) @ values / count.sqrt())  # (N, L, c, r, r)
+        A = {m: (core @ self.fw_A[m].unflatten(1, (c, r))[None]).flatten(2, 3)
+             for m in spec.target_modules}  # (N, L, c·r, d_in): block-diagonal cores times A₁
+        B = {m: self.fw_B[m][None].expand(N, -1, -1, -1) for m in spec.target_modules}  # (N, L, d_out, c·r)
         return Lora(spec, A, B)
 
     def describe(self) -> dict:

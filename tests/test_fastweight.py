@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hyper_prag.encoders.hypernet import save_inference_checkpoint
 from hyper_prag.errors import HyperPragError
 from hyper_prag.hypernet import Hypernet, HypernetConfig, doc_token_states, pad_states, polar
 from hyper_prag.training.hypernet import HypernetDataModule, HypernetModule
@@ -70,6 +71,55 @@ def test_fastweight_checks_its_settings(tiny):
     assert "shift" not in HypernetConfig().to_dict() and "apply_from" not in HypernetConfig().to_dict()
 
 
+def _delta(lora, i: int, m: str = "down_proj"):
+    return lora.spec.scaling * lora.B[m][i] @ lora.A[m][i]  # (L, d_out, d_in)
+
+
+def test_fastweight_cores_are_independent_blocks_of_rank_cores_times_r(tiny):
+    """Two cores: rank 2r, each core the single-core readout of its own key/value rows, ΔW their sum."""
+    net = _net(tiny, cores=2)
+    for b in net.fw_B.values():
+        b.data.normal_(0, 0.05)
+    states, mask = _inputs(tiny, net)
+    lora = net(states, mask)
+    assert lora.spec.rank == 8 and net.generated_spec.rank == 8 and lora.spec.scaling == _net(tiny).spec.scaling
+    lora.unbind()[1].validate(dims={m: tiny.module_dims(m) for m in lora.spec.target_modules})
+    parts = []
+    for i in range(2):  # core i alone, as a one-core net holding its rows
+        one = _net(tiny)
+        rows = slice(4 * i, 4 * i + 4)
+        with torch.no_grad():
+            one.fw_key.copy_(net.fw_key[:, rows])
+            one.fw_value.copy_(net.fw_value[:, rows])
+            for m in one.fw_A:
+                one.fw_A[m].copy_(net.fw_A[m][:, rows])
+                one.fw_B[m].copy_(net.fw_B[m][..., rows])
+        parts.append(one(states, mask))
+    for d in range(2):
+        assert torch.allclose(_delta(lora, d), _delta(parts[0], d) + _delta(parts[1], d), atol=1e-5)
+    with pytest.raises(HyperPragError, match="cores"):
+        Hypernet.for_model(tiny, HypernetConfig(readout="mean", cores=2))
+    assert net.config.to_dict()["cores"] == 2 and "cores" not in HypernetConfig().to_dict()
+
+
+def test_growing_cores_starts_from_the_trained_nets_loras(tmp_path):
+    kw = dict(model="tiny", readout="fastweight", rank=4, apply_from="question")
+    trained = HypernetModule(**kw)
+    for b in trained.hypernet.fw_B.values():
+        b.data.normal_(0, 0.05)
+    path = save_inference_checkpoint(trained.hypernet, tmp_path / "one-core")
+    grown = HypernetModule(**kw, cores=2, init_from=str(path))
+    net = grown.hypernet
+    states, mask = pad_states(doc_token_states(grown.base, DOCS, net.config.embed_layers, inputs=True))
+    before, after = trained.hypernet(states, mask), net(states, mask)
+    assert after.spec.rank == 8
+    for d in range(2):
+        assert torch.allclose(_delta(before, d), _delta(after, d), atol=1e-5)  # added cores: B₁ = 0
+    assert float(net.fw_key[:, 4:].detach().sub(trained.hypernet.fw_key.detach()).abs().max()) > 0  # their own key directions
+    with pytest.raises(HyperPragError, match="cores may grow"):
+        HypernetModule(**{**kw, "rank": 2}, cores=2, init_from=str(path))
+
+
 @pytest.mark.parametrize("layers", [None, [1]])
 def test_activated_training_gives_the_all_positions_loss_for_a_zero_lora(layers):
     """One batch, two applications: with ΔW = 0 (B₁ = 0) the cached-head loss equals the full forward's; the
@@ -130,3 +180,25 @@ def test_gradient_readout_depends_on_its_document_and_keeps_the_contract(tiny):
     a.validate(dims={m: tiny.module_dims(m) for m in a.spec.target_modules})
     assert a.spec.rank == 4 and not torch.allclose(a.A["down_proj"], b.A["down_proj"])
     assert encoder.settings()["apply_from"] == "question"
+
+
+def test_tiny_fit_grows_a_one_core_checkpoint_to_two_cores(tmp_path):
+    """The CLI path: a one-core run's checkpoint starts a two-core run (init_from), whose export keeps rank 2r."""
+    from pathlib import Path
+
+    from hyper_prag.encoders.hypernet import export_hypernet, load_hypernet
+    from hyper_prag.training.hypernet import main, shared_base
+
+    config = Path(__file__).parents[1] / "configs" / "hypernet" / "tiny.yaml"
+    common = ["--config", str(config), "--model.readout", "fastweight", "--data.embedding_cache", str(tmp_path / "emb")]
+    main(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "one"),
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "one")])
+    one = sorted((tmp_path / "one").rglob("last.ckpt"))[0]
+    main(["fit", *common, "--model.cores", "2", "--model.init_from", str(one),
+          "--trainer.default_root_dir", str(tmp_path / "two"), "--trainer.logger.init_args.save_dir", str(tmp_path / "two")])
+    two = sorted((tmp_path / "two").rglob("last.ckpt"))[0]
+    base = shared_base("tiny")
+    start, grown = load_hypernet(one, base), load_hypernet(export_hypernet(two, tmp_path / "export"), base)
+    assert grown.config.cores == 2 and grown.spec.rank == 2 * start.spec.rank
+    r = start.config.rank
+    assert float(grown.fw_B["down_proj"][..., r:].detach().abs().sum()) > 0  # the added core trained from B₁ = 0

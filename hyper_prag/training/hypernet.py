@@ -206,6 +206,7 @@ class HypernetModule(pl.LightningModule):
         bias_rank: int = 0,
         output_scale_init: float | None = None,
         shift: int = 0,
+        cores: int = 1,
         apply_from: ApplyFrom = "all",
         target_modules: list[str] | None = None,
         lr: float = 1e-4,
@@ -250,6 +251,8 @@ class HypernetModule(pl.LightningModule):
             output_scale_init: start of a learned scalar on the generated B (e.g. 1e-3: ΔW_gen starts ≈ 0);
                 ``None``: no scalar, head_B zero-initialised (as before).
             shift: fastweight: values from the token ``shift`` after each key's (1: next-token associations).
+            cores: fastweight: independent r×r cores per layer (generated LoRA rank ``cores · rank``); a run with
+                ``init_from`` a net with fewer cores starts from its LoRAs exactly and trains the added ones.
             apply_from: ``question``: the generated LoRAs act from the question's text onward, the prompt head is
                 read once by the base model (KV cache, :mod:`hyper_prag.activated`) and each step runs only the
                 tokens after it; served the same way (the checkpoint records it). ``all``: every position.
@@ -286,7 +289,7 @@ class HypernetModule(pl.LightningModule):
         config = HypernetConfig(embed_layers=tuple(embed_layers or ()), max_doc_tokens=max_doc_tokens, doc_dim=doc_dim,
                                 emb_dim=emb_dim, width=width, depth=depth, rank=rank, alpha=alpha, dropout=dropout,
                                 readout=readout, heads=heads, layers=tuple(layers or ()), bias_rank=bias_rank,
-                                output_scale_init=output_scale_init, shift=shift, apply_from=apply_from,
+                                output_scale_init=output_scale_init, shift=shift, cores=cores, apply_from=apply_from,
                                 target_modules=tuple(target_modules or ()))
         self.hypernet = Hypernet.for_model(self.base, config)
         if init_from:
@@ -295,17 +298,31 @@ class HypernetModule(pl.LightningModule):
         log.info("hypernet: %d parameters", self.hypernet.num_parameters())
 
     def _init_from(self, path: str) -> None:
+        """Loads a trained hypernet's weights. Only ``bias_rank`` may differ (the bias LoRA starts fresh), and a
+        fastweight net may grow ``cores``: the trained cores fill the first rows of each factor, the added cores
+        keep their fresh init with B₁ = 0, so the run starts from exactly the trained net's LoRAs."""
         start = load_hypernet(path, self.base)
-        if replace(start.config, bias_rank=self.hypernet.config.bias_rank) != self.hypernet.config:
+        mine = self.hypernet.config
+        if replace(start.config, bias_rank=mine.bias_rank, cores=mine.cores) != mine or start.config.cores > mine.cores:
             raise HyperPragError(f"init_from {path} has architecture {start.config.to_dict()}, this run "
-                                 f"{self.hypernet.config.to_dict()}; set the model keys to the checkpoint's "
-                                 "(only bias_rank may differ).")
+                                 f"{mine.to_dict()}; set the model keys to the checkpoint's "
+                                 "(only bias_rank may differ, and cores may grow).")
         state = start.state_dict()
-        if start.config.bias_rank != self.hypernet.config.bias_rank:
+        if start.config.bias_rank != mine.bias_rank:
             state = {k: v for k, v in state.items() if not k.startswith("bias_")}
+        if start.config.cores != mine.cores:
+            own, n = self.hypernet.state_dict(), start.config.generated_rank
+            for key in [k for k in state if k.startswith("fw_")]:
+                grown = own[key].clone()  # (L, c·r, ·) or fw_B (L, d_out, c·r)
+                if key.startswith("fw_B."):
+                    grown[..., :n] = state[key]
+                else:
+                    grown[:, :n] = state[key]
+                state[key] = grown
         missing, unexpected = self.hypernet.load_state_dict(state, strict=False)
         assert not unexpected and all(k.startswith("bias_") for k in missing), (missing, unexpected)
-        log.info("hypernet: initialised from %s%s", path, " (bias LoRA fresh)" if missing else "")
+        grew = f" (cores {start.config.cores} -> {mine.cores})" if start.config.cores != mine.cores else ""
+        log.info("hypernet: initialised from %s%s%s", path, " (bias LoRA fresh)" if missing else "", grew)
 
     def forward(self, doc_embedding: Tensor, mask: Tensor | None = None) -> Lora:
         return self.hypernet(doc_embedding, mask)
