@@ -202,3 +202,28 @@ def test_tiny_fit_grows_a_one_core_checkpoint_to_two_cores(tmp_path):
     assert grown.config.cores == 2 and grown.spec.rank == 2 * start.spec.rank
     r = start.config.rank
     assert float(grown.fw_B["down_proj"][..., r:].detach().abs().sum()) > 0  # the added core trained from B₁ = 0
+
+
+def test_frozen_cores_keep_the_grown_nets_first_core_while_the_added_one_trains(tmp_path):
+    kw = dict(model="tiny", readout="fastweight", rank=4, apply_from="question", margin_weight=1.0)
+    trained = HypernetModule(**kw)
+    for b in trained.hypernet.fw_B.values():
+        b.data.normal_(0, 0.05)
+    path = save_inference_checkpoint(trained.hypernet, tmp_path / "one-core")
+    grown = HypernetModule(**kw, cores=2, init_from=str(path), frozen_cores=1, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in grown.hypernet.named_parameters()}
+    data = HypernetDataModule(model="tiny", readout="fastweight", apply_from="question", batch_size=8,
+                              max_train_docs=12, max_val_pairs=8, embedding_cache=str(tmp_path / "emb"))
+    data.setup("fit")
+    grown.trainer = type("T", (), {"max_steps": 10})()
+    optimizer = grown.configure_optimizers()["optimizer"]
+    for batch, _ in zip(data.train_dataloader(), range(2)):
+        optimizer.zero_grad()
+        grown.losses(batch)["loss"].backward()
+        optimizer.step()
+    after = dict(grown.hypernet.named_parameters())
+    assert torch.equal(after["fw_B.down_proj"][..., :4], before["fw_B.down_proj"][..., :4])
+    assert torch.equal(after["fw_key"][:, :4], before["fw_key"][:, :4])
+    assert not torch.equal(after["fw_B.down_proj"][..., 4:], before["fw_B.down_proj"][..., 4:])
+    with pytest.raises(HyperPragError, match="frozen_cores"):
+        HypernetModule(**kw, frozen_cores=1)

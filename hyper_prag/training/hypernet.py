@@ -224,6 +224,7 @@ class HypernetModule(pl.LightningModule):
         margin_weight: float = 0.0,
         margin: float = 1.0,
         init_from: str | None = None,
+        frozen_cores: int = 0,
     ) -> None:
         """
         Args:
@@ -282,6 +283,8 @@ class HypernetModule(pl.LightningModule):
                 except that a bias LoRA may be added: it starts as initialised), with a fresh optimizer and
                 schedule: fine-tuning the shipped checkpoint on another corpus, or at another learning rate.
                 ``--ckpt-path`` instead *resumes* a run (optimizer, step, timer).
+            frozen_cores: fastweight: the first this many cores keep their weights (their gradients are zeroed),
+                e.g. the cores a grown net took from ``init_from``, so only the added ones train.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -294,8 +297,34 @@ class HypernetModule(pl.LightningModule):
         self.hypernet = Hypernet.for_model(self.base, config)
         if init_from:
             self._init_from(init_from)
+        if frozen_cores:
+            self._freeze_cores(frozen_cores)
         self.last_delta_norm = 0.0  # ‖ΔW_gen‖ of the last training batch (DivergenceGuard reads it)
         log.info("hypernet: %d parameters", self.hypernet.num_parameters())
+
+    def _freeze_cores(self, n: int) -> None:
+        config = self.hypernet.config
+        if config.readout != "fastweight" or not 0 < n < config.cores:
+            raise HyperPragError(f"frozen_cores {n} needs the fastweight readout and 0 < frozen_cores < cores "
+                                 f"({config.cores}); set it to 0 or grow cores.")
+        rows = n * config.rank
+
+        def keep(last_axis: bool):
+            def hook(grad: Tensor) -> Tensor:
+                grad = grad.clone()
+                if last_axis:
+                    grad[..., :rows] = 0
+                else:
+                    grad[:, :rows] = 0
+                return grad
+            return hook
+
+        net = self.hypernet
+        for name, param in net.named_parameters():
+            if name.startswith("fw_"):  # fw_key / fw_value / fw_A: (L, c·r, ·); fw_B: (L, d_out, c·r)
+                param.register_hook(keep(name.startswith("fw_B.")))
+        # AdamW's decoupled weight decay would still shrink the frozen rows: configure_optimizers puts the
+        # fastweight factors in a group without it.
 
     def _init_from(self, path: str) -> None:
         """Loads a trained hypernet's weights. Only ``bias_rank`` may differ (the bias LoRA starts fresh), and a
@@ -449,7 +478,14 @@ class HypernetModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.hypernet.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        params = list(self.hypernet.named_parameters())
+        if hp.frozen_cores:  # no decay where gradients are zeroed, or the frozen cores would still shrink
+            groups = [{"params": [p for n, p in params if not n.startswith("fw_")]},
+                      {"params": [p for n, p in params if n.startswith("fw_")], "weight_decay": 0.0}]
+            groups = [g for g in groups if g["params"]]
+        else:
+            groups = [{"params": [p for _, p in params]}]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         total = self.trainer.max_steps
         if hp.schedule == "cosine" and total <= hp.warmup_steps:
             raise HyperPragError(f"schedule: cosine decays until trainer.max_steps, which is {total}; set "
