@@ -184,6 +184,12 @@ def sum_groups(lora: Lora, groups: Tensor) -> Lora:
 # ------------------------------------------------------------------------------------------------ module
 
 
+def _leading_cores(name: str, rows: int) -> tuple:
+    """Index of the first ``rows`` rank rows of a fastweight factor: fw_key / fw_value / fw_A are
+    (L, c·r, ·), fw_B is (L, d_out, c·r)."""
+    return (..., slice(0, rows)) if name.startswith("fw_B.") else (slice(None), slice(0, rows))
+
+
 class HypernetModule(pl.LightningModule):
     """The hypernet as a LightningModule; the frozen base LLM is used, never trained nor checkpointed."""
 
@@ -309,20 +315,16 @@ class HypernetModule(pl.LightningModule):
                                  f"({config.cores}); set it to 0 or grow cores.")
         rows = n * config.rank
 
-        def keep(last_axis: bool):
+        def keep(index: tuple):
             def hook(grad: Tensor) -> Tensor:
                 grad = grad.clone()
-                if last_axis:
-                    grad[..., :rows] = 0
-                else:
-                    grad[:, :rows] = 0
+                grad[index] = 0
                 return grad
             return hook
 
-        net = self.hypernet
-        for name, param in net.named_parameters():
-            if name.startswith("fw_"):  # fw_key / fw_value / fw_A: (L, c·r, ·); fw_B: (L, d_out, c·r)
-                param.register_hook(keep(name.startswith("fw_B.")))
+        for name, param in self.hypernet.named_parameters():
+            if name.startswith("fw_"):
+                param.register_hook(keep(_leading_cores(name, rows)))
         # AdamW's decoupled weight decay would still shrink the frozen rows: configure_optimizers puts the
         # fastweight factors in a group without it.
 
@@ -342,11 +344,8 @@ class HypernetModule(pl.LightningModule):
         if start.config.cores != mine.cores:
             own, n = self.hypernet.state_dict(), start.config.generated_rank
             for key in [k for k in state if k.startswith("fw_")]:
-                grown = own[key].clone()  # (L, c·r, ·) or fw_B (L, d_out, c·r)
-                if key.startswith("fw_B."):
-                    grown[..., :n] = state[key]
-                else:
-                    grown[:, :n] = state[key]
+                grown = own[key].clone()
+                grown[_leading_cores(key, n)] = state[key]
                 state[key] = grown
         missing, unexpected = self.hypernet.load_state_dict(state, strict=False)
         assert not unexpected and all(k.startswith("bias_") for k in missing), (missing, unexpected)
