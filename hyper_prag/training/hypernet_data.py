@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from hyper_prag import activated
 from hyper_prag.activated import ApplyFrom, HeadCache, head_cache, suffix_hidden
@@ -607,15 +607,55 @@ class HypernetDataModule(pl.LightningDataModule):
         self.pad_id = base.tokenizer.pad_token_id
         self.start = start
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, sampler: Sampler[int] | None = None) -> DataLoader:
         table = self.tables[split]
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(table["items"], batch_size=self.hparams.batch_size, shuffle=shuffle, generator=generator,
+        return DataLoader(table["items"], batch_size=self.hparams.batch_size, sampler=sampler,
                           collate_fn=partial(collate, embeddings=table["embeddings"], pad_id=self.pad_id,
                                              teachers=table["teachers"], lower_layer=self.start))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.train_split, shuffle=True)
+        """Shuffled, and resumed where the checkpoint's step left the data order (see :class:`ResumableShuffle`)."""
+        n = len(self.tables[self.hparams.train_split]["items"])
+        trainer = getattr(self, "trainer", None)
+        step, world, accumulate = 0, 1, 1
+        if trainer is not None:
+            step, world, accumulate = trainer.global_step, trainer.world_size, trainer.accumulate_grad_batches
+        sampler = ResumableShuffle(n, self.hparams.seed)
+        sampler.resume(step * accumulate, self.hparams.batch_size * world)
+        return self._loader(self.hparams.train_split, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.val_split, shuffle=False)
+        return self._loader(self.hparams.val_split)
+
+
+class ResumableShuffle(Sampler[int]):
+    """Epoch e visits the items in the order ``randperm(n)`` seeded by ``(seed, e)``, the same in every process,
+    so a run resumed from a checkpoint goes on in the data order where it stopped instead of starting the epoch
+    over (a plain shuffled loader would show the resumed run the batches it already trained on).
+
+    :meth:`resume` takes the batches already consumed (optimizer steps × gradient accumulation) and the items per
+    batch over all processes; the first epoch iterated then starts that many items in. Each ``iter()`` is the
+    next epoch (the wrapper Lightning puts around a custom sampler under DDP does not pass ``set_epoch`` on, and
+    it keeps this order, giving each rank every world-size-th item). ``len()`` stays the whole epoch's, as
+    Lightning counts a resumed epoch's batches from where the checkpoint left them."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed = n, seed
+        self.epoch, self.skip = 0, 0
+
+    def resume(self, batches: int, batch_items: int) -> None:
+        per_epoch = max(1, -(-self.n // batch_items))  # batches per epoch (the last one may be short)
+        self.epoch, done = divmod(batches, per_epoch)
+        self.skip = min(done * batch_items, self.n)
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def __iter__(self):
+        order, skip = self.order(self.epoch), self.skip
+        self.epoch, self.skip = self.epoch + 1, 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return self.n
